@@ -1,0 +1,157 @@
+/* cgroup/connect4 and cgroup/connect6: steer an enrolled workload's outbound
+ * TCP connection to Envoy's outbound listener and remember where it was going.
+ *
+ * The original destination is saved under the socket cookie here; sockops.c
+ * re-keys it by the connection's 4-tuple once the source port is known, which
+ * is what Envoy's SO_ORIGINAL_DST lookup (getsockopt.c) can see. */
+#include "meshd.h"
+
+/* The workload id of the deepest enrolled cgroup that holds the caller. The
+ * program runs for every cgroup below the one it is attached to, so the
+ * caller's own cgroup may not be in the map: walk its ancestors. */
+static __always_inline __u32 current_workload(void)
+{
+	__u64 id = bpf_get_current_cgroup_id();
+	__u32 *wl = workload_ids.lookup(&id);
+	if (wl)
+		return *wl;
+	__u32 found = 0;
+	for (int level = 1; level < MESHD_MAX_CGROUP_DEPTH; level++) {
+		id = bpf_get_current_ancestor_cgroup_id(level);
+		if (id == 0)
+			break;
+		wl = workload_ids.lookup(&id);
+		if (wl)
+			found = *wl;
+	}
+	return found;
+}
+
+static __always_inline int port_excluded(__u32 workload, __u16 port)
+{
+	struct port_key k = {.workload = 0, .port = port};
+	if (excluded_ports.lookup(&k))
+		return 1;
+	k.workload = workload;
+	return workload && excluded_ports.lookup(&k) != NULL;
+}
+
+static __always_inline int cidr4_excluded(__u32 workload, __u32 addr)
+{
+	struct cidr4_key k = {.prefixlen = 64, .workload = 0, .addr = addr};
+	if (excluded_cidr4.lookup(&k))
+		return 1;
+	k.workload = meshd_htonl(workload);
+	return workload && excluded_cidr4.lookup(&k) != NULL;
+}
+
+static __always_inline int cidr6_excluded(__u32 workload, __u32 *addr)
+{
+	struct cidr6_key k = {.prefixlen = 160, .workload = 0};
+	k.addr[0] = addr[0]; k.addr[1] = addr[1];
+	k.addr[2] = addr[2]; k.addr[3] = addr[3];
+	if (excluded_cidr6.lookup(&k))
+		return 1;
+	k.workload = meshd_htonl(workload);
+	return workload && excluded_cidr6.lookup(&k) != NULL;
+}
+
+/* Is Envoy's listener for this family up? (fail-open when it is not) */
+static __always_inline int envoy_up(__u32 slot)
+{
+	/* a SOCKMAP lookup yields a referenced socket, not the value */
+	struct bpf_sock *sk = (struct bpf_sock *)envoy_listeners.lookup(&slot);
+	if (!sk)
+		return 0;
+	bpf_sk_release(sk);
+	return 1;
+}
+
+static __always_inline int save_dst(struct bpf_sock_addr *ctx, struct orig_dst *dst)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	return cookie_dst.update(&cookie, dst);
+}
+
+int meshd_connect4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != MESHD_SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return 1;
+	__u32 daddr = ctx->user_ip4;
+	if ((meshd_ntohl(daddr) >> 24) == 127)
+		return 1;   /* loopback passes: local services and Envoy itself */
+	struct mesh_settings *s = get_settings();
+	if (!s || s->outbound_port == 0)
+		return 1;   /* not configured yet */
+
+	__u32 wl = current_workload();
+	__u16 dport = meshd_ntohs((__u16)ctx->user_port);
+	if (port_excluded(wl, dport) || cidr4_excluded(wl, daddr)) {
+		count(wl, C_EXCLUDED);
+		return 1;
+	}
+	if (!envoy_up(0)) {
+		count(wl, C_FAIL_OPEN);
+		return 1;
+	}
+	struct orig_dst dst = {.family = MESHD_AF_INET, .port = (__be16)ctx->user_port,
+			       .workload = wl};
+	dst.addr[0] = daddr;
+	if (save_dst(ctx, &dst) != 0) {
+		count(wl, C_FAIL_OPEN);   /* cannot remember it: better direct than lost */
+		return 1;
+	}
+	ctx->user_ip4 = meshd_htonl(0x7f000001);
+	ctx->user_port = meshd_htons(s->outbound_port);
+	count(wl, C_REDIRECTED);
+	return 1;
+}
+
+int meshd_connect6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != MESHD_SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return 1;
+	__u32 a[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+	int mapped = a[0] == 0 && a[1] == 0 && a[2] == meshd_htonl(0xffff);
+	if (mapped && (meshd_ntohl(a[3]) >> 24) == 127)
+		return 1;
+	if (!mapped && a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == meshd_htonl(1))
+		return 1;   /* ::1 */
+	struct mesh_settings *s = get_settings();
+	if (!s || s->outbound_port == 0)
+		return 1;
+
+	__u32 wl = current_workload();
+	__u16 dport = meshd_ntohs((__u16)ctx->user_port);
+	int excluded = mapped ? cidr4_excluded(wl, a[3]) : cidr6_excluded(wl, a);
+	if (port_excluded(wl, dport) || excluded) {
+		count(wl, C_EXCLUDED);
+		return 1;
+	}
+	/* a v4-mapped destination travels as IPv4: it needs Envoy's IPv4 listener */
+	if (!envoy_up(mapped ? 0 : 1)) {
+		count(wl, C_FAIL_OPEN);
+		return 1;
+	}
+	struct orig_dst dst = {.port = (__be16)ctx->user_port, .workload = wl};
+	if (mapped) {
+		dst.family = MESHD_AF_INET;
+		dst.addr[0] = a[3];
+	} else {
+		dst.family = MESHD_AF_INET6;
+		dst.addr[0] = a[0]; dst.addr[1] = a[1]; dst.addr[2] = a[2]; dst.addr[3] = a[3];
+	}
+	if (save_dst(ctx, &dst) != 0) {
+		count(wl, C_FAIL_OPEN);
+		return 1;
+	}
+	if (mapped) {
+		ctx->user_ip6[3] = meshd_htonl(0x7f000001);
+	} else {
+		ctx->user_ip6[0] = 0; ctx->user_ip6[1] = 0; ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = meshd_htonl(1);
+	}
+	ctx->user_port = meshd_htons(s->outbound_port);
+	count(wl, C_REDIRECTED);
+	return 1;
+}

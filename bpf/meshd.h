@@ -1,0 +1,146 @@
+/* meshd: maps, structs and small helpers shared by every hook program.
+ *
+ * All hook files are compiled together into one BCC module, so each map below
+ * exists once and every program sees the same instance. The daemon pins the
+ * maps under <bpffs_dir>/v1/maps/ and talks to them by name: keep names and
+ * struct layouts in step with meshd/datapath.py (and bump the pin layout
+ * version there when a layout changes).
+ */
+#ifndef MESHD_H
+#define MESHD_H
+
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+
+#define MESHD_SOCK_STREAM 1   /* not in BCC's include set */
+#define MESHD_AF_INET 2
+#define MESHD_AF_INET6 10
+#define MESHD_TCP_CLOSE 7
+#define MESHD_SO_ORIGINAL_DST 80        /* linux/netfilter_ipv4.h */
+#define MESHD_IP6T_SO_ORIGINAL_DST 80   /* linux/netfilter_ipv6/ip6_tables.h */
+#define MESHD_SOL_IP 0
+#define MESHD_SOL_IPV6 41
+
+#define MESHD_MAX_WORKLOADS 256   /* workload ids 1..255; 0 = "global" */
+#define MESHD_MAX_CGROUP_DEPTH 32
+#define MESHD_MAX_CONNS 65536
+
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define meshd_ntohs(x) __builtin_bswap16(x)
+#define meshd_htons(x) __builtin_bswap16(x)
+#define meshd_ntohl(x) __builtin_bswap32(x)
+#define meshd_htonl(x) __builtin_bswap32(x)
+#else
+#define meshd_ntohs(x) (x)
+#define meshd_htons(x) (x)
+#define meshd_ntohl(x) (x)
+#define meshd_htonl(x) (x)
+#endif
+
+/* Counter slots, per workload id (index = wl * MESHD_NR_COUNTERS + slot). */
+enum meshd_counter {
+	C_REDIRECTED = 0,  /* connect4/6 sent the connection to Envoy */
+	C_EXCLUDED = 1,    /* bypassed: excluded port or CIDR */
+	C_FAIL_OPEN = 2,   /* bypassed: Envoy's listener is not up */
+	C_ANSWERED = 3,    /* getsockopt answered SO_ORIGINAL_DST from the map */
+	C_MISS = 4,        /* getsockopt found no original destination */
+	C_PEERNAME = 5,    /* getpeername showed the original destination */
+	C_CLOSED = 6,      /* entries deleted because the connection closed */
+	MESHD_NR_COUNTERS = 8,
+};
+
+/* Live settings the daemon writes; index 0 only. */
+struct mesh_settings {
+	__u16 outbound_port;   /* host order */
+	__u16 inbound_port;    /* host order */
+	__u32 flags;
+};
+
+/* An original destination: what the workload asked connect() for. */
+struct orig_dst {
+	__u8 family;           /* AF_INET or AF_INET6 */
+	__u8 pad;
+	__be16 port;           /* network order, as in sockaddr */
+	__u32 workload;        /* workload id, for per-workload counters */
+	__u32 addr[4];         /* network order; IPv4 in addr[0] */
+};
+
+/* A connection as seen from the workload's side (client -> Envoy). IPv4 and
+ * v4-mapped IPv6 both use family AF_INET with the address in [0]. */
+struct conn_tuple {
+	__u8 family;
+	__u8 pad;
+	__u16 sport;           /* host order */
+	__u16 dport;           /* host order */
+	__u16 pad2;
+	__u32 saddr[4];
+	__u32 daddr[4];
+};
+
+struct port_key {
+	__u32 workload;        /* 0 = applies to every workload */
+	__u16 port;            /* host order */
+	__u16 pad;
+};
+
+struct cidr4_key {
+	__u32 prefixlen;       /* 32 (workload) + CIDR length */
+	__u32 workload;        /* network order, so the trie matches it bit by bit */
+	__u32 addr;
+};
+
+struct cidr6_key {
+	__u32 prefixlen;
+	__u32 workload;
+	__u32 addr[4];
+};
+
+/* BCC's BPF_SOCKMAP() offers no lookup and BPF_TABLE("sockmap") no
+ * sock_map_update; this declares a SOCKMAP with both (same shape as BCC's). */
+#define MESHD_SOCKMAP(_name, _max_entries) \
+struct _name##_table_t { \
+	u32 key; \
+	u64 leaf; /* 8 bytes: user space then reads the socket cookie */ \
+	u64 *(*lookup)(u32 *); \
+	int (*update)(u32 *, u64 *); \
+	int (*delete)(u32 *); \
+	int (*sock_map_update)(void *, void *, u64); \
+	u32 max_entries; \
+}; \
+__attribute__((section("maps/sockmap"))) \
+struct _name##_table_t _name = {.max_entries = (_max_entries)}; \
+BPF_ANNOTATE_KV_PAIR(_name, u32, u64)
+
+BPF_ARRAY(settings, struct mesh_settings, 1);
+/* [0] = hash of the BPF sources these pins were built from (set by meshd) */
+BPF_ARRAY(meta, __u64, 1);
+/* cgroup id (of an enrolled cgroup) -> workload id */
+BPF_HASH(workload_ids, __u64, __u32, 1024);
+BPF_HASH(excluded_ports, struct port_key, __u8, 4096);
+BPF_LPM_TRIE(excluded_cidr4, struct cidr4_key, __u8, 4096);
+BPF_LPM_TRIE(excluded_cidr6, struct cidr6_key, __u8, 4096);
+/* socket cookie -> original destination (for getpeername and cleanup) */
+BPF_TABLE("lru_hash", __u64, struct orig_dst, cookie_dst, MESHD_MAX_CONNS);
+/* connection 4-tuple -> original destination (for Envoy's SO_ORIGINAL_DST) */
+BPF_TABLE("lru_hash", struct conn_tuple, struct orig_dst, tuple_dst, MESHD_MAX_CONNS);
+/* Envoy's outbound listening sockets: 0 = IPv4, 1 = IPv6. The kernel drops a
+ * socket from a SOCKMAP when it closes, so an empty slot means Envoy is down. */
+MESHD_SOCKMAP(envoy_listeners, 2);
+BPF_PERCPU_ARRAY(counters, __u64, MESHD_MAX_WORKLOADS * MESHD_NR_COUNTERS);
+
+static __always_inline void count(__u32 workload, __u32 slot)
+{
+	__u32 idx = workload * MESHD_NR_COUNTERS + slot;
+	__u64 *v = counters.lookup(&idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline struct mesh_settings *get_settings(void)
+{
+	__u32 zero = 0;
+	return settings.lookup(&zero);
+}
+
+#endif /* MESHD_H */

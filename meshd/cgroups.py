@@ -1,0 +1,90 @@
+"""cgroup2 facts: where the hierarchy is mounted, cgroup ids, unit lookup.
+
+The mount point differs between hosts (/sys/fs/cgroup on a pure cgroup2 host,
+/sys/fs/cgroup/unified on a hybrid one), so it is always read from
+/proc/self/mountinfo, never assumed.
+"""
+from __future__ import annotations
+
+import os
+
+UNIT_SUFFIXES = (".service", ".scope", ".slice", ".socket")
+
+
+class CgroupError(Exception):
+    pass
+
+
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str:
+    with open(mountinfo) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split(" ", 1)[0] == "cgroup2":
+                return left.split(" ")[4].replace("\\040", " ")
+    raise CgroupError("no cgroup2 hierarchy is mounted (meshd needs cgroup v2: "
+                      "mount -t cgroup2 none /sys/fs/cgroup)")
+
+
+def path_of(root: str, rel: str) -> str:
+    """Absolute directory of a cgroup given relative to the cgroup2 root."""
+    return os.path.join(root, rel.lstrip("/"))
+
+
+def cgroup_id(path: str) -> int:
+    """The kernel's cgroup id is the cgroup directory's inode number."""
+    return os.stat(path).st_ino
+
+
+def ensure(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+
+
+def remove_tree(path: str) -> None:
+    """rmdir a cgroup and its children, deepest first (cgroups are removed with rmdir)."""
+    if not os.path.isdir(path):
+        return
+    for dirpath, dirnames, _ in sorted(os.walk(path), key=lambda t: -t[0].count("/")):
+        try:
+            os.rmdir(dirpath)
+        except FileNotFoundError:
+            pass
+
+
+def procs(path: str) -> list[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def find_unit(root: str, unit: str, max_depth: int = 4) -> str | None:
+    """The cgroup of a systemd unit, relative to the root, or None if not running.
+
+    systemd names a unit's cgroup after the unit, below its slice (default
+    system.slice); search the slices breadth-first rather than asking systemd,
+    so this works the same with or without systemd as PID 1.
+    """
+    level = [root]
+    for _ in range(max_depth):
+        nxt = []
+        for d in level:
+            try:
+                entries = [e for e in os.scandir(d) if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+            for e in sorted(entries, key=lambda e: e.name):
+                if e.name == unit:
+                    return "/" + os.path.relpath(e.path, root)
+                if e.name.endswith(".slice"):
+                    nxt.append(e.path)
+        level = nxt
+    return None
+
+
+def nearest_existing(root: str, rel: str) -> str:
+    """The deepest existing directory on the way to a cgroup (to watch for it)."""
+    path = path_of(root, rel)
+    while not os.path.isdir(path) and path != root:
+        path = os.path.dirname(path)
+    return path

@@ -1,0 +1,339 @@
+"""The eBPF data path: compile, pin, adopt, attach, and the maps' contents.
+
+Everything lives under <bpffs_dir>/v1/ (maps/, progs/, links/). Pinned links
+keep the programs attached when the daemon exits or is killed; a new daemon
+adopts the pins instead of reloading, so traffic never notices a restart.
+Only cleanup() removes them.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+
+from . import bpfsys
+
+log = logging.getLogger("meshd.datapath")
+
+LAYOUT = "v1"  # bump when a map's layout or a pin name changes
+SOURCES = ("connect.c", "sockops.c", "getsockopt.c", "getpeername.c")
+MAPS = ("settings", "workload_ids", "excluded_ports", "excluded_cidr4", "excluded_cidr6",
+        "cookie_dst", "tuple_dst", "envoy_listeners", "counters", "meta")
+
+
+@dataclass(frozen=True)
+class Hook:
+    prog: str          # function name in bpf/*.c
+    prog_type: int
+    attach_type: int
+
+
+HOOKS = {
+    "connect4": Hook("meshd_connect4", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET4_CONNECT),
+    "connect6": Hook("meshd_connect6", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_CONNECT),
+    "getpeername4": Hook("meshd_getpeername4", bpfsys.PROG_CGROUP_SOCK_ADDR,
+                         bpfsys.CGROUP_INET4_GETPEERNAME),
+    "getpeername6": Hook("meshd_getpeername6", bpfsys.PROG_CGROUP_SOCK_ADDR,
+                         bpfsys.CGROUP_INET6_GETPEERNAME),
+    "sockops": Hook("meshd_sockops", bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
+    "envoy_sockops": Hook("meshd_envoy_sockops", bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
+    "getsockopt": Hook("meshd_getsockopt", bpfsys.PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_GETSOCKOPT),
+}
+WORKLOAD_HOOKS = ("connect4", "connect6", "getpeername4", "getpeername6", "sockops")
+ENVOY_HOOKS = ("envoy_sockops", "getsockopt")
+
+# Must match enum meshd_counter in bpf/meshd.h.
+COUNTERS = ("redirected", "excluded", "fail_open", "answered", "miss", "peername", "closed")
+NR_COUNTERS = 8
+MAX_WORKLOADS = 256
+
+
+class DatapathError(Exception):
+    pass
+
+
+def default_bpf_dir() -> str:
+    """bpf/ next to the package in a checkout, else where the .deb puts it."""
+    env = os.environ.get("MESHD_BPF_DIR")
+    if env:
+        return env
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
+    return here if os.path.isdir(here) else "/usr/share/meshd/bpf"
+
+
+def program_text(bpf_dir: str) -> str:
+    """One compilation unit: the header once, then every hook file.
+
+    BCC only rewrites map calls (m.lookup() ...) in the main file, not in
+    included headers, so the header is inlined instead of #included."""
+    with open(os.path.join(bpf_dir, "meshd.h")) as f:
+        parts = [f.read()]
+    for name in SOURCES:
+        with open(os.path.join(bpf_dir, name)) as f:
+            parts.append(f"/* ---- {name} ---- */\n" + f.read().replace('#include "meshd.h"', ""))
+    return "\n".join(parts)
+
+
+def source_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def check_kernel() -> None:
+    """Say exactly what is missing instead of failing deep inside BCC."""
+    if not os.path.isdir(f"/lib/modules/{os.uname().release}/build"):
+        raise DatapathError(
+            f"BCC needs kernel headers at /lib/modules/{os.uname().release}/build: install "
+            "linux-headers-$(uname -r) (or run scripts/setup.sh, which links Debian's "
+            "linux-headers-amd64 there)")
+
+
+def is_bpffs(path: str) -> bool:
+    """True if path is on a bpf filesystem (statfs magic 0xcafe4a11)."""
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    with open("/proc/self/mountinfo") as f:
+        best = ("", "")
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mnt = left.split(" ")[4]
+            if (probe == mnt or probe.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                best = (mnt, right.split(" ", 1)[0])
+    return best[1] == "bpf"
+
+
+def _link_name(owner: str, hook: str) -> str:
+    # bpffs refuses names with a dot (reserved for its own files)
+    return f"{owner}:{hook}".replace(".", "%")
+
+
+def _link_owner(name: str) -> str:
+    return name.replace("%", ".").rsplit(":", 1)[0]
+
+
+class Datapath:
+    def __init__(self, bpffs_dir: str, bpf_dir: str | None = None):
+        self.root = os.path.join(bpffs_dir, LAYOUT)
+        self.bpf_dir = bpf_dir or default_bpf_dir()
+        self.maps: dict[str, int] = {}
+        self.progs: dict[str, int] = {}
+        self.adopted = False
+
+    # -- loading and adopting -------------------------------------------------
+    def open(self) -> str:
+        """Adopt the pinned programs and maps, or compile and pin them. Returns
+        "adopted" or "loaded"."""
+        if not is_bpffs(os.path.dirname(self.root)):
+            raise DatapathError(f"{os.path.dirname(self.root)} is not on a bpf filesystem: "
+                                "mount -t bpf bpf /sys/fs/bpf")
+        text = program_text(self.bpf_dir)
+        if self._try_adopt(source_hash(text)):
+            self.adopted = True
+            return "adopted"
+        self._load(text)
+        return "loaded"
+
+    def _pin(self, kind: str, name: str) -> str:
+        return os.path.join(self.root, kind, name)
+
+    def _try_adopt(self, want_hash: int) -> bool:
+        paths = [self._pin("maps", m) for m in MAPS] + [self._pin("progs", h) for h in HOOKS]
+        if not all(os.path.exists(p) for p in paths):
+            if os.path.exists(self.root):
+                log.warning("pins under %s are incomplete; loading the programs afresh", self.root)
+            return False
+        maps = {m: bpfsys.obj_get(self._pin("maps", m)) for m in MAPS}
+        got = bpfsys.map_lookup(maps["meta"], struct.pack("<I", 0), 8)
+        if got is None or struct.unpack("<Q", got)[0] != want_hash:
+            log.warning("pinned programs are from other BPF sources; loading afresh")
+            for fd in maps.values():
+                os.close(fd)
+            return False
+        self.maps = maps
+        self.progs = {h: bpfsys.obj_get(self._pin("progs", h)) for h in HOOKS}
+        return True
+
+    def _load(self, text: str) -> None:
+        check_kernel()
+        from bcc import BPF  # imported late: BCC is slow to import and needs root
+
+        # Stale pins from another source version: their links hold the old
+        # programs; remove everything and start clean.
+        links = self.pinned_links()
+        self._remove_pins()
+        for pin in links:
+            log.info("dropped stale link pin %s", pin)
+        try:
+            b = BPF(text=text, cflags=["-Wno-unused-function", "-Wno-incompatible-pointer-types"])
+        except Exception as e:
+            raise DatapathError(f"compiling bpf/*.c failed: {e}") from e
+        for d in ("maps", "progs", "links"):
+            os.makedirs(self._pin(d, ""), exist_ok=True)
+        from bcc import libbcc
+        for m in MAPS:
+            fd = libbcc.lib.bpf_table_fd(b.module, m.encode())
+            if fd < 0:
+                raise DatapathError(f"map {m} missing from the compiled program")
+            bpfsys.obj_pin(fd, self._pin("maps", m))
+            self.maps[m] = os.dup(fd)
+        for name, hook in HOOKS.items():
+            try:
+                fn = b.load_func(hook.prog, hook.prog_type, attach_type=hook.attach_type)
+            except Exception as e:
+                raise DatapathError(f"the kernel refused {hook.prog}: {e}") from e
+            bpfsys.obj_pin(fn.fd, self._pin("progs", name))
+            self.progs[name] = os.dup(fn.fd)
+        bpfsys.map_update(self.maps["meta"], struct.pack("<I", 0),
+                          struct.pack("<Q", source_hash(text)))
+        # The BPF object may now go: pins and our dup'ed fds hold everything.
+        b.cleanup()
+
+    def _remove_pins(self) -> None:
+        if os.path.isdir(self.root):
+            shutil.rmtree(self.root)  # unlinking a pin drops the object with its last ref
+
+    # -- attachments ----------------------------------------------------------
+    def pinned_links(self) -> list[str]:
+        d = self._pin("links", "")
+        return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+    def attach(self, owner: str, cgroup_path: str, hooks) -> None:
+        """Link each hook to the cgroup, pinned as links/<owner>:<hook>.
+
+        An existing pin for the same cgroup is kept (adoption); one for another
+        cgroup (the workload moved) is replaced."""
+        cg_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            want_id = os.fstat(cg_fd).st_ino
+            for h in hooks:
+                pin = self._pin("links", _link_name(owner, h))
+                if os.path.exists(pin):
+                    fd = bpfsys.obj_get(pin)
+                    try:
+                        if bpfsys.link_info(fd).cgroup_id == want_id:
+                            continue
+                        bpfsys.link_detach(fd)
+                    finally:
+                        os.close(fd)
+                    os.unlink(pin)
+                fd = bpfsys.link_create(self.progs[h], cg_fd, HOOKS[h].attach_type)
+                try:
+                    bpfsys.obj_pin(fd, pin)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(cg_fd)
+
+    def detach(self, owner: str) -> None:
+        for name in self.pinned_links():
+            if _link_owner(name) == owner:
+                self._drop_link(name)
+
+    def owners(self) -> set[str]:
+        return {_link_owner(name) for name in self.pinned_links()}
+
+    def _drop_link(self, name: str) -> None:
+        pin = self._pin("links", name)
+        fd = bpfsys.obj_get(pin)
+        try:
+            bpfsys.link_detach(fd)
+        except OSError as e:
+            log.debug("detach %s: %s (cgroup already gone?)", name, e)
+        finally:
+            os.close(fd)
+        os.unlink(pin)
+
+    def link_cgroup_ids(self) -> dict[str, int]:
+        out = {}
+        for name in self.pinned_links():
+            fd = bpfsys.obj_get(self._pin("links", name))
+            try:
+                out[name] = bpfsys.link_info(fd).cgroup_id
+            finally:
+                os.close(fd)
+        return out
+
+    # -- map contents ---------------------------------------------------------
+    def set_settings(self, outbound_port: int, inbound_port: int) -> None:
+        bpfsys.map_update(self.maps["settings"], struct.pack("<I", 0),
+                          struct.pack("<HHI", outbound_port, inbound_port, 0))
+
+    def set_workload_ids(self, ids: dict[int, int]) -> None:
+        """cgroup id -> workload id; entries not in `ids` are removed."""
+        fd = self.maps["workload_ids"]
+        want = {struct.pack("<Q", cg): struct.pack("<I", wl) for cg, wl in ids.items()}
+        for k in bpfsys.map_keys(fd, 8):
+            if k not in want:
+                bpfsys.map_delete(fd, k)
+        for k, v in want.items():
+            bpfsys.map_update(fd, k, v)
+
+    def set_exclusions(self, ports: dict[int, set[int]], cidrs: dict[int, set]) -> None:
+        """Exclusions by workload id (0 = every workload): ports and networks."""
+        want_ports = {struct.pack("<IHH", wl, p, 0) for wl, ps in ports.items() for p in ps}
+        want4, want6 = set(), set()
+        for wl, nets in cidrs.items():
+            for n in nets:
+                n = ipaddress.ip_network(n, strict=False)
+                wlb = struct.pack(">I", wl)
+                if n.version == 4:
+                    want4.add(struct.pack("<I", 32 + n.prefixlen) + wlb + n.network_address.packed)
+                else:
+                    want6.add(struct.pack("<I", 32 + n.prefixlen) + wlb + n.network_address.packed)
+        for name, want, ksize in (("excluded_ports", want_ports, 8),
+                                  ("excluded_cidr4", want4, 12),
+                                  ("excluded_cidr6", want6, 24)):
+            fd = self.maps[name]
+            for k in bpfsys.map_keys(fd, ksize):
+                if k not in want:
+                    bpfsys.map_delete(fd, k)
+            for k in want:
+                bpfsys.map_update(fd, k, b"\x01")
+
+    def counters(self) -> dict[int, dict[str, int]]:
+        """Counter values summed over CPUs, by workload id (non-zero rows only)."""
+        fd = self.maps["counters"]
+        ncpu = bpfsys.possible_cpus()
+        out: dict[int, dict[str, int]] = {}
+        for wl in range(MAX_WORKLOADS):
+            row = {}
+            for slot, name in enumerate(COUNTERS):
+                raw = bpfsys.map_lookup(fd, struct.pack("<I", wl * NR_COUNTERS + slot), 8 * ncpu)
+                row[name] = sum(struct.unpack(f"<{ncpu}Q", raw)) if raw else 0
+            if any(row.values()):
+                out[wl] = row
+        return out
+
+    def envoy_listening(self) -> dict[str, bool]:
+        """Which of Envoy's outbound listeners are in the SOCKMAP (i.e. alive).
+
+        A SOCKMAP lookup from user space returns the socket cookie."""
+        fd = self.maps["envoy_listeners"]
+        return {fam: bpfsys.map_lookup(fd, struct.pack("<I", i), 8) is not None
+                for i, fam in enumerate(("ipv4", "ipv6"))}
+
+    def tracked_connections(self) -> int:
+        return len(bpfsys.map_keys(self.maps["cookie_dst"], 8))
+
+    # -- teardown -------------------------------------------------------------
+    def close(self) -> None:
+        """Forget our fds; pins (and so the data path) stay."""
+        for fd in list(self.maps.values()) + list(self.progs.values()):
+            os.close(fd)
+        self.maps, self.progs = {}, {}
+
+    def cleanup(self) -> None:
+        """Detach every link we pinned and remove every pin (meshd cleanup)."""
+        for name in self.pinned_links():
+            self._drop_link(name)
+        self.close()
+        self._remove_pins()
+        parent = os.path.dirname(self.root)
+        try:
+            os.rmdir(parent)  # the instance's bpffs dir, if nothing else is in it
+        except OSError:
+            pass
