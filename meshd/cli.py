@@ -1,0 +1,264 @@
+"""meshd's command line: run, check, status, cleanup."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import textwrap
+import time
+
+from . import __version__
+from .config import DEFAULT_CONFIG_DIR, ConfigInvalid, load_config
+
+DESCRIPTION = """\
+meshd steers the TCP connections of enrolled workloads (cgroups: systemd units,
+Podman containers, any process tree) through a local Envoy, transparently: the
+applications keep connecting to their real destinations and never see the proxy.
+eBPF programs (cgroup/connect4/6, sockops, cgroup/getsockopt, getpeername) do the
+steering; they are pinned under mesh.bpffs_dir, so traffic keeps flowing while
+meshd restarts. When Envoy is down, workloads connect directly (fail open)."""
+
+EPILOG = """\
+configuration:
+  Every *.toml file in the config directory is read and merged; see the
+  commented defaults in /etc/meshd/meshd.toml. The directory is watched: a
+  change applies within a second without restarting Envoy, and a bad change is
+  rejected (see `meshd status`) while the last good config stays in force.
+
+exit status:
+  0 success, 1 failure (invalid config, missing kernel feature, ...),
+  2 usage error, 3 `meshd status`: the daemon is not running.
+
+files:
+  /etc/meshd/*.toml           configuration
+  <state_dir>/status.json     what `meshd status` reads (state_dir: /run/meshd)
+  <state_dir>/envoy/          generated Envoy bootstrap, listeners and clusters
+  <bpffs_dir>/v1/             pinned maps, programs and links (/sys/fs/bpf/meshd)
+"""
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-dir", "-c", metavar="DIR", default=DEFAULT_CONFIG_DIR,
+                   help=f"directory of *.toml files (default: {DEFAULT_CONFIG_DIR})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="meshd", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"meshd {__version__}")
+    p.add_argument("--log-level", default=os.environ.get("MESHD_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"],
+                   help="daemon log verbosity (default: info, or $MESHD_LOG_LEVEL)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run", formatter_class=fmt, help="run the daemon in the foreground",
+        description=textwrap.dedent("""\
+            Run the meshd daemon in the foreground (systemd runs it this way).
+
+            It loads or adopts the pinned eBPF programs, starts or adopts Envoy in
+            its own cgroup, enrolls the configured workloads and then follows
+            changes to the config directory and to the cgroups. SIGHUP reloads the
+            config. SIGTERM/SIGINT stop meshd but leave the data path and Envoy
+            serving, so a restart is hitless; `meshd cleanup` removes them.
+            With systemd, READY=1 is sent once Envoy's listener is serving."""))
+    _config_arg(run)
+
+    check = sub.add_parser(
+        "check", formatter_class=fmt, help="validate the configuration and exit",
+        description=textwrap.dedent("""\
+            Validate the configuration without touching the system. Prints every
+            error as `file:line: key: message` and exits 1, or exits 0. Also
+            reports whether the Envoy binary can be found."""))
+    _config_arg(check)
+
+    status = sub.add_parser(
+        "status", formatter_class=fmt, help="show what the running daemon is doing",
+        description=textwrap.dedent("""\
+            Show the running daemon's state: config errors, Envoy, the pinned data
+            path, each workload with its counters. Exits 3 when meshd is not
+            running."""))
+    _config_arg(status)
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+
+    cleanup = sub.add_parser(
+        "cleanup", formatter_class=fmt, help="remove everything this instance installed",
+        description=textwrap.dedent("""\
+            Stop this instance's daemon and Envoy, detach every eBPF link it
+            attached, remove its pins, its Envoy cgroup and its state files.
+            Programs attached by anything else are left alone."""))
+    _config_arg(cleanup)
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    handler = None
+    if os.environ.get("JOURNAL_STREAM"):  # under systemd: structured fields to the journal
+        try:
+            from systemd.journal import JournalHandler
+            handler = JournalHandler(SYSLOG_IDENTIFIER="meshd")
+        except ImportError:
+            pass
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s meshd[%(process)d] %(levelname)s "
+                                               "%(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def cmd_check(args) -> int:
+    try:
+        cfg = load_config(args.config_dir)
+    except ConfigInvalid as e:
+        for err in e.errors:
+            print(err, file=sys.stderr)
+        return 1
+    from . import envoy
+    try:
+        binary = envoy.find_envoy(cfg.mesh.envoy_binary)
+    except envoy.EnvoyNotFound as e:
+        print(f"{args.config_dir}: mesh.envoy_binary: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.config_dir}: ok ({len(cfg.files)} file(s), {len(cfg.workloads)} workload(s); "
+          f"envoy: {binary})")
+    return 0
+
+
+def _load_or_die(config_dir: str):
+    try:
+        return load_config(config_dir)
+    except ConfigInvalid as e:
+        print(f"meshd: the configuration is invalid (`meshd check -c {config_dir}`):",
+              file=sys.stderr)
+        for err in e.errors:
+            print(f"  {err}", file=sys.stderr)
+        return None
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def cmd_status(args) -> int:
+    cfg = _load_or_die(args.config_dir)
+    if cfg is None:
+        return 1
+    from .daemon import status_path
+    try:
+        with open(status_path(cfg.mesh.state_dir)) as f:
+            st = json.load(f)
+    except (OSError, ValueError):
+        print(f"meshd is not running (no status in {cfg.mesh.state_dir})")
+        return 3
+    running = st.get("state") != "stopped" and _alive(st.get("pid"))
+    if args.json:
+        print(json.dumps(st, indent=1, sort_keys=True))
+        return 0 if running else 3
+    print(format_status(st, running))
+    return 0 if running else 3
+
+
+def format_status(st: dict, running: bool) -> str:
+    out = []
+    age = time.time() - st.get("updated", 0)
+    head = f"meshd {st['version']}: {st['state'] if running else 'NOT RUNNING'}"
+    out.append(head + (f" (pid {st['pid']})" if running else f" (last status {age:.0f}s ago)"))
+    out.append(f"  config:    {st['config_dir']} ({len(st['config_files'])} file(s))")
+    if st["config_errors"]:
+        out.append("  config:    LAST CHANGE REJECTED; the last good config stays in force:")
+        out += [f"    {e['file']}:{e['line']}: {e['key']}: {e['message']}" for e in st["config_errors"]]
+    ev = st["envoy"]
+    listeners = ", ".join(f"{k} {'up' if v else 'DOWN'}" for k, v in ev["listeners"].items())
+    out.append(f"  envoy:     {ev['state']} (pid {ev['pid']}, restarts {ev['restarts']}); "
+               f"outbound :{st['mesh']['outbound_port']} {listeners}")
+    if ev["state"] != "running":
+        out.append("             workloads FAIL OPEN (connect directly) until Envoy is back")
+    dp = st["datapath"]
+    out.append(f"  datapath:  {dp['pins']} ({'adopted' if dp['adopted'] else 'loaded'}), "
+               f"{len(dp['links'])} links, {dp['tracked_connections']} tracked connections")
+    out.append(f"  excluded:  ports {st['mesh']['exclude_outbound_ports']} "
+               f"cidrs {st['mesh']['exclude_outbound_cidrs'] or '[]'}")
+    out.append(f"  workloads: {len(st['workloads'])}")
+    for w in st["workloads"]:
+        where = w["cgroup"] or "-"
+        state = "enrolled" if w["enrolled_since"] else w["error"]
+        out.append(f"    {w['name']:<16} {state:<10} {where}")
+        c = w["counters"]
+        if c:
+            out.append("      " + " ".join(f"{k}={v}" for k, v in c.items()))
+    if st["counters"].get("miss"):
+        out.append(f"  misses:    {st['counters']['miss']} connections reached Envoy without an "
+                   "original destination (failed, not forwarded)")
+    return "\n".join(out)
+
+
+def cmd_cleanup(args) -> int:
+    cfg = _load_or_die(args.config_dir)
+    if cfg is None:
+        return 1
+    from . import cgroups, envoy
+    from .daemon import pid_path
+    from .datapath import Datapath
+    mesh = cfg.mesh
+    try:
+        with open(pid_path(mesh.state_dir)) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        pid = 0
+    if pid and _alive(pid) and pid != os.getpid():
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not _alive(pid):
+                break
+            time.sleep(0.05)
+        print(f"stopped meshd (pid {pid})")
+    if envoy.stop_from_pidfile(mesh.state_dir):
+        print("stopped Envoy")
+    dp = Datapath(mesh.bpffs_dir)
+    links = dp.pinned_links()
+    dp.cleanup()
+    print(f"detached {len(links)} link(s), removed pins under {mesh.bpffs_dir}")
+    root = cgroups.cgroup2_mount()
+    own = cgroups.path_of(root, mesh.cgroup_root)
+    left = cgroups.procs(cgroups.path_of(own, "envoy"))
+    if left:
+        print(f"warning: processes still in {own}/envoy: {left}", file=sys.stderr)
+    cgroups.remove_tree(own)
+    for name in ("status.json", "meshd.pid", "envoy.pid", "workload-ids.json", "envoy.log",
+                 "envoy-admin.sock"):
+        try:
+            os.unlink(os.path.join(mesh.state_dir, name))
+        except FileNotFoundError:
+            pass
+    shutil.rmtree(envoy.config_dir(mesh.state_dir), ignore_errors=True)
+    try:
+        os.rmdir(mesh.state_dir)
+    except OSError:
+        pass
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check":
+        return cmd_check(args)
+    if args.command == "status":
+        return cmd_status(args)
+    if args.command == "cleanup":
+        return cmd_cleanup(args)
+    _setup_logging(args.log_level)
+    from .daemon import run
+    return run(args.config_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

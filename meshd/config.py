@@ -1,0 +1,423 @@
+"""meshd configuration: *.toml files in, a validated immutable Config (or every error) out.
+
+Pure: the only system access is listing and reading the config directory in
+load_config(); parse_files() is the side-effect-free core, fed path -> text.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+DEFAULT_CONFIG_DIR = "/etc/meshd"
+
+
+@dataclass(frozen=True)
+class ConfigError:
+    file: str
+    line: int  # 1-based; 0 when no line applies
+    key: str  # dotted key, e.g. "mesh.outbound_port"; "" for errors about the whole file
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.key}: {self.message}"
+
+
+class ConfigInvalid(Exception):
+    def __init__(self, errors: list[ConfigError]):
+        self.errors = list(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    outbound_port: int = 15001  # Envoy outbound listener port
+    inbound_port: int = 15006  # Envoy inbound listener port
+    envoy_binary: str = ""  # "" = find on PATH / next to the python interpreter
+    envoy_log_level: str = "warning"
+    exclude_outbound_ports: tuple[int, ...] = (22,)  # SSH, so a mistake can't lock the operator out
+    exclude_outbound_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    exclude_inbound_ports: tuple[int, ...] = (22,)
+    bpffs_dir: str = "/sys/fs/bpf/meshd"  # absolute
+    state_dir: str = "/run/meshd"  # absolute
+    cgroup_root: str = "/meshd"  # relative to the cgroup2 mount; Envoy's cgroup goes below it
+    netns: str = ""  # "" = meshd's own network namespace, else an absolute path
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    cgroup: str | None  # relative to the cgroup2 mount, normalized "/a/b"
+    unit: str | None  # systemd unit name
+    exclude_outbound_ports: tuple[int, ...]  # per-workload only; the datapath adds the global ones
+    exclude_outbound_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    exclude_inbound_ports: tuple[int, ...]
+    source: str  # "file:line" where the table was declared
+
+
+@dataclass(frozen=True)
+class Config:
+    mesh: MeshConfig
+    workloads: tuple[Workload, ...]  # sorted by name
+    files: tuple[str, ...]  # the *.toml files read, sorted
+
+
+# ---------------------------------------------------------------- converters
+# Each takes a raw TOML value and returns the typed value or raises ValueError(message).
+
+_TOML_TYPES = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
+_LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical", "off")
+_UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]+)?\.(service|scope|slice|socket)$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _describe(value: Any) -> str:
+    kind = _TOML_TYPES.get(type(value), type(value).__name__)  # datetimes keep their Python name
+    if isinstance(value, (list, dict)):
+        return kind
+    return f"{kind} {str(value).lower() if isinstance(value, bool) else repr(value)}"
+
+
+def _expect(value: Any, typ: type, what: str) -> Any:
+    # bool is an int subclass in Python, but `port = true` is a mistake, not port 1.
+    if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
+        raise ValueError(f"expected {what}, got {_describe(value)}")
+    return value
+
+
+def _string(v: Any) -> str:
+    return _expect(v, str, "string")
+
+
+def _abs_path(v: Any, allow_empty: bool = False) -> str:
+    if not _string(v).startswith("/") and not (allow_empty and v == ""):
+        raise ValueError(f"must be an absolute path{' or empty' if allow_empty else ''}, got {v!r}")
+    return v
+
+
+def _log_level(v: Any) -> str:
+    if _string(v) not in _LOG_LEVELS:
+        raise ValueError(f"must be one of {' '.join(_LOG_LEVELS)}, got {v!r}")
+    return v
+
+
+def _port(v: Any) -> int:
+    if not 1 <= _expect(v, int, "integer") <= 65535:
+        raise ValueError(f"port {v} out of range 1..65535")
+    return v
+
+
+def _cidr(v: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    _string(v)
+    try:
+        return ipaddress.ip_network(v, strict=False)  # strict=False: 10.1.2.3/8 means 10.0.0.0/8
+    except ValueError:
+        raise ValueError(f"invalid CIDR {v!r}") from None
+
+
+def _cgroup(v: Any) -> str:
+    if not _string(v).startswith("/"):
+        raise ValueError(f"must start with '/' (relative to the cgroup2 mount), got {v!r}")
+    if v == "/sys/fs/cgroup" or v.startswith("/sys/fs/cgroup/"):
+        raise ValueError(f"is relative to the cgroup2 mount: drop the /sys/fs/cgroup prefix from {v!r}")
+    parts = [p for p in v.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"must not contain '..', got {v!r}")
+    if not parts:
+        raise ValueError("must not be the root cgroup '/'")
+    return "/" + "/".join(parts)
+
+
+def _unit(v: Any) -> str:
+    if len(_string(v)) > 255 or not _UNIT_RE.match(v):
+        raise ValueError(f"expected a systemd unit name ending in .service, .scope, .slice or .socket, got {v!r}")
+    return v
+
+
+def _list_of(convert: Callable[[Any], Any], what: str, sort_key: Callable | None = None):
+    """Array converter: converts every element, reports all bad ones, dedupes and sorts."""
+    def conv(v: Any) -> tuple:
+        good, bad = set(), []
+        for i, item in enumerate(_expect(v, list, f"array of {what}"), 1):
+            try:
+                good.add(convert(item))
+            except ValueError as e:
+                bad.append(f"element {i}: {e}")
+        if bad:
+            raise ValueError("; ".join(bad))
+        return tuple(sorted(good, key=sort_key))
+    return conv
+
+
+_ports = _list_of(_port, "integers")
+_cidrs = _list_of(_cidr, "CIDR strings", sort_key=lambda n: (n.version, n.network_address, n.prefixlen))
+
+# key -> (converter, default)
+_MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
+    "outbound_port": (_port, 15001),
+    "inbound_port": (_port, 15006),
+    "envoy_binary": (_string, ""),
+    "envoy_log_level": (_log_level, "warning"),
+    "exclude_outbound_ports": (_ports, (22,)),
+    "exclude_outbound_cidrs": (_cidrs, ()),
+    "exclude_inbound_ports": (_ports, (22,)),
+    "bpffs_dir": (_abs_path, "/sys/fs/bpf/meshd"),
+    "state_dir": (_abs_path, "/run/meshd"),
+    "cgroup_root": (_cgroup, "/meshd"),
+    "netns": (lambda v: _abs_path(v, allow_empty=True), ""),
+}
+_WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
+    "cgroup": (_cgroup, None),
+    "unit": (_unit, None),
+    "exclude_outbound_ports": (_ports, ()),
+    "exclude_outbound_cidrs": (_cidrs, ()),
+    "exclude_inbound_ports": (_ports, ()),
+}
+# The dataclass defaults document the API; the schema must agree with them.
+assert {k: d for k, (_, d) in _MESH_SCHEMA.items()} == vars(MeshConfig())
+
+
+def _unknown(what: str, key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"unknown {what} {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+# ---------------------------------------------------------------- line locator
+# tomllib reports no positions for keys, so scan the text for table headers and
+# `key =` lines, tracking the current table. Covers [a.b], [a."b"], [[a]], dotted
+# keys, one level of inline tables, and skips multi-line arrays and strings.
+# Anything not found falls back to its nearest enclosing table found, then line 1.
+
+_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
+_DOTTED = rf"{_PART}(?:\s*\.\s*{_PART})*"
+_HEADER_RE = re.compile(rf"^\s*\[\[?\s*({_DOTTED})\s*\]\]?\s*(?:#.*)?$")
+_KEYVAL_RE = re.compile(rf"^\s*({_DOTTED})\s*=")
+_INLINE_KEY_RE = re.compile(rf"[{{,]\s*({_DOTTED})\s*=")
+_PART_RE = re.compile(_PART)
+_STRING_RE = re.compile(r"""\"\"\"|'''|"(?:[^"\\]|\\.)*"|'[^']*'""")
+
+
+def _split_key(dotted: str) -> tuple[str, ...]:
+    return tuple(p[1:-1] if p[0] in "\"'" else p for p in _PART_RE.findall(dotted))
+
+
+def _nesting(code: str) -> int:
+    """Net count of [ and { a line opens, ignoring strings and comments."""
+    code = _STRING_RE.sub("", code).split("#", 1)[0]
+    return code.count("[") + code.count("{") - code.count("]") - code.count("}")
+
+
+class _Locator:
+    def __init__(self, text: str):
+        self.lines: dict[tuple[str, ...], int] = {}
+        table: tuple[str, ...] = ()
+        depth, in_string = 0, None  # inside a multi-line array / string value
+        for n, line in enumerate(text.split("\n"), 1):
+            if in_string:
+                in_string = None if line.count(in_string) % 2 else in_string
+            elif depth > 0:
+                depth += _nesting(line)
+            elif m := _HEADER_RE.match(line):
+                table = _split_key(m.group(1))
+                self._add(table, n)
+            elif m := _KEYVAL_RE.match(line):
+                path, rest = table + _split_key(m.group(1)), line[m.end():]
+                self._add(path, n)
+                if rest.lstrip().startswith("{"):
+                    for im in _INLINE_KEY_RE.finditer(rest):
+                        self._add(path + _split_key(im.group(1)), n)
+                in_string = next((q for q in ('"""', "'''") if rest.count(q) % 2), None)
+                depth = 0 if in_string else max(_nesting(rest), 0)
+
+    def _add(self, path: tuple[str, ...], line: int) -> None:
+        for i in range(1, len(path) + 1):  # prefixes too: `web.cgroup = ...` declares `web`
+            self.lines.setdefault(path[:i], line)
+
+    def line(self, *path: str) -> int:
+        found = (self.lines[path[:i]] for i in range(len(path), 0, -1) if path[:i] in self.lines)
+        return next(found, 1)
+
+
+# ---------------------------------------------------------------- parsing
+
+class _At(NamedTuple):
+    """Where a key is: the position part of a ConfigError."""
+    file: str
+    line: int
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+class _Parser:
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+        self.mesh: dict[str, Any] = {}
+        self.mesh_at: dict[str, _At] = {}  # every mesh key set, valid or not
+        self.workloads: dict[str, Workload] = {}
+        self.workload_at: dict[str, _At] = {}  # every workload declared, valid or not
+        self.locators: dict[str, _Locator] = {}
+        self.file = ""  # the file being added
+
+    def at(self, *path: str, file: str = "") -> _At:
+        file = file or self.file
+        return _At(file, self.locators[file].line(*path), ".".join(path))
+
+    def err(self, at: _At, message: str) -> None:
+        self.errors.append(ConfigError(*at, message))
+
+    def table(self, at: _At, value: Any) -> bool:
+        if not isinstance(value, dict):
+            self.err(at, f"expected table, got {_describe(value)}")
+        return isinstance(value, dict)
+
+    def add_file(self, path: str, text: str) -> None:
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            self.errors.append(ConfigError(path, _decode_error_line(e, text), "", f"invalid TOML: {e}"))
+            return
+        self.file, self.locators[path] = path, _Locator(text)
+        for key, value in doc.items():
+            if key not in ("mesh", "workload"):
+                hint = _unknown("table/key", key, ("mesh", "workload"))
+                self.err(self.at(key), f"{hint}; allowed are [mesh] and [workload.NAME]")
+            elif self.table(self.at(key), value):
+                for name, item in value.items():
+                    (self.add_mesh_key if key == "mesh" else self.add_workload)(name, item)
+
+    def add_mesh_key(self, key: str, raw: Any) -> None:
+        at = self.at("mesh", key)
+        if key not in _MESH_SCHEMA:
+            return self.err(at, _unknown("key", key, _MESH_SCHEMA))
+        if key in self.mesh_at:
+            return self.err(at, f"already set at {self.mesh_at[key]}; each [mesh] key may be set in one file only")
+        self.mesh_at[key] = at
+        try:
+            self.mesh[key] = _MESH_SCHEMA[key][0](raw)
+        except ValueError as e:
+            self.err(at, str(e))
+
+    def add_workload(self, name: str, table: Any) -> None:
+        at, errors_before = self.at("workload", name), len(self.errors)
+        if not _NAME_RE.match(name):
+            self.err(at, f"invalid workload name {name!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+        if name in self.workload_at:
+            self.err(at, f"duplicate workload, first defined at {self.workload_at[name]}")
+        self.workload_at.setdefault(name, at)
+        if not self.table(at, table):
+            return
+        values = {}
+        for key, raw in table.items():
+            if key not in _WORKLOAD_SCHEMA:
+                self.err(self.at("workload", name, key), _unknown("key", key, _WORKLOAD_SCHEMA))
+                continue
+            try:
+                values[key] = _WORKLOAD_SCHEMA[key][0](raw)
+            except ValueError as e:
+                self.err(self.at("workload", name, key), str(e))
+        selectors = [k for k in ("cgroup", "unit") if k in table]
+        if len(selectors) != 1:
+            self.err(at, "needs exactly one of 'cgroup' or 'unit'" + (" (both are set)" if selectors else ""))
+        if len(self.errors) == errors_before:
+            fields = {k: values.get(k, default) for k, (_, default) in _WORKLOAD_SCHEMA.items()}
+            self.workloads[name] = Workload(name=name, source=str(at), **fields)
+
+    def mesh_key_at(self, *keys: str) -> _At:
+        """Where the first of these keys was set; a default has no place of its own."""
+        return next((self.mesh_at[k] for k in keys if k in self.mesh_at), _At("<defaults>", 0, f"mesh.{keys[0]}"))
+
+    def check(self, mesh: MeshConfig) -> None:
+        """Rules across keys and files, once everything is merged."""
+        envoy = {mesh.outbound_port, mesh.inbound_port}
+        if mesh.outbound_port == mesh.inbound_port:
+            self.err(self.mesh_key_at("inbound_port", "outbound_port"),
+                     f"outbound_port and inbound_port are both {mesh.inbound_port}")
+        for key in ("exclude_outbound_ports", "exclude_inbound_ports"):
+            if envoy & set(getattr(mesh, key)):
+                self.err(self.mesh_key_at(key, "outbound_port", "inbound_port"),
+                         _envoy_clash(envoy, getattr(mesh, key), f"mesh.{key}"))
+        selected: dict[tuple[str, str], Workload] = {}  # (selector, value) -> first workload to use it
+        for w in sorted(self.workloads.values(), key=lambda w: self.workload_at[w.name]):
+            at = functools.partial(self.at, "workload", w.name, file=self.workload_at[w.name].file)
+            for key in ("exclude_outbound_ports", "exclude_inbound_ports"):
+                if envoy & set(getattr(w, key)):
+                    self.err(at(key), _envoy_clash(envoy, getattr(w, key), key))
+            # cgroup BPF programs apply to descendants too, so Envoy must not be in or below a workload.
+            if w.cgroup and (_within(w.cgroup, mesh.cgroup_root) or _within(mesh.cgroup_root, w.cgroup)):
+                self.err(at("cgroup"), f"overlaps mesh.cgroup_root {mesh.cgroup_root} where Envoy runs; "
+                                       "enrolling Envoy would loop its traffic")
+            for selector in ("cgroup", "unit"):
+                value = getattr(w, selector)
+                first = selected.setdefault((selector, value), w) if value else w
+                if first is not w:
+                    self.err(at(selector), f"{selector} {value} is already selected by workload "
+                                           f"{first.name!r} at {first.source}")
+
+
+def _envoy_clash(envoy: set[int], ports: tuple[int, ...], key: str) -> str:
+    return f"Envoy's listener port(s) {', '.join(map(str, sorted(envoy & set(ports))))} must not be in {key}"
+
+
+def _within(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith(ancestor + "/")
+
+
+def _decode_error_line(exc: Exception, text: str) -> int:
+    lineno = getattr(exc, "lineno", None)  # only Python >= 3.14 has it
+    if isinstance(lineno, int):
+        return lineno
+    m = re.search(r"\(at line (\d+)", str(exc))
+    return int(m.group(1)) if m else max(1, len(text.rstrip().split("\n")))  # "(at end of document)"
+
+
+def _parse(files: dict[str, str]) -> tuple[Config | None, list[ConfigError]]:
+    p = _Parser()
+    for path in sorted(files):
+        p.add_file(path, files[path])
+    mesh = MeshConfig(**p.mesh)
+    p.check(mesh)
+    workloads = tuple(p.workloads[n] for n in sorted(p.workloads))
+    return (None if p.errors else Config(mesh, workloads, tuple(sorted(files)))), p.errors
+
+
+def _raise(errors: list[ConfigError]) -> None:
+    if errors:
+        raise ConfigInvalid(sorted(errors, key=lambda e: (e.file, e.line)))
+
+
+def parse_files(files: dict[str, str]) -> Config:
+    """Validate the given config texts (path -> text) as one merged config."""
+    config, errors = _parse(files)
+    _raise(errors)
+    return config
+
+
+def load_config(config_dir: str) -> Config:
+    """Read every *.toml in config_dir (not recursive) and validate them together."""
+    try:
+        names = sorted(os.listdir(config_dir))
+    except OSError as e:
+        raise ConfigInvalid([ConfigError(config_dir, 0, "", f"cannot read config directory: {e.strerror}")])
+    texts, errors = {}, []
+    for path in (os.path.join(config_dir, n) for n in names if n.endswith(".toml") and not n.startswith(".")):
+        if not os.path.isfile(path):  # dotfiles above are editor locks/temporaries, e.g. emacs' .#meshd.toml
+            continue
+        try:
+            with open(path, encoding="utf-8", newline="") as f:  # newline="": line numbers as tomllib counts
+                texts[path] = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            errors.append(ConfigError(path, 0, "", f"cannot read: {e}"))
+    config, parse_errors = _parse(texts)
+    _raise(errors + parse_errors)
+    return config

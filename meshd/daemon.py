@@ -1,0 +1,398 @@
+"""The daemon: one GLib main loop that turns config + cgroups into a data path.
+
+Event sources on the loop: inotify (config directory, workload cgroups),
+signals, the Envoy supervisor's pidfd, and timers (status, rescan, watchdog).
+Every change ends in reconcile(), which is idempotent: it makes the pinned
+links, the BPF maps and Envoy's files match what the config asks for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+
+from . import __version__, cgroups, envoy, notify
+from .config import Config, ConfigError, ConfigInvalid, load_config
+from .datapath import ENVOY_HOOKS, WORKLOAD_HOOKS, Datapath, DatapathError
+from .inotify import Inotify
+
+log = logging.getLogger("meshd")
+
+# Keys that name where an instance lives: changing them live would orphan pins,
+# cgroups or files, so a reload keeps the running values and says so.
+RESTART_ONLY = ("bpffs_dir", "state_dir", "cgroup_root", "netns", "envoy_binary")
+STATUS_INTERVAL_MS = 1000
+RESCAN_INTERVAL_MS = 5000
+
+
+class StartupError(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class WorkloadState:
+    name: str
+    id: int
+    cgroup: str | None = None       # relative to the cgroup2 root, once found
+    cgroup_id: int = 0
+    enrolled_since: float = 0.0     # 0 = waiting for its cgroup to appear
+    error: str = ""
+
+
+def _atomic_write(path: str, data: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(data)
+    os.rename(tmp, path)
+
+
+def status_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "status.json")
+
+
+def pid_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "meshd.pid")
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with open("/proc/net/if_inet6") as f:
+            return any(line.startswith("00000000000000000000000000000001") for line in f)
+    except OSError:
+        return False
+
+
+class Daemon:
+    def __init__(self, config_dir: str):
+        self.config_dir = os.path.abspath(config_dir)
+        self.config: Config | None = None
+        self.config_errors: list[ConfigError] = []
+        self.cg_root = cgroups.cgroup2_mount()
+        self.workloads: dict[str, WorkloadState] = {}
+        self.state = "starting"
+        self.started = time.time()
+        self.ready = False
+        self._timers: dict[str, int] = {}
+        self._cgroup_watches: dict[str, int] = {}
+
+    # -- start-up -------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self.config = load_config(self.config_dir)
+        except ConfigInvalid as e:
+            raise StartupError("the configuration is invalid:\n" +
+                               "\n".join(f"  {err}" for err in e.errors)) from None
+        mesh = self.config.mesh
+        os.makedirs(mesh.state_dir, mode=0o755, exist_ok=True)
+        self._lock_instance(mesh.state_dir)
+        try:
+            binary = envoy.find_envoy(mesh.envoy_binary)
+        except envoy.EnvoyNotFound as e:
+            raise StartupError(str(e)) from None
+
+        self.dp = Datapath(mesh.bpffs_dir)
+        try:
+            how = self.dp.open()
+        except (DatapathError, OSError) as e:
+            raise StartupError(f"cannot set up the eBPF data path: {e}") from None
+        log.info("data path %s at %s", how, self.dp.root)
+
+        # Envoy's own cgroup: its sockets get the getsockopt and listener hooks,
+        # and its upstream connections are never steered (not a workload cgroup).
+        self.envoy_cgroup = cgroups.path_of(self.cg_root, mesh.cgroup_root.rstrip("/") + "/envoy")
+        cgroups.ensure(self.envoy_cgroup)
+        self.dp.attach("envoy", self.envoy_cgroup, ENVOY_HOOKS)
+        self.ids = self._load_ids()
+        self.apply()
+
+        self.envoy = envoy.EnvoySupervisor(binary, mesh.state_dir, self.envoy_cgroup,
+                                           mesh.envoy_log_level, 0, self._on_envoy_state)
+        self.envoy.start()
+
+    def _lock_instance(self, state_dir: str) -> None:
+        """One daemon per state directory: hold a lock on the PID file for life."""
+        path = pid_path(state_dir)
+        self._pid_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._pid_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(self._pid_fd, 32, 0).decode().strip() or "?"
+            raise StartupError(f"another meshd (pid {other}) already runs with state directory "
+                               f"{state_dir}; give this instance its own mesh.state_dir") from None
+        os.ftruncate(self._pid_fd, 0)
+        os.pwrite(self._pid_fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _ids_path(self) -> str:
+        return os.path.join(self.config.mesh.state_dir, "workload-ids.json")
+
+    def _load_ids(self) -> dict[str, int]:
+        """Workload ids index the BPF counters: keep them across restarts."""
+        try:
+            with open(self._ids_path()) as f:
+                return {str(k): int(v) for k, v in json.load(f).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def _id_for(self, name: str) -> int:
+        if name not in self.ids:
+            used = set(self.ids.values())
+            free = next((i for i in range(1, 256) if i not in used), None)
+            if free is None:  # recycle ids of workloads no longer configured
+                live = {w.name for w in self.config.workloads}
+                self.ids = {k: v for k, v in self.ids.items() if k in live}
+                used = set(self.ids.values())
+                free = next(i for i in range(1, 256) if i not in used)
+            self.ids[name] = free
+            _atomic_write(self._ids_path(), json.dumps(self.ids, indent=1, sort_keys=True))
+        return self.ids[name]
+
+    # -- applying the config --------------------------------------------------
+    def apply(self) -> None:
+        mesh = self.config.mesh
+        self.dp.set_settings(mesh.outbound_port, mesh.inbound_port)
+        files = envoy.render(mesh.outbound_port, mesh.inbound_port, mesh.state_dir, ipv6_loopback())
+        changed = envoy.write_config(mesh.state_dir, files)
+        if changed:
+            log.info("Envoy configuration updated: %s", ", ".join(changed))
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        """Make links, workload ids and exclusions match config + existing cgroups."""
+        cfg = self.config
+        states: dict[str, WorkloadState] = {}
+        for w in cfg.workloads:
+            old = self.workloads.get(w.name)
+            st = WorkloadState(w.name, self._id_for(w.name))
+            rel = w.cgroup or cgroups.find_unit(self.cg_root, w.unit)
+            path = cgroups.path_of(self.cg_root, rel) if rel else None
+            if path and os.path.isdir(path):
+                try:
+                    self.dp.attach(f"workload:{w.name}", path, WORKLOAD_HOOKS)
+                    st.cgroup, st.cgroup_id = rel, cgroups.cgroup_id(path)
+                    st.enrolled_since = (old.enrolled_since if old and old.cgroup_id == st.cgroup_id
+                                         and old.enrolled_since else time.time())
+                except OSError as e:  # e.g. the cgroup went away between the check and attach
+                    st.error = f"cannot attach to {rel}: {e.strerror or e}"
+            else:
+                st.error = (f"waiting for cgroup {w.cgroup}" if w.cgroup
+                            else f"waiting for unit {w.unit} to start")
+            if st.enrolled_since and not (old and old.enrolled_since):
+                log.info("workload %s enrolled (cgroup %s)", w.name, st.cgroup)
+            if old and old.enrolled_since and not st.enrolled_since:
+                log.info("workload %s no longer enrolled: %s", w.name, st.error)
+            states[w.name] = st
+
+        for owner in self.dp.owners():
+            if owner.startswith("workload:") and not (
+                    owner[9:] in states and states[owner[9:]].enrolled_since):
+                self.dp.detach(owner)
+                log.info("detached %s", owner)
+
+        self.dp.set_workload_ids({s.cgroup_id: s.id for s in states.values() if s.enrolled_since})
+        ports = {0: set(cfg.mesh.exclude_outbound_ports)}
+        cidrs = {0: set(cfg.mesh.exclude_outbound_cidrs)}
+        for w in cfg.workloads:
+            wid = states[w.name].id
+            ports[wid] = set(w.exclude_outbound_ports)
+            cidrs[wid] = set(w.exclude_outbound_cidrs)
+        self.dp.set_exclusions(ports, cidrs)
+        self.workloads = states
+        if hasattr(self, "inotify"):
+            self._update_cgroup_watches()
+
+    def reload(self, why: str) -> bool:
+        try:
+            cfg = load_config(self.config_dir)
+        except ConfigInvalid as e:
+            self.config_errors = e.errors
+            for err in e.errors:
+                log.error("config rejected, last good config stays: %s", err,
+                          extra={"CONFIG_FILE": err.file, "CONFIG_LINE": err.line,
+                                 "CONFIG_KEY": err.key})
+            notify.status(self._status_line())
+            self.write_status()
+            return False
+        old = self.config.mesh
+        kept = {k: getattr(old, k) for k in RESTART_ONLY if getattr(cfg.mesh, k) != getattr(old, k)}
+        for k, v in kept.items():
+            log.warning("mesh.%s changed; it takes effect when meshd restarts (keeping %r)", k, v)
+        if kept:
+            cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **kept))
+        self.config, self.config_errors = cfg, []
+        log.info("configuration reloaded (%s): %d workload(s)", why, len(cfg.workloads))
+        self.apply()
+        self.write_status()
+        return True
+
+    # -- main loop ------------------------------------------------------------
+    def run(self) -> int:
+        from gi.repository import GLib
+
+        self.loop = GLib.MainLoop()
+        self.inotify = Inotify()
+        self.inotify.watch(self.config_dir)
+        self._update_cgroup_watches()
+        GLib.io_add_watch(self.inotify.fd, GLib.PRIORITY_DEFAULT, GLib.IO_IN, self._on_inotify)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            GLib.unix_signal_add(GLib.PRIORITY_HIGH, sig, self._on_stop_signal)
+        GLib.unix_signal_add(GLib.PRIORITY_HIGH, signal.SIGHUP, self._on_hup)
+        GLib.timeout_add(STATUS_INTERVAL_MS, self._tick)
+        GLib.timeout_add(RESCAN_INTERVAL_MS, self._rescan)
+        wd_ms = notify.watchdog_interval_ms()
+        if wd_ms:
+            GLib.timeout_add(wd_ms, lambda: notify.send("WATCHDOG=1") or True)
+        self.write_status()
+        self.loop.run()
+        return 0
+
+    def _debounce(self, name: str, ms: int, fn) -> None:
+        from gi.repository import GLib
+        if name in self._timers:
+            return
+
+        def fire():
+            del self._timers[name]
+            fn()
+            return False
+        self._timers[name] = GLib.timeout_add(ms, fire)
+
+    def _on_inotify(self, fd, cond) -> bool:
+        config_changed = cgroups_changed = False
+        for path, _mask, name in self.inotify.read():
+            if path == self.config_dir:
+                config_changed = config_changed or name.endswith(".toml") or not name
+            else:
+                cgroups_changed = True
+        if config_changed:  # editors write in bursts: apply once it settles
+            self._debounce("reload", 100, lambda: self.reload("config directory changed"))
+        if cgroups_changed:
+            self._debounce("reconcile", 50, self._reconcile_logged)
+        return True
+
+    def _reconcile_logged(self) -> None:
+        try:
+            self.reconcile()
+        except Exception:
+            log.exception("reconcile failed; will retry on the next event or rescan")
+
+    def _update_cgroup_watches(self) -> None:
+        """Watch where each configured cgroup is (or will appear), then rescan:
+        a cgroup created between the scan and the watch is not missed."""
+        want = set()
+        for w in self.config.workloads:
+            if w.cgroup:
+                want.add(cgroups.nearest_existing(self.cg_root, w.cgroup))
+                want.add(os.path.dirname(cgroups.path_of(self.cg_root, w.cgroup)))
+            else:
+                want.add(self.cg_root)
+                want.add(cgroups.path_of(self.cg_root, "system.slice"))
+        want = {d for d in want if os.path.isdir(d)}
+        added = False
+        for d in set(self._cgroup_watches) - want:
+            self.inotify.unwatch(self._cgroup_watches.pop(d))
+        for d in want - set(self._cgroup_watches):
+            try:
+                self._cgroup_watches[d] = self.inotify.watch(d)
+                added = True
+            except OSError as e:
+                log.debug("cannot watch %s: %s", d, e)
+        if added:
+            self._debounce("reconcile", 10, self._reconcile_logged)
+
+    def _rescan(self) -> bool:
+        self._reconcile_logged()  # a safety net for events inotify cannot see
+        return True
+
+    def _tick(self) -> bool:
+        self._check_ready()
+        self.write_status()
+        return True
+
+    def _on_hup(self) -> bool:
+        self.reload("SIGHUP")
+        return True
+
+    def _on_stop_signal(self) -> bool:
+        """Exit, leaving the pinned data path and Envoy serving for the next meshd."""
+        log.info("stopping; the data path and Envoy stay up for the next meshd")
+        notify.send("STOPPING=1")
+        self.envoy.detach()
+        self.state = "stopped"
+        self.write_status()
+        self.dp.close()
+        self.loop.quit()
+        return False
+
+    def _on_envoy_state(self, state: str) -> None:
+        log.info("Envoy is %s", state)
+        self._check_ready()
+        self.write_status()
+
+    def _check_ready(self) -> None:
+        up = self.envoy.state == envoy.RUNNING and self.dp.envoy_listening()["ipv4"]
+        self.state = "running" if up else "degraded"
+        if up and not self.ready:
+            self.ready = True
+            notify.send("READY=1")
+        notify.status(self._status_line())
+
+    def _status_line(self) -> str:
+        n = sum(1 for w in self.workloads.values() if w.enrolled_since)
+        line = f"{n}/{len(self.workloads)} workloads enrolled; Envoy {self.envoy.state}"
+        if self.envoy.state != envoy.RUNNING:
+            line += " (workloads fail open: direct connections)"
+        if self.config_errors:
+            line += f"; config REJECTED ({len(self.config_errors)} errors), last good config in force"
+        return line
+
+    # -- status ---------------------------------------------------------------
+    def status(self) -> dict:
+        counters = self.dp.counters() if self.dp.maps else {}
+        mesh = self.config.mesh
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "state": self.state,
+            "updated": time.time(),
+            "started": self.started,
+            "config_dir": self.config_dir,
+            "config_files": list(self.config.files),
+            "config_errors": [dataclasses.asdict(e) for e in self.config_errors],
+            "mesh": {"outbound_port": mesh.outbound_port, "inbound_port": mesh.inbound_port,
+                     "exclude_outbound_ports": list(mesh.exclude_outbound_ports),
+                     "exclude_outbound_cidrs": [str(c) for c in mesh.exclude_outbound_cidrs],
+                     "bpffs_dir": mesh.bpffs_dir, "state_dir": mesh.state_dir,
+                     "cgroup_root": mesh.cgroup_root},
+            "envoy": {"state": self.envoy.state, "pid": self.envoy.pid,
+                      "adopted": self.envoy.adopted, "restarts": self.envoy.restarts,
+                      "admin_socket": envoy.admin_socket_path(mesh.state_dir),
+                      "listeners": self.dp.envoy_listening() if self.dp.maps else {}},
+            "datapath": {"pins": self.dp.root, "adopted": self.dp.adopted,
+                         "links": self.dp.pinned_links() if self.dp.maps else [],
+                         "tracked_connections":
+                             self.dp.tracked_connections() if self.dp.maps else 0},
+            "counters": counters.get(0, {}),
+            "workloads": [dict(dataclasses.asdict(w), counters=counters.get(w.id, {}))
+                          for w in self.workloads.values()],
+        }
+
+    def write_status(self) -> None:
+        try:
+            _atomic_write(status_path(self.config.mesh.state_dir),
+                          json.dumps(self.status(), indent=1, sort_keys=True))
+        except OSError as e:
+            log.warning("cannot write status: %s", e)
+
+
+def run(config_dir: str) -> int:
+    d = Daemon(config_dir)
+    try:
+        d.start()
+    except StartupError as e:
+        log.error("%s", e)
+        return 1
+    return d.run()

@@ -1,0 +1,275 @@
+"""Render Envoy's bootstrap and filesystem-xDS (LDS/CDS) files, and write them atomically.
+
+Everything here is pure except :func:`write_config`.  The files are JSON (which Envoy reads
+as YAML's subset); LDS and CDS are xDS ``DiscoveryResponse`` documents that Envoy reloads
+when an entry is *moved into* the watched directory, so every write is a rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+# v3 type URLs ----------------------------------------------------------------------------
+_T = "type.googleapis.com/"
+T_LISTENER = _T + "envoy.config.listener.v3.Listener"
+T_CLUSTER = _T + "envoy.config.cluster.v3.Cluster"
+T_ORIGINAL_DST = _T + "envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
+T_HTTP_INSPECTOR = _T + "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"
+T_TCP_PROXY = _T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+T_HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+T_ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
+T_HTTP_PROTOCOL_OPTIONS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+T_DOWNSTREAM_CONNECTIONS = (
+    _T + "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
+)
+
+# names -------------------------------------------------------------------------------------
+LISTENER_OUTBOUND = "meshd_outbound"
+CLUSTER_ORIGINAL_DST = "meshd_original_dst"
+CLUSTER_BLACKHOLE = "meshd_blackhole"
+
+BOOTSTRAP = "bootstrap.json"
+LDS = "lds.json"
+CDS = "cds.json"
+# Written in this order: clusters before the listeners that reference them.
+_WRITE_ORDER = (CDS, LDS, BOOTSTRAP)
+
+MAX_DOWNSTREAM_CONNECTIONS = 50000
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1
+
+
+def config_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, "envoy")
+
+
+def admin_socket_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "envoy-admin.sock")
+
+
+def bootstrap_path(state_dir: str) -> str:
+    return os.path.join(config_dir(state_dir), BOOTSTRAP)
+
+
+def _addr(ip: str, port: int) -> dict:
+    return {"socket_address": {"address": ip, "port_value": port}}
+
+
+def _path_source(path: str, watched_dir: str) -> dict:
+    return {
+        "path_config_source": {"path": path, "watched_directory": {"path": watched_dir}},
+        "resource_api_version": "V3",
+    }
+
+
+def _discovery_response(type_url: str, resources: list[dict]) -> dict:
+    body = json.dumps(resources, sort_keys=True, separators=(",", ":")).encode()
+    return {
+        "version_info": hashlib.sha256(body).hexdigest()[:16],
+        "type_url": type_url,
+        "resources": [dict({"@type": type_url}, **r) for r in resources],
+    }
+
+
+def render_bootstrap(state_dir: str) -> dict:
+    sock = admin_socket_path(state_dir)
+    if len(sock.encode()) > _SUN_PATH_MAX:
+        raise ValueError(f"admin socket path too long for AF_UNIX ({len(sock)} bytes): {sock}")
+    cdir = config_dir(state_dir)
+    return {
+        "node": {"id": "meshd", "cluster": "meshd"},
+        "admin": {"address": {"pipe": {"path": sock, "mode": 0o600}}},
+        "dynamic_resources": {
+            "lds_config": _path_source(os.path.join(cdir, LDS), cdir),
+            "cds_config": _path_source(os.path.join(cdir, CDS), cdir),
+        },
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": T_DOWNSTREAM_CONNECTIONS,
+                        "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+                    },
+                }
+            ]
+        },
+    }
+
+
+def _tcp_proxy(stat_prefix: str, cluster: str) -> dict:
+    return {
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {"@type": T_TCP_PROXY, "stat_prefix": stat_prefix, "cluster": cluster},
+    }
+
+
+def _http_connection_manager() -> dict:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": T_HCM,
+            "stat_prefix": "outbound_http",
+            "codec_type": "AUTO",
+            "use_remote_address": False,
+            # Transparent: keep the upstream's Server header instead of writing "envoy".
+            "server_header_transformation": "PASS_THROUGH",
+            # Unconfigured upgrades are refused by Envoy; a transparent proxy must pass them.
+            "upgrade_configs": [{"upgrade_type": "websocket"}],
+            "route_config": {
+                "name": "meshd_outbound_http",
+                "virtual_hosts": [
+                    {
+                        "name": "original_dst",
+                        "domains": ["*"],
+                        "routes": [
+                            {
+                                "match": {"prefix": "/"},
+                                # 0s: no per-route timeout, so streaming responses work.
+                                "route": {"cluster": CLUSTER_ORIGINAL_DST, "timeout": "0s"},
+                            }
+                        ],
+                    }
+                ],
+            },
+            "http_filters": [
+                {"name": "envoy.filters.http.router", "typed_config": {"@type": T_ROUTER}}
+            ],
+        },
+    }
+
+
+def render_listeners(outbound_port: int, ipv6: bool) -> list[dict]:
+    listener: dict = {
+        "name": LISTENER_OUTBOUND,
+        "address": _addr("127.0.0.1", outbound_port),
+        "listener_filters": [
+            {"name": "envoy.filters.listener.original_dst",
+             "typed_config": {"@type": T_ORIGINAL_DST}},
+            {"name": "envoy.filters.listener.http_inspector",
+             "typed_config": {"@type": T_HTTP_INSPECTOR}},
+        ],
+        # Server-first protocols (SMTP, MySQL, ...) send nothing: don't stall them long.
+        "listener_filters_timeout": "1s",
+        "continue_on_listener_filters_timeout": True,
+        "filter_chains": [
+            {
+                # Original destination not restored: the connection would loop back to us.
+                # Fail it loudly and count it (tcp.outbound_miss.*).
+                "name": "outbound_miss",
+                "filter_chain_match": {"destination_port": outbound_port},
+                "filters": [_tcp_proxy("outbound_miss", CLUSTER_BLACKHOLE)],
+            },
+            {
+                "name": "outbound_http",
+                "filter_chain_match": {"application_protocols": ["http/1.1", "h2c"]},
+                "filters": [_http_connection_manager()],
+            },
+        ],
+        "default_filter_chain": {
+            "name": "outbound_tcp",
+            "filters": [_tcp_proxy("outbound_tcp", CLUSTER_ORIGINAL_DST)],
+        },
+    }
+    if ipv6:
+        listener["additional_addresses"] = [{"address": _addr("::1", outbound_port)}]
+    return [listener]
+
+
+def render_clusters() -> list[dict]:
+    return [
+        {
+            "name": CLUSTER_ORIGINAL_DST,
+            "type": "ORIGINAL_DST",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "connect_timeout": "5s",
+            "original_dst_lb_config": {"use_http_header": False},
+            # Speak upstream what the client spoke downstream (h2c stays h2c: gRPC works).
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": T_HTTP_PROTOCOL_OPTIONS,
+                    "use_downstream_protocol_config": {
+                        "http_protocol_options": {},
+                        "http2_protocol_options": {},
+                    },
+                }
+            },
+        },
+        {
+            "name": CLUSTER_BLACKHOLE,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": CLUSTER_BLACKHOLE, "endpoints": []},
+        },
+    ]
+
+
+def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool) -> dict[str, dict]:
+    """Return {"bootstrap.json": ..., "lds.json": ..., "cds.json": ...}.
+
+    ``inbound_port`` is accepted for the inbound listener (not rendered yet).
+    """
+    for name, port in (("outbound_port", outbound_port), ("inbound_port", inbound_port)):
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"{name}: invalid port {port!r}")
+    return {
+        BOOTSTRAP: render_bootstrap(state_dir),
+        LDS: _discovery_response(T_LISTENER, render_listeners(outbound_port, ipv6)),
+        CDS: _discovery_response(T_CLUSTER, render_clusters()),
+    }
+
+
+def dumps(doc: dict) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def write_config(state_dir: str, files: dict[str, dict]) -> list[str]:
+    """Write ``files`` under ``{state_dir}/envoy/`` atomically (temp file, fsync, rename).
+
+    A file whose content is unchanged is not touched (each rename makes Envoy reload).
+    Returns the names of the files that were (re)written.
+    """
+    cdir = config_dir(state_dir)
+    os.makedirs(cdir, mode=0o755, exist_ok=True)
+    os.chmod(cdir, 0o755)
+    order = [n for n in _WRITE_ORDER if n in files] + sorted(set(files) - set(_WRITE_ORDER))
+    changed = []
+    for name in order:
+        if os.sep in name or name.startswith("."):
+            raise ValueError(f"bad config file name: {name!r}")
+        path = os.path.join(cdir, name)
+        data = dumps(files[name])
+        try:
+            with open(path, "rb") as f:
+                if f.read() == data:
+                    continue
+        except FileNotFoundError:
+            pass
+        _atomic_write(path, data)
+        changed.append(name)
+    return changed

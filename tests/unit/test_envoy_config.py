@@ -1,0 +1,208 @@
+"""Pure checks of the rendered Envoy configuration (no Envoy needed)."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from meshd import envoy_config as ec
+from meshd.envoy import _dechunk, _static_equivalent
+
+STATE = "/run/meshd"
+
+
+@pytest.fixture
+def files():
+    return ec.render(15001, 15006, STATE, ipv6=True)
+
+
+def _listener(files):
+    (listener,) = files["lds.json"]["resources"]
+    return listener
+
+
+def _clusters(files):
+    return {c["name"]: c for c in files["cds.json"]["resources"]}
+
+
+def _types(obj):
+    """Every @type URL anywhere in obj."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "@type":
+                yield v
+            else:
+                yield from _types(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _types(v)
+
+
+def test_file_set(files):
+    assert set(files) == {"bootstrap.json", "lds.json", "cds.json"}
+    for doc in files.values():
+        json.dumps(doc)  # serialisable
+
+
+def test_bootstrap(files):
+    b = files["bootstrap.json"]
+    assert b["node"] == {"id": "meshd", "cluster": "meshd"}
+    assert b["admin"]["address"] == {"pipe": {"path": "/run/meshd/envoy-admin.sock", "mode": 0o600}}
+    assert "socket_address" not in json.dumps(b["admin"])
+    for key, name in (("lds_config", "lds.json"), ("cds_config", "cds.json")):
+        src = b["dynamic_resources"][key]
+        assert src["resource_api_version"] == "V3"
+        assert src["path_config_source"] == {
+            "path": f"/run/meshd/envoy/{name}",
+            "watched_directory": {"path": "/run/meshd/envoy"},
+        }
+    (mon,) = b["overload_manager"]["resource_monitors"]
+    assert mon["name"] == "envoy.resource_monitors.global_downstream_max_connections"
+    assert mon["typed_config"]["max_active_downstream_connections"] == 50000
+
+
+def test_admin_socket_path_too_long():
+    with pytest.raises(ValueError):
+        ec.render(15001, 15006, "/tmp/" + "x" * 120, ipv6=False)
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1, "15001"])
+def test_bad_port(port):
+    with pytest.raises(ValueError):
+        ec.render(port, 15006, STATE, ipv6=False)
+
+
+def test_discovery_documents(files):
+    lds, cds = files["lds.json"], files["cds.json"]
+    assert lds["type_url"] == "type.googleapis.com/envoy.config.listener.v3.Listener"
+    assert cds["type_url"] == "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+    assert all(r["@type"] == lds["type_url"] for r in lds["resources"])
+    assert all(r["@type"] == cds["type_url"] for r in cds["resources"])
+    assert lds["version_info"] and cds["version_info"]
+    # deterministic; version follows content
+    again = ec.render(15001, 15006, STATE, ipv6=True)
+    assert again == files
+    other = ec.render(15002, 15006, STATE, ipv6=True)
+    assert other["lds.json"]["version_info"] != lds["version_info"]
+
+
+def test_listener_addresses(files):
+    listener = _listener(files)
+    assert listener["name"] == "meshd_outbound"
+    assert listener["address"] == {"socket_address": {"address": "127.0.0.1", "port_value": 15001}}
+    assert listener["additional_addresses"] == [
+        {"address": {"socket_address": {"address": "::1", "port_value": 15001}}}
+    ]
+    v4only = _listener(ec.render(15001, 15006, STATE, ipv6=False))
+    assert "additional_addresses" not in v4only
+
+
+def test_listener_filters(files):
+    listener = _listener(files)
+    assert [f["name"] for f in listener["listener_filters"]] == [
+        "envoy.filters.listener.original_dst",
+        "envoy.filters.listener.http_inspector",
+    ]
+    assert [f["typed_config"]["@type"] for f in listener["listener_filters"]] == [
+        "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
+        "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector",
+    ]
+    assert listener["listener_filters_timeout"] == "1s"
+    assert listener["continue_on_listener_filters_timeout"] is True
+
+
+def test_filter_chains(files):
+    listener = _listener(files)
+    miss, http = listener["filter_chains"]
+    # (a) original dst not restored -> blackhole, counted as outbound_miss
+    assert miss["filter_chain_match"] == {"destination_port": 15001}
+    (f,) = miss["filters"]
+    assert f["name"] == "envoy.filters.network.tcp_proxy"
+    assert f["typed_config"]["cluster"] == "meshd_blackhole"
+    assert f["typed_config"]["stat_prefix"] == "outbound_miss"
+    # (b) HTTP -> HCM
+    assert http["filter_chain_match"] == {"application_protocols": ["http/1.1", "h2c"]}
+    (hcm,) = http["filters"]
+    tc = hcm["typed_config"]
+    assert tc["@type"].endswith("http_connection_manager.v3.HttpConnectionManager")
+    assert tc["stat_prefix"] == "outbound_http"
+    assert tc["codec_type"] == "AUTO"
+    assert tc["use_remote_address"] is False
+    assert "access_log" not in tc
+    (vh,) = tc["route_config"]["virtual_hosts"]
+    assert vh["domains"] == ["*"]
+    (route,) = vh["routes"]
+    assert route["match"] == {"prefix": "/"}
+    assert route["route"] == {"cluster": "meshd_original_dst", "timeout": "0s"}
+    assert [h["name"] for h in tc["http_filters"]] == ["envoy.filters.http.router"]
+    # (c) everything else -> plain TCP to the original destination
+    dflt = listener["default_filter_chain"]
+    assert "filter_chain_match" not in dflt
+    (f,) = dflt["filters"]
+    assert f["typed_config"]["cluster"] == "meshd_original_dst"
+    assert f["typed_config"]["stat_prefix"] == "outbound_tcp"
+
+
+def test_miss_chain_follows_port(files):
+    listener = _listener(ec.render(20123, 15006, STATE, ipv6=False))
+    assert listener["filter_chains"][0]["filter_chain_match"] == {"destination_port": 20123}
+
+
+def test_clusters(files):
+    cl = _clusters(files)
+    assert set(cl) == {"meshd_original_dst", "meshd_blackhole"}
+    od = cl["meshd_original_dst"]
+    assert od["type"] == "ORIGINAL_DST"
+    assert od["lb_policy"] == "CLUSTER_PROVIDED"
+    assert od["connect_timeout"] == "5s"
+    assert od["original_dst_lb_config"] == {"use_http_header": False}
+    assert "load_assignment" not in od
+    bh = cl["meshd_blackhole"]
+    assert bh["type"] == "STATIC"
+    assert bh["connect_timeout"] == "1s"
+    assert bh["load_assignment"]["endpoints"] == []
+
+
+def test_type_urls_are_v3(files):
+    urls = set(_types(files))
+    assert urls
+    for url in urls:
+        assert url.startswith("type.googleapis.com/envoy.")
+        assert ".v3." in url, url
+
+
+def test_write_config(tmp_path):
+    state = str(tmp_path)
+    files = ec.render(15001, 15006, state, ipv6=False)
+    changed = ec.write_config(state, files)
+    assert sorted(changed) == ["bootstrap.json", "cds.json", "lds.json"]
+    d = tmp_path / "envoy"
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755
+    for name, doc in files.items():
+        assert json.loads((d / name).read_text()) == doc
+    assert sorted(os.listdir(d)) == ["bootstrap.json", "cds.json", "lds.json"]  # no temp left
+
+    inode = (d / "lds.json").stat().st_ino
+    assert ec.write_config(state, files) == []  # unchanged: nothing rewritten
+    assert (d / "lds.json").stat().st_ino == inode
+
+    files2 = ec.render(15009, 15006, state, ipv6=False)
+    assert ec.write_config(state, files2) == ["lds.json"]
+    assert (d / "lds.json").stat().st_ino != inode  # replaced by rename, not edited in place
+    assert json.loads((d / "lds.json").read_text()) == files2["lds.json"]
+
+
+def test_static_equivalent_inlines_dynamic_files(tmp_path):
+    state = str(tmp_path)
+    files = ec.render(15001, 15006, state, ipv6=True)
+    ec.write_config(state, files)
+    combined = _static_equivalent(files["bootstrap.json"])
+    assert "dynamic_resources" not in combined
+    assert [r["name"] for r in combined["static_resources"]["listeners"]] == ["meshd_outbound"]
+    assert "@type" not in combined["static_resources"]["listeners"][0]
+    assert len(combined["static_resources"]["clusters"]) == 2
+
+
+def test_dechunk():
+    assert _dechunk(b"4\r\nLIVE\r\n1;x=y\r\n\n\r\n0\r\n\r\n") == b"LIVE\n"
