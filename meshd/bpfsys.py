@@ -118,6 +118,14 @@ def link_info(link_fd: int) -> _LinkInfo:
     return info
 
 
+def prog_id(prog_fd: int) -> int:
+    """The kernel's id of a loaded program (struct bpf_prog_info: type, then id)."""
+    info = (ctypes.c_uint32 * 64)()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(size)), "program info")
+    return info[1]
+
+
 def prog_query(target_fd: int, attach_type: int) -> list[int]:
     """Ids of every program attached to a cgroup for one hook (ours and others')."""
     ids = (ctypes.c_uint32 * 64)()

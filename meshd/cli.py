@@ -192,6 +192,8 @@ def format_status(st: dict, running: bool) -> str:
         where = w["cgroup"] or "-"
         state = "enrolled" if w["enrolled_since"] else w["error"]
         out.append(f"    {w['name']:<16} {state:<10} {where}")
+        for hook, ids in w.get("other_programs", {}).items():
+            out.append(f"      also attached on {hook} (not meshd's): program id(s) {ids}")
         c = w["counters"]
         if c:
             out.append("      " + " ".join(f"{k}={v}" for k, v in c.items()))

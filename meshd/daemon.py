@@ -41,6 +41,7 @@ class WorkloadState:
     cgroup_id: int = 0
     enrolled_since: float = 0.0     # 0 = waiting for its cgroup to appear
     error: str = ""
+    other_programs: dict = dataclasses.field(default_factory=dict)  # hook -> foreign prog ids
 
 
 def _atomic_write(path: str, data: str) -> None:
@@ -173,6 +174,7 @@ class Daemon:
                 try:
                     self.dp.attach(f"workload:{w.name}", path, WORKLOAD_HOOKS)
                     st.cgroup, st.cgroup_id = rel, cgroups.cgroup_id(path)
+                    st.other_programs = self.dp.foreign_programs(path, WORKLOAD_HOOKS)
                     st.enrolled_since = (old.enrolled_since if old and old.cgroup_id == st.cgroup_id
                                          and old.enrolled_since else time.time())
                 except OSError as e:  # e.g. the cgroup went away between the check and attach

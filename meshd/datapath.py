@@ -257,6 +257,21 @@ class Datapath:
                 os.close(fd)
         return out
 
+    def foreign_programs(self, cgroup_path: str, hooks) -> dict[str, list[int]]:
+        """Programs someone else attached to a cgroup on our hooks (a CNI, say):
+        they keep running beside ours; status shows them."""
+        ours = {bpfsys.prog_id(fd) for fd in self.progs.values()}
+        out = {}
+        fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for h in hooks:
+                other = [i for i in bpfsys.prog_query(fd, HOOKS[h].attach_type) if i not in ours]
+                if other:
+                    out[h] = other
+        finally:
+            os.close(fd)
+        return out
+
     # -- map contents ---------------------------------------------------------
     def set_settings(self, outbound_port: int, inbound_port: int) -> None:
         bpfsys.map_update(self.maps["settings"], struct.pack("<I", 0),
