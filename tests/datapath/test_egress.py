@@ -3,12 +3,14 @@ network namespace, clients inside and outside an enrolled cgroup."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
 import sys
 
 import pytest
 
-from conftest import EXCLUDED_PORT, HTTP_PORT, TCP_PORT, wait_for
+from conftest import EXCLUDED_PORT, HTTP_PORT, TCP_PORT, kill_cgroup, wait_for
 
 PAYLOAD = random.Random(20261126).randbytes(256 * 1024)   # as tests/helpers/echo_server.py
 
@@ -103,3 +105,67 @@ def test_per_workload_excluded_cidr(mesh, server):
     r = mesh.curl(f"http://[{server.ip6}]:{HTTP_PORT}/echo")   # IPv6 still meshed
     assert "x-request-id" in json.loads(r.stdout)["headers"]
     wait_for(lambda: workload_counter(mesh, "excluded") >= 1, what="excluded counter")
+
+
+def test_workload_by_unit_name(mesh, server, cgroups, prefix):
+    # systemd puts a unit's processes in <slice>/<unit>; meshd finds it by name
+    unit = f"{prefix}-web.service"
+    rel = cgroups.make(f"{unit}")            # /<prefix>/<unit>: not a slice, must not match
+    slice_rel = f"/{prefix}.slice/{unit}"
+    os.makedirs(cgroups.path(slice_rel))
+    try:
+        mesh.write("00-mesh.toml", mesh.mesh_toml())
+        mesh.write("10-workloads.toml", f'[workload.web]\nunit = "{unit}"\n')
+        mesh.start()
+        wl = mesh.status()["workloads"][0]
+        assert wl["cgroup"] == slice_rel and wl["enrolled_since"] > 0
+        r = mesh.curl(f"http://{server.ip4}:{HTTP_PORT}/echo", cgroup=slice_rel)
+        assert "x-request-id" in json.loads(r.stdout)["headers"]
+        r = mesh.curl(f"http://{server.ip4}:{HTTP_PORT}/echo", cgroup=rel)
+        assert "x-request-id" not in json.loads(r.stdout)["headers"]
+    finally:
+        mesh.kill()
+        kill_cgroup(cgroups.path(f"/{prefix}.slice"))
+
+
+def test_entries_are_deleted_when_connections_close(meshed):
+    mesh, server = meshed
+    for _ in range(5):
+        assert mesh.curl(f"http://{server.ip4}:{HTTP_PORT}/echo").returncode == 0
+    wait_for(lambda: workload_counter(mesh, "closed") >= 5, what="closed counter")
+    wait_for(lambda: mesh.status()["datapath"]["tracked_connections"] == 0,
+             what="no tracked connections left")
+
+
+def test_miss_fails_loudly_and_is_counted(meshed):
+    """A connection reaching Envoy without an original destination (here: straight
+    to its port from outside the mesh) is refused and counted, never forwarded."""
+    mesh, _ = meshed
+    before = mesh.stat("tcp.outbound_miss.downstream_cx_total")
+    r = mesh.curl(f"http://127.0.0.1:{mesh.outbound_port}/", cgroup=mesh.outside)
+    assert r.returncode != 0        # reset: nothing answered
+    assert mesh.stat("tcp.outbound_miss.downstream_cx_total") == before + 1
+    wait_for(lambda: mesh.status()["counters"].get("miss", 0) >= 1, what="miss counter")
+    assert "without an original destination" in mesh.cli("status").stdout
+
+
+def test_sd_notify_ready_only_when_serving(mesh, server):
+    """Type=notify: READY=1 arrives once Envoy's listener is in the data path."""
+    sock_path = os.path.join(mesh.tmp, "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(30)
+    mesh.configure()
+    os.environ["NOTIFY_SOCKET"] = sock_path
+    try:
+        mesh.start(wait=False)
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+    msgs = []
+    while not any("READY=1" in m for m in msgs):
+        msgs.append(sock.recv(4096).decode())
+    sock.close()
+    # at READY=1, traffic is already meshed: the very next request goes through Envoy
+    r = mesh.curl(f"http://{server.ip4}:{HTTP_PORT}/echo")
+    assert "x-request-id" in json.loads(r.stdout)["headers"]
+    assert any(m.startswith("STATUS=") and "1/1 workloads enrolled" in m for m in msgs), msgs
