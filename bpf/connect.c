@@ -6,27 +6,6 @@
  * is what Envoy's SO_ORIGINAL_DST lookup (getsockopt.c) can see. */
 #include "meshd.h"
 
-/* The workload id of the deepest enrolled cgroup that holds the caller. The
- * program runs for every cgroup below the one it is attached to, so the
- * caller's own cgroup may not be in the map: walk its ancestors. */
-static __always_inline __u32 current_workload(void)
-{
-	__u64 id = bpf_get_current_cgroup_id();
-	__u32 *wl = workload_ids.lookup(&id);
-	if (wl)
-		return *wl;
-	__u32 found = 0;
-	for (int level = 1; level < MESHD_MAX_CGROUP_DEPTH; level++) {
-		id = bpf_get_current_ancestor_cgroup_id(level);
-		if (id == 0)
-			break;
-		wl = workload_ids.lookup(&id);
-		if (wl)
-			found = *wl;
-	}
-	return found;
-}
-
 static __always_inline int port_excluded(__u32 workload, __u16 port)
 {
 	struct port_key k = {.workload = 0, .port = port};
@@ -90,7 +69,7 @@ int meshd_connect4(struct bpf_sock_addr *ctx)
 		count(wl, C_EXCLUDED);
 		return 1;
 	}
-	if (!envoy_up(0)) {
+	if (!envoy_up(OUT_V4)) {
 		count(wl, C_FAIL_OPEN);
 		return 1;
 	}
@@ -129,7 +108,7 @@ int meshd_connect6(struct bpf_sock_addr *ctx)
 		return 1;
 	}
 	/* a v4-mapped destination travels as IPv4: it needs Envoy's IPv4 listener */
-	if (!envoy_up(mapped ? 0 : 1)) {
+	if (!envoy_up(mapped ? OUT_V4 : OUT_V6)) {
 		count(wl, C_FAIL_OPEN);
 		return 1;
 	}

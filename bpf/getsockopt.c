@@ -31,6 +31,12 @@ int meshd_getsockopt(struct bpf_sockopt *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return 1;
+	/* Only the outbound listener's connections were steered by connect.c;
+	 * inbound ones (sk_lookup) keep their real local address. */
+	__u32 zero = 0;
+	struct mesh_settings *s = settings.lookup(&zero);
+	if (!s || sk->src_port != s->outbound_port)
+		return 1;
 
 	/* Envoy's accepted socket: local = Envoy, remote = the workload. */
 	struct conn_tuple t = {};

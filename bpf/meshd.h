@@ -47,7 +47,10 @@ enum meshd_counter {
 	C_MISS = 4,        /* getsockopt found no original destination */
 	C_PEERNAME = 5,    /* getpeername showed the original destination */
 	C_CLOSED = 6,      /* entries deleted because the connection closed */
-	MESHD_NR_COUNTERS = 8,
+	C_INBOUND = 7,     /* sk_lookup steered an inbound connection to Envoy */
+	C_IN_EXCLUDED = 8, /* inbound: excluded port */
+	C_IN_FAIL_OPEN = 9,/* inbound: Envoy's inbound listener is not up */
+	MESHD_NR_COUNTERS = 12,
 };
 
 /* Live settings the daemon writes; index 0 only. */
@@ -77,6 +80,9 @@ struct conn_tuple {
 	__u32 saddr[4];
 	__u32 daddr[4];
 };
+
+enum listener_slot { OUT_V4 = 0, OUT_V6 = 1, IN_V4 = 2, IN_V6 = 3 };
+#define WL_EXPLICIT_PORTS 1
 
 struct port_key {
 	__u32 workload;        /* 0 = applies to every workload */
@@ -124,9 +130,16 @@ BPF_LPM_TRIE(excluded_cidr6, struct cidr6_key, __u8, 4096);
 BPF_TABLE("lru_hash", __u64, struct orig_dst, cookie_dst, MESHD_MAX_CONNS);
 /* connection 4-tuple -> original destination (for Envoy's SO_ORIGINAL_DST) */
 BPF_TABLE("lru_hash", struct conn_tuple, struct orig_dst, tuple_dst, MESHD_MAX_CONNS);
-/* Envoy's outbound listening sockets: 0 = IPv4, 1 = IPv6. The kernel drops a
- * socket from a SOCKMAP when it closes, so an empty slot means Envoy is down. */
-MESHD_SOCKMAP(envoy_listeners, 2);
+/* Envoy's listening sockets (enum listener_slot). The kernel drops a socket
+ * from a SOCKMAP when it closes, so an empty slot means Envoy is down. */
+MESHD_SOCKMAP(envoy_listeners, 4);
+/* Inbound: TCP ports enrolled workloads listen on -> workload id. Filled by
+ * sockops when a workload calls listen() (auto mode) or by meshd (explicit
+ * inbound_ports); read by sk_lookup. */
+BPF_HASH(inbound_ports, __u16, __u32, 4096);
+/* Per workload id: WL_EXPLICIT_PORTS = only meshd sets its inbound ports. */
+BPF_ARRAY(workload_flags, __u32, MESHD_MAX_WORKLOADS);
+BPF_HASH(excluded_in_ports, struct port_key, __u8, 4096);
 BPF_PERCPU_ARRAY(counters, __u64, MESHD_MAX_WORKLOADS * MESHD_NR_COUNTERS);
 
 static __always_inline void count(__u32 workload, __u32 slot)
@@ -135,6 +148,28 @@ static __always_inline void count(__u32 workload, __u32 slot)
 	__u64 *v = counters.lookup(&idx);
 	if (v)
 		*v += 1;
+}
+
+/* The workload id of the deepest enrolled cgroup that holds the caller (only
+ * meaningful in process context). The programs run for every cgroup below the
+ * one they are attached to, so the caller's own cgroup may not be in the map:
+ * walk its ancestors. */
+static __always_inline __u32 current_workload(void)
+{
+	__u64 id = bpf_get_current_cgroup_id();
+	__u32 *wl = workload_ids.lookup(&id);
+	if (wl)
+		return *wl;
+	__u32 found = 0;
+	for (int level = 1; level < MESHD_MAX_CGROUP_DEPTH; level++) {
+		id = bpf_get_current_ancestor_cgroup_id(level);
+		if (id == 0)
+			break;
+		wl = workload_ids.lookup(&id);
+		if (wl)
+			found = *wl;
+	}
+	return found;
 }
 
 static __always_inline struct mesh_settings *get_settings(void)

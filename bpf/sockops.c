@@ -5,9 +5,13 @@
  * is re-keyed by it for getsockopt.c; when the connection closes both entries
  * are deleted (no reliance on LRU eviction).
  *
+ * It also notes the ports workloads listen on (inbound_ports, for sk_lookup.c)
+ * and forgets them when the listening socket closes.
+ *
  * meshd_envoy_sockops (attached to Envoy's cgroup): when Envoy listens on the
- * outbound port, its socket goes into envoy_listeners; the kernel removes it
- * when it closes, which is how connect.c knows to fail open. */
+ * outbound or inbound port, its socket goes into envoy_listeners; the kernel
+ * removes it when it closes, which is how connect.c and sk_lookup.c know to
+ * fail open. */
 #include "meshd.h"
 
 /* The tuple as the workload sees it (local = client, remote = Envoy). */
@@ -35,9 +39,38 @@ static __always_inline void tuple_of(struct bpf_sock_ops *skops, struct conn_tup
 	t->daddr[2] = skops->remote_ip6[2]; t->daddr[3] = skops->remote_ip6[3];
 }
 
+/* A workload listens: its port becomes meshed inbound (unless meshd manages
+ * this workload's ports explicitly). Returns 1 if the socket is a listener. */
+static __always_inline int on_listen(struct bpf_sock_ops *skops)
+{
+	__u16 port = (__u16)skops->local_port;
+	if (skops->op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
+		__u32 wl = current_workload();   /* listen() runs in the app's context */
+		__u32 *flags = workload_flags.lookup(&wl);
+		if (!wl || (flags && (*flags & WL_EXPLICIT_PORTS)))
+			return 1;
+		inbound_ports.update(&port, &wl);
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+					  BPF_SOCK_OPS_STATE_CB_FLAG);
+		return 1;
+	}
+	/* STATE_CB on a listener we flagged: LISTEN -> CLOSE */
+	if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[0] == 10 /* TCP_LISTEN */ &&
+	    skops->args[1] == MESHD_TCP_CLOSE) {
+		__u32 *wl = inbound_ports.lookup(&port);
+		__u32 *flags = wl ? workload_flags.lookup(wl) : NULL;
+		if (wl && !(flags && (*flags & WL_EXPLICIT_PORTS)))
+			inbound_ports.delete(&port);
+		return 1;
+	}
+	return 0;
+}
+
 int meshd_sockops(struct bpf_sock_ops *skops)
 {
 	__u32 op = skops->op;
+	if (on_listen(skops))
+		return 1;
 	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB)
 		return 1;
 	__u64 cookie = bpf_get_socket_cookie(skops);
@@ -70,9 +103,16 @@ int meshd_envoy_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	__u32 zero = 0;
 	struct mesh_settings *s = settings.lookup(&zero);
-	if (!s || skops->local_port != s->outbound_port)
+	if (!s)
 		return 1;
-	__u32 slot = skops->family == MESHD_AF_INET6 ? 1 : 0;
+	__u32 v6 = skops->family == MESHD_AF_INET6;
+	__u32 slot;
+	if (skops->local_port == s->outbound_port)
+		slot = v6 ? OUT_V6 : OUT_V4;
+	else if (skops->local_port == s->inbound_port)
+		slot = v6 ? IN_V6 : IN_V4;
+	else
+		return 1;
 	long err = envoy_listeners.sock_map_update(skops, &slot, BPF_ANY);
 	(void)err;   /* BCC's rewriter mangles a helper call used inside a condition */
 	return 1;

@@ -88,3 +88,40 @@ def nearest_existing(root: str, rel: str) -> str:
     while not os.path.isdir(path) and path != root:
         path = os.path.dirname(path)
     return path
+
+
+def listening_ports(path: str) -> set[int]:
+    """TCP ports that processes of a cgroup tree already listen on.
+
+    Ports opened later are seen by sockops at listen(); this finds the ones
+    that were open before the workload was enrolled."""
+    inodes: dict[int, set[str]] = {}   # pid -> socket inodes
+    for dirpath, _, _ in os.walk(path):
+        for pid in procs(dirpath):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            socks = set()
+            for fd in fds:
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    socks.add(link[8:-1])
+            if socks:
+                inodes[pid] = socks
+    ports = set()
+    for pid, socks in inodes.items():
+        for table in ("tcp", "tcp6"):   # the process's own network namespace's view
+            try:
+                with open(f"/proc/{pid}/net/{table}") as f:
+                    next(f)
+                    for line in f:
+                        cols = line.split()
+                        if cols[3] == "0A" and cols[9] in socks:   # 0A = LISTEN
+                            ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+            except OSError:
+                continue
+    return ports

@@ -148,16 +148,44 @@ def _alive(pid) -> bool:
         return False
 
 
+def _state_dir_despite_errors(config_dir: str) -> str:
+    """mesh.state_dir from whichever file sets it, even if the config as a whole
+    is invalid: a rejected change is exactly when `meshd status` is needed."""
+    from .config import MeshConfig, tomllib
+    state_dir = MeshConfig().state_dir
+    try:
+        names = sorted(n for n in os.listdir(config_dir)
+                       if n.endswith(".toml") and not n.startswith("."))
+    except OSError:
+        return state_dir
+    for name in names:
+        try:
+            with open(os.path.join(config_dir, name), "rb") as f:
+                value = tomllib.load(f).get("mesh", {}).get("state_dir")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value.startswith("/"):
+            state_dir = value
+    return state_dir
+
+
 def cmd_status(args) -> int:
-    cfg = _load_or_die(args.config_dir)
-    if cfg is None:
-        return 1
+    try:
+        state_dir = load_config(args.config_dir).mesh.state_dir
+    except ConfigInvalid as e:
+        # The daemon keeps serving its last good config: say what is wrong on
+        # disk, then still show what the daemon is doing.
+        print(f"meshd: the configuration on disk is invalid (`meshd check -c {args.config_dir}`):",
+              file=sys.stderr)
+        for err in e.errors:
+            print(f"  {err}", file=sys.stderr)
+        state_dir = _state_dir_despite_errors(args.config_dir)
     from .daemon import status_path
     try:
-        with open(status_path(cfg.mesh.state_dir)) as f:
+        with open(status_path(state_dir)) as f:
             st = json.load(f)
     except (OSError, ValueError):
-        print(f"meshd is not running (no status in {cfg.mesh.state_dir})")
+        print(f"meshd is not running (no status in {state_dir})")
         return 3
     running = st.get("state") != "stopped" and _alive(st.get("pid"))
     if args.json:
@@ -179,7 +207,11 @@ def format_status(st: dict, running: bool) -> str:
     ev = st["envoy"]
     listeners = ", ".join(f"{k} {'up' if v else 'DOWN'}" for k, v in ev["listeners"].items())
     out.append(f"  envoy:     {ev['state']} (pid {ev['pid']}, restarts {ev['restarts']}); "
-               f"outbound :{st['mesh']['outbound_port']} {listeners}")
+               f"outbound :{st['mesh']['outbound_port']}, inbound :{st['mesh']['inbound_port']}")
+    out.append(f"             listeners: {listeners}")
+    down = [k for k, v in ev["listeners"].items() if not v]
+    if down and ev["state"] == "running":
+        out.append(f"             not in the data path: {', '.join(down)} (those connections fail open)")
     if ev["state"] != "running":
         out.append("             workloads FAIL OPEN (connect directly) until Envoy is back")
     dp = st["datapath"]
@@ -192,6 +224,8 @@ def format_status(st: dict, running: bool) -> str:
         where = w["cgroup"] or "-"
         state = "enrolled" if w["enrolled_since"] else w["error"]
         out.append(f"    {w['name']:<16} {state:<10} {where}")
+        if w.get("inbound_ports"):
+            out.append(f"      inbound ports via Envoy: {w['inbound_ports']}")
         for hook, ids in w.get("other_programs", {}).items():
             out.append(f"      also attached on {hook} (not meshd's): program id(s) {ids}")
         c = w["counters"]

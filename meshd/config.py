@@ -62,6 +62,8 @@ class Workload:
     exclude_outbound_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     exclude_inbound_ports: tuple[int, ...]
     source: str  # "file:line" where the table was declared
+    # inbound ports steered through Envoy: None = every TCP port it listens on
+    inbound_ports: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ _WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "exclude_outbound_ports": (_ports, ()),
     "exclude_outbound_cidrs": (_cidrs, ()),
     "exclude_inbound_ports": (_ports, ()),
+    "inbound_ports": (_ports, None),
 }
 # The dataclass defaults document the API; the schema must agree with them.
 assert {k: d for k, (_, d) in _MESH_SCHEMA.items()} == vars(MeshConfig())

@@ -59,6 +59,19 @@ def pid_path(state_dir: str) -> str:
     return os.path.join(state_dir, "meshd.pid")
 
 
+def enter_netns(path: str) -> None:
+    """Serve another network namespace (one meshd per simulated host). Done
+    first, so Envoy, the sk_lookup link and every socket live there."""
+    import ctypes
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            err = ctypes.get_errno()
+            raise StartupError(f"cannot enter network namespace {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def ipv6_loopback() -> bool:
     try:
         with open("/proc/net/if_inet6") as f:
@@ -88,6 +101,8 @@ class Daemon:
             raise StartupError("the configuration is invalid:\n" +
                                "\n".join(f"  {err}" for err in e.errors)) from None
         mesh = self.config.mesh
+        if mesh.netns:
+            enter_netns(mesh.netns)
         os.makedirs(mesh.state_dir, mode=0o755, exist_ok=True)
         self._lock_instance(mesh.state_dir)
         try:
@@ -107,6 +122,12 @@ class Daemon:
         self.envoy_cgroup = cgroups.path_of(self.cg_root, mesh.cgroup_root.rstrip("/") + "/envoy")
         cgroups.ensure(self.envoy_cgroup)
         self.dp.attach("envoy", self.envoy_cgroup, ENVOY_HOOKS)
+        # Inbound steering for the network namespace this instance serves.
+        try:
+            self.dp.attach_netns("/proc/self/ns/net")
+        except OSError as e:
+            raise StartupError(f"cannot attach sk_lookup to the network namespace: {e} "
+                               "(needs Linux >= 5.9 with CONFIG_BPF_SYSCALL)") from None
         self.ids = self._load_ids()
         self.apply()
 
@@ -202,9 +223,29 @@ class Daemon:
             ports[wid] = set(w.exclude_outbound_ports)
             cidrs[wid] = set(w.exclude_outbound_cidrs)
         self.dp.set_exclusions(ports, cidrs)
+        self._apply_inbound(states)
         self.workloads = states
         if hasattr(self, "inotify"):
             self._update_cgroup_watches()
+
+    def _apply_inbound(self, states: dict[str, WorkloadState]) -> None:
+        cfg = self.config
+        explicit, auto, discovered = {}, set(), {}
+        excluded = {0: set(cfg.mesh.exclude_inbound_ports)}
+        for w in cfg.workloads:
+            st = states[w.name]
+            if not st.enrolled_since:
+                continue
+            excluded[st.id] = set(w.exclude_inbound_ports)
+            if w.inbound_ports is not None:
+                explicit[st.id] = set(w.inbound_ports)
+            else:
+                auto.add(st.id)
+                discovered[st.id] = cgroups.listening_ports(
+                    cgroups.path_of(self.cg_root, st.cgroup))
+        # Envoy's own ports are never steered inbound.
+        excluded[0] |= {cfg.mesh.outbound_port, cfg.mesh.inbound_port}
+        self.dp.set_inbound(explicit, auto, excluded, discovered)
 
     def reload(self, why: str) -> bool:
         try:
@@ -354,6 +395,7 @@ class Daemon:
     # -- status ---------------------------------------------------------------
     def status(self) -> dict:
         counters = self.dp.counters() if self.dp.maps else {}
+        inbound = self.dp.inbound_ports() if self.dp.maps else {}
         mesh = self.config.mesh
         return {
             "version": __version__,
@@ -378,7 +420,8 @@ class Daemon:
                          "tracked_connections":
                              self.dp.tracked_connections() if self.dp.maps else 0},
             "counters": counters.get(0, {}),
-            "workloads": [dict(dataclasses.asdict(w), counters=counters.get(w.id, {}))
+            "workloads": [dict(dataclasses.asdict(w), counters=counters.get(w.id, {}),
+                               inbound_ports=inbound.get(w.id, []))
                           for w in self.workloads.values()],
         }
 

@@ -20,9 +20,10 @@ from . import bpfsys
 log = logging.getLogger("meshd.datapath")
 
 LAYOUT = "v1"  # bump when a map's layout or a pin name changes
-SOURCES = ("connect.c", "sockops.c", "getsockopt.c", "getpeername.c")
+SOURCES = ("connect.c", "sockops.c", "getsockopt.c", "getpeername.c", "sk_lookup.c")
 MAPS = ("settings", "workload_ids", "excluded_ports", "excluded_cidr4", "excluded_cidr6",
-        "cookie_dst", "tuple_dst", "envoy_listeners", "counters", "meta")
+        "cookie_dst", "tuple_dst", "envoy_listeners", "counters", "meta",
+        "inbound_ports", "workload_flags", "excluded_in_ports")
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,15 @@ HOOKS = {
     "sockops": Hook("meshd_sockops", bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
     "envoy_sockops": Hook("meshd_envoy_sockops", bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
     "getsockopt": Hook("meshd_getsockopt", bpfsys.PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_GETSOCKOPT),
+    "sk_lookup": Hook("meshd_sk_lookup", bpfsys.PROG_SK_LOOKUP, bpfsys.SK_LOOKUP),
 }
 WORKLOAD_HOOKS = ("connect4", "connect6", "getpeername4", "getpeername6", "sockops")
 ENVOY_HOOKS = ("envoy_sockops", "getsockopt")
 
 # Must match enum meshd_counter in bpf/meshd.h.
-COUNTERS = ("redirected", "excluded", "fail_open", "answered", "miss", "peername", "closed")
-NR_COUNTERS = 8
+COUNTERS = ("redirected", "excluded", "fail_open", "answered", "miss", "peername", "closed",
+            "inbound", "inbound_excluded", "inbound_fail_open")
+NR_COUNTERS = 12
 MAX_WORKLOADS = 256
 
 
@@ -228,6 +231,28 @@ class Datapath:
         finally:
             os.close(cg_fd)
 
+    def attach_netns(self, netns_path: str) -> None:
+        """Link sk_lookup to a network namespace, pinned as links/netns:sk_lookup."""
+        pin = self._pin("links", _link_name("netns", "sk_lookup"))
+        ns_fd = os.open(netns_path, os.O_RDONLY)
+        try:
+            want = os.fstat(ns_fd).st_ino
+            if os.path.exists(pin):
+                fd = bpfsys.obj_get(pin)
+                try:  # for a netns link the info union starts with the netns inode
+                    if bpfsys.link_info(fd).cgroup_id & 0xFFFFFFFF == want:
+                        return
+                finally:
+                    os.close(fd)
+                self._drop_link(os.path.basename(pin))
+            fd = bpfsys.link_create(self.progs["sk_lookup"], ns_fd, bpfsys.SK_LOOKUP)
+            try:
+                bpfsys.obj_pin(fd, pin)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(ns_fd)
+
     def detach(self, owner: str) -> None:
         for name in self.pinned_links():
             if _link_owner(name) == owner:
@@ -309,6 +334,46 @@ class Datapath:
             for k in want:
                 bpfsys.map_update(fd, k, b"\x01")
 
+    def set_inbound(self, explicit: dict[int, set[int]], auto: set[int],
+                    excluded: dict[int, set[int]], discovered: dict[int, set[int]]) -> None:
+        """Inbound ports by workload id. `explicit` workloads get exactly their listed
+        ports; `auto` ones get whatever they listen on (sockops adds ports on listen(),
+        `discovered` adds those that were already listening). `excluded`: 0 = all."""
+        flags_fd, ports_fd = self.maps["workload_flags"], self.maps["inbound_ports"]
+        for wl in range(1, MAX_WORKLOADS):
+            flag = 1 if wl in explicit else 0
+            cur = bpfsys.map_lookup(flags_fd, struct.pack("<I", wl), 4)
+            if cur is not None and struct.unpack("<I", cur)[0] != flag:
+                bpfsys.map_update(flags_fd, struct.pack("<I", wl), struct.pack("<I", flag))
+        want = {p: wl for wl, ports in explicit.items() for p in ports}
+        for wl, ports in discovered.items():
+            if wl in auto:
+                want.update({p: wl for p in ports})
+        for k in bpfsys.map_keys(ports_fd, 2):
+            v = bpfsys.map_lookup(ports_fd, k, 4)
+            wl = struct.unpack("<I", v)[0] if v else 0
+            port = struct.unpack("<H", k)[0]
+            if wl not in auto and want.get(port) != wl:
+                bpfsys.map_delete(ports_fd, k)   # workload gone, or explicit list changed
+        for port, wl in want.items():
+            bpfsys.map_update(ports_fd, struct.pack("<H", port), struct.pack("<I", wl))
+        want_ex = {struct.pack("<IHH", wl, p, 0) for wl, ps in excluded.items() for p in ps}
+        fd = self.maps["excluded_in_ports"]
+        for k in bpfsys.map_keys(fd, 8):
+            if k not in want_ex:
+                bpfsys.map_delete(fd, k)
+        for k in want_ex:
+            bpfsys.map_update(fd, k, b"\x01")
+
+    def inbound_ports(self) -> dict[int, list[int]]:
+        """Meshed inbound ports by workload id."""
+        fd, out = self.maps["inbound_ports"], {}
+        for k in bpfsys.map_keys(fd, 2):
+            v = bpfsys.map_lookup(fd, k, 4)
+            if v:
+                out.setdefault(struct.unpack("<I", v)[0], []).append(struct.unpack("<H", k)[0])
+        return {wl: sorted(ps) for wl, ps in out.items()}
+
     def counters(self) -> dict[int, dict[str, int]]:
         """Counter values summed over CPUs, by workload id (non-zero rows only)."""
         fd = self.maps["counters"]
@@ -324,12 +389,12 @@ class Datapath:
         return out
 
     def envoy_listening(self) -> dict[str, bool]:
-        """Which of Envoy's outbound listeners are in the SOCKMAP (i.e. alive).
+        """Which of Envoy's listeners are in the SOCKMAP (i.e. alive).
 
         A SOCKMAP lookup from user space returns the socket cookie."""
         fd = self.maps["envoy_listeners"]
-        return {fam: bpfsys.map_lookup(fd, struct.pack("<I", i), 8) is not None
-                for i, fam in enumerate(("ipv4", "ipv6"))}
+        return {slot: bpfsys.map_lookup(fd, struct.pack("<I", i), 8) is not None
+                for i, slot in enumerate(("ipv4", "ipv6", "inbound_ipv4", "inbound_ipv6"))}
 
     def tracked_connections(self) -> int:
         return len(bpfsys.map_keys(self.maps["cookie_dst"], 8))

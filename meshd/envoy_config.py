@@ -28,8 +28,16 @@ T_DOWNSTREAM_CONNECTIONS = (
 
 # names -------------------------------------------------------------------------------------
 LISTENER_OUTBOUND = "meshd_outbound"
+LISTENER_INBOUND = "meshd_inbound"
 CLUSTER_ORIGINAL_DST = "meshd_original_dst"
+CLUSTER_INBOUND = "meshd_inbound"
 CLUSTER_BLACKHOLE = "meshd_blackhole"
+# Envoy's connections to the local application come from here; sk_lookup lets
+# them through instead of steering them back into Envoy (as Istio's 127.0.0.6;
+# for IPv6 ::1, since ::6 is not a local address and replies to it get lost).
+INBOUND_SOURCE_V4 = "127.0.0.6"
+INBOUND_SOURCE_V6 = "::1"
+T_FILE_ACCESS_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 
 BOOTSTRAP = "bootstrap.json"
 LDS = "lds.json"
@@ -47,6 +55,10 @@ def config_dir(state_dir: str) -> str:
 
 def admin_socket_path(state_dir: str) -> str:
     return os.path.join(state_dir, "envoy-admin.sock")
+
+
+def access_log_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "access.log")
 
 
 def bootstrap_path(state_dir: str) -> str:
@@ -99,27 +111,42 @@ def render_bootstrap(state_dir: str) -> dict:
     }
 
 
-def _tcp_proxy(stat_prefix: str, cluster: str) -> dict:
-    return {
-        "name": "envoy.filters.network.tcp_proxy",
-        "typed_config": {"@type": T_TCP_PROXY, "stat_prefix": stat_prefix, "cluster": cluster},
-    }
+def _access_log(path: str) -> list[dict]:
+    """One JSON line per connection/request, with the client's real address."""
+    fields = {"start": "%START_TIME%", "client": "%DOWNSTREAM_REMOTE_ADDRESS%",
+              "destination": "%DOWNSTREAM_LOCAL_ADDRESS%", "upstream": "%UPSTREAM_HOST%",
+              "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%", "code": "%RESPONSE_CODE%",
+              "bytes_received": "%BYTES_RECEIVED%", "bytes_sent": "%BYTES_SENT%",
+              "duration_ms": "%DURATION%"}
+    return [{"name": "envoy.access_loggers.file",
+             "typed_config": {"@type": T_FILE_ACCESS_LOG, "path": path,
+                              "log_format": {"json_format": fields}}}]
 
 
-def _http_connection_manager() -> dict:
-    return {
+def _tcp_proxy(stat_prefix: str, cluster: str, access_log: str = "") -> dict:
+    cfg = {"@type": T_TCP_PROXY, "stat_prefix": stat_prefix, "cluster": cluster}
+    if access_log:
+        cfg["access_log"] = _access_log(access_log)
+    return {"name": "envoy.filters.network.tcp_proxy", "typed_config": cfg}
+
+
+def _http_connection_manager(stat_prefix: str = "outbound_http",
+                             cluster: str = CLUSTER_ORIGINAL_DST, access_log: str = "") -> dict:
+    hcm = {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
             "@type": T_HCM,
-            "stat_prefix": "outbound_http",
+            "stat_prefix": stat_prefix,
             "codec_type": "AUTO",
-            "use_remote_address": False,
+            # Inbound, the peer is the real client: append it to X-Forwarded-For so an
+            # HTTP application can see who called even though Envoy connects to it.
+            "use_remote_address": stat_prefix.startswith("inbound"),
             # Transparent: keep the upstream's Server header instead of writing "envoy".
             "server_header_transformation": "PASS_THROUGH",
             # Unconfigured upgrades are refused by Envoy; a transparent proxy must pass them.
             "upgrade_configs": [{"upgrade_type": "websocket"}],
             "route_config": {
-                "name": "meshd_outbound_http",
+                "name": f"meshd_{stat_prefix}",
                 "virtual_hosts": [
                     {
                         "name": "original_dst",
@@ -128,7 +155,7 @@ def _http_connection_manager() -> dict:
                             {
                                 "match": {"prefix": "/"},
                                 # 0s: no per-route timeout, so streaming responses work.
-                                "route": {"cluster": CLUSTER_ORIGINAL_DST, "timeout": "0s"},
+                                "route": {"cluster": cluster, "timeout": "0s"},
                             }
                         ],
                     }
@@ -139,12 +166,13 @@ def _http_connection_manager() -> dict:
             ],
         },
     }
+    if access_log:
+        hcm["typed_config"]["access_log"] = _access_log(access_log)
+    return hcm
 
 
-def render_listeners(outbound_port: int, ipv6: bool) -> list[dict]:
-    listener: dict = {
-        "name": LISTENER_OUTBOUND,
-        "address": _addr("127.0.0.1", outbound_port),
+def _listener_filters() -> dict:
+    return {
         "listener_filters": [
             {"name": "envoy.filters.listener.original_dst",
              "typed_config": {"@type": T_ORIGINAL_DST}},
@@ -154,6 +182,50 @@ def render_listeners(outbound_port: int, ipv6: bool) -> list[dict]:
         # Server-first protocols (SMTP, MySQL, ...) send nothing: don't stall them long.
         "listener_filters_timeout": "1s",
         "continue_on_listener_filters_timeout": True,
+    }
+
+
+HTTP_PROTOCOLS = ["http/1.1", "h2c"]
+
+
+def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str) -> dict:
+    """sk_lookup hands connections for workload ports to this listener's socket;
+    they keep their real addresses, so the local address is the destination."""
+    listener = {
+        "name": LISTENER_INBOUND,
+        "address": _addr("127.0.0.1", inbound_port),
+        # Measured: without it the ORIGINAL_DST cluster answers 503 for sk_lookup'ed
+        # connections (their local address is not the listener's).
+        "transparent": True,
+        **_listener_filters(),
+        "filter_chains": [
+            {
+                # Somebody connected to the inbound port itself: nothing to forward to.
+                "name": "inbound_miss",
+                "filter_chain_match": {"destination_port": inbound_port},
+                "filters": [_tcp_proxy("inbound_miss", CLUSTER_BLACKHOLE)],
+            },
+            {
+                "name": "inbound_http",
+                "filter_chain_match": {"application_protocols": HTTP_PROTOCOLS},
+                "filters": [_http_connection_manager("inbound_http", CLUSTER_INBOUND, access_log)],
+            },
+        ],
+        "default_filter_chain": {
+            "name": "inbound_tcp",
+            "filters": [_tcp_proxy("inbound_tcp", CLUSTER_INBOUND, access_log)],
+        },
+    }
+    if ipv6:
+        listener["additional_addresses"] = [{"address": _addr("::1", inbound_port)}]
+    return listener
+
+
+def render_listeners(outbound_port: int, ipv6: bool) -> list[dict]:
+    listener: dict = {
+        "name": LISTENER_OUTBOUND,
+        "address": _addr("127.0.0.1", outbound_port),
+        **_listener_filters(),
         "filter_chains": [
             {
                 # Original destination not restored: the connection would loop back to us.
@@ -164,7 +236,7 @@ def render_listeners(outbound_port: int, ipv6: bool) -> list[dict]:
             },
             {
                 "name": "outbound_http",
-                "filter_chain_match": {"application_protocols": ["http/1.1", "h2c"]},
+                "filter_chain_match": {"application_protocols": HTTP_PROTOCOLS},
                 "filters": [_http_connection_manager()],
             },
         ],
@@ -178,25 +250,35 @@ def render_listeners(outbound_port: int, ipv6: bool) -> list[dict]:
     return [listener]
 
 
-def render_clusters() -> list[dict]:
-    return [
-        {
-            "name": CLUSTER_ORIGINAL_DST,
-            "type": "ORIGINAL_DST",
-            "lb_policy": "CLUSTER_PROVIDED",
-            "connect_timeout": "5s",
-            "original_dst_lb_config": {"use_http_header": False},
-            # Speak upstream what the client spoke downstream (h2c stays h2c: gRPC works).
-            "typed_extension_protocol_options": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": T_HTTP_PROTOCOL_OPTIONS,
-                    "use_downstream_protocol_config": {
-                        "http_protocol_options": {},
-                        "http2_protocol_options": {},
-                    },
-                }
-            },
+def _original_dst_cluster(name: str) -> dict:
+    return {
+        "name": name,
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "5s",
+        "original_dst_lb_config": {"use_http_header": False},
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": T_HTTP_PROTOCOL_OPTIONS,
+                "use_downstream_protocol_config": {
+                    "http_protocol_options": {},
+                    "http2_protocol_options": {},
+                },
+            }
         },
+    }
+
+
+def render_clusters(ipv6: bool = True) -> list[dict]:
+    inbound = _original_dst_cluster(CLUSTER_INBOUND)
+    bind = {"source_address": {"address": INBOUND_SOURCE_V4, "port_value": 0}}
+    if ipv6:  # ::6 would need an address on lo: ::1 is the IPv6 twin (sk_lookup skips it)
+        bind["extra_source_addresses"] = [
+            {"address": {"address": INBOUND_SOURCE_V6, "port_value": 0}}]
+    inbound["upstream_bind_config"] = bind
+    return [
+        inbound,
+        _original_dst_cluster(CLUSTER_ORIGINAL_DST),
         {
             "name": CLUSTER_BLACKHOLE,
             "type": "STATIC",
@@ -209,15 +291,15 @@ def render_clusters() -> list[dict]:
 def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool) -> dict[str, dict]:
     """Return {"bootstrap.json": ..., "lds.json": ..., "cds.json": ...}.
 
-    ``inbound_port`` is accepted for the inbound listener (not rendered yet).
     """
     for name, port in (("outbound_port", outbound_port), ("inbound_port", inbound_port)):
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError(f"{name}: invalid port {port!r}")
     return {
         BOOTSTRAP: render_bootstrap(state_dir),
-        LDS: _discovery_response(T_LISTENER, render_listeners(outbound_port, ipv6)),
-        CDS: _discovery_response(T_CLUSTER, render_clusters()),
+        LDS: _discovery_response(T_LISTENER, render_listeners(outbound_port, ipv6) + [
+            render_inbound_listener(inbound_port, ipv6, access_log_path(state_dir))]),
+        CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6)),
     }
 
 

@@ -50,7 +50,7 @@ def test_status_format_shows_rejection_and_fail_open():
           "config_dir": "/etc/meshd", "config_files": ["/etc/meshd/a.toml"],
           "config_errors": [{"file": "/etc/meshd/b.toml", "line": 3, "key": "mesh.outbound_port",
                              "message": "expected integer"}],
-          "mesh": {"outbound_port": 15001, "exclude_outbound_ports": [22],
+          "mesh": {"outbound_port": 15001, "inbound_port": 15006, "exclude_outbound_ports": [22],
                    "exclude_outbound_cidrs": []},
           "envoy": {"state": "restarting", "pid": None, "restarts": 2,
                     "listeners": {"ipv4": False, "ipv6": False}},

@@ -17,8 +17,8 @@ def files():
     return ec.render(15001, 15006, STATE, ipv6=True)
 
 
-def _listener(files):
-    (listener,) = files["lds.json"]["resources"]
+def _listener(files, name="meshd_outbound"):
+    (listener,) = [r for r in files["lds.json"]["resources"] if r["name"] == name]
     return listener
 
 
@@ -151,7 +151,7 @@ def test_miss_chain_follows_port(files):
 
 def test_clusters(files):
     cl = _clusters(files)
-    assert set(cl) == {"meshd_original_dst", "meshd_blackhole"}
+    assert set(cl) == {"meshd_original_dst", "meshd_inbound", "meshd_blackhole"}
     od = cl["meshd_original_dst"]
     assert od["type"] == "ORIGINAL_DST"
     assert od["lb_policy"] == "CLUSTER_PROVIDED"
@@ -199,9 +199,33 @@ def test_static_equivalent_inlines_dynamic_files(tmp_path):
     ec.write_config(state, files)
     combined = _static_equivalent(files["bootstrap.json"])
     assert "dynamic_resources" not in combined
-    assert [r["name"] for r in combined["static_resources"]["listeners"]] == ["meshd_outbound"]
+    assert [r["name"] for r in combined["static_resources"]["listeners"]] == [
+        "meshd_outbound", "meshd_inbound"]
     assert "@type" not in combined["static_resources"]["listeners"][0]
-    assert len(combined["static_resources"]["clusters"]) == 2
+    assert len(combined["static_resources"]["clusters"]) == 3
+
+
+def test_inbound_listener(files):
+    li = _listener(files, "meshd_inbound")
+    assert li["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 15006}
+    assert li["additional_addresses"][0]["address"]["socket_address"]["address"] == "::1"
+    assert li["transparent"] is True   # sk_lookup'ed connections keep their own local address
+    names = [f["name"] for f in li["listener_filters"]]
+    assert names == ["envoy.filters.listener.original_dst", "envoy.filters.listener.http_inspector"]
+    miss, http = li["filter_chains"]
+    assert miss["filter_chain_match"] == {"destination_port": 15006}
+    assert miss["filters"][0]["typed_config"]["cluster"] == "meshd_blackhole"
+    hcm = http["filters"][0]["typed_config"]
+    assert hcm["stat_prefix"] == "inbound_http" and hcm["use_remote_address"] is True
+    assert hcm["access_log"][0]["typed_config"]["path"] == "/run/meshd/access.log"
+    tcp = li["default_filter_chain"]["filters"][0]["typed_config"]
+    assert tcp["stat_prefix"] == "inbound_tcp" and tcp["cluster"] == "meshd_inbound"
+
+
+def test_inbound_cluster_binds_the_bypass_source(files):
+    bind = _clusters(files)["meshd_inbound"]["upstream_bind_config"]
+    assert bind["source_address"]["address"] == "127.0.0.6"   # sk_lookup lets this through
+    assert bind["extra_source_addresses"][0]["address"]["address"] == "::1"
 
 
 def test_dechunk():

@@ -1,0 +1,59 @@
+/* sk_lookup (attached to the instance's network namespace): an inbound TCP
+ * connection to a port an enrolled workload listens on is handed to Envoy's
+ * inbound listener instead, before the application sees it. The connection
+ * keeps its addresses, so Envoy reads the original destination as its local
+ * address and the client's as its peer.
+ *
+ * Passed through untouched: Envoy's own upstream connections to the app (they
+ * come from 127.0.0.6 / ::1), loopback destinations, excluded ports, and
+ * everything while Envoy's inbound listener is down (fail open). */
+#include "meshd.h"
+
+static __always_inline int from_envoy(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->family == MESHD_AF_INET)
+		return ctx->remote_ip4 == meshd_htonl(0x7f000006);
+	return ctx->remote_ip6[0] == 0 && ctx->remote_ip6[1] == 0 &&
+	       ctx->remote_ip6[2] == 0 && ctx->remote_ip6[3] == meshd_htonl(1);
+}
+
+static __always_inline int to_loopback(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->family == MESHD_AF_INET)
+		return (meshd_ntohl(ctx->local_ip4) >> 24) == 127;
+	return ctx->local_ip6[0] == 0 && ctx->local_ip6[1] == 0 &&
+	       ctx->local_ip6[2] == 0 && ctx->local_ip6[3] == meshd_htonl(1);
+}
+
+int meshd_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	__u16 port = (__u16)ctx->local_port;   /* host order here */
+	__u32 *wlp = inbound_ports.lookup(&port);
+	if (!wlp)
+		return SK_PASS;
+	__u32 wl = *wlp;
+	if (from_envoy(ctx) || to_loopback(ctx))
+		return SK_PASS;
+	struct port_key k = {.workload = 0, .port = port};
+	if (excluded_in_ports.lookup(&k)) {
+		count(wl, C_IN_EXCLUDED);
+		return SK_PASS;
+	}
+	k.workload = wl;
+	if (excluded_in_ports.lookup(&k)) {
+		count(wl, C_IN_EXCLUDED);
+		return SK_PASS;
+	}
+	__u32 slot = ctx->family == MESHD_AF_INET6 ? IN_V6 : IN_V4;
+	struct bpf_sock *sk = (struct bpf_sock *)envoy_listeners.lookup(&slot);
+	if (!sk) {
+		count(wl, C_IN_FAIL_OPEN);
+		return SK_PASS;
+	}
+	long err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	count(wl, err == 0 ? C_INBOUND : C_IN_FAIL_OPEN);
+	return SK_PASS;
+}

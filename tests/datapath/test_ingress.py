@@ -1,0 +1,130 @@
+"""Transparent ingress on one host: sk_lookup hands inbound connections for an
+enrolled workload's ports to Envoy's inbound listener."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ECHO_SERVER, free_port, wait_for
+
+PAYLOAD = random.Random(20261126).randbytes(256 * 1024)
+
+
+def start_app(mesh, *ports_args, cgroup=None):
+    """tests/helpers/echo_server.py as a process of the workload cgroup."""
+    p = mesh.cg.popen(cgroup or mesh.workload, sys.executable, ECHO_SERVER, *ports_args,
+                      stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+@pytest.fixture
+def inbound(mesh, server):
+    """meshd on this host with a server workload; `server`'s namespace is the client host."""
+    http, excluded, tcp = free_port(), free_port(), free_port()
+    mesh.configure(workload_extra=f"exclude_inbound_ports = [{excluded}]\n")
+    mesh.start()
+    app = start_app(mesh, "--http", str(http), "--http", str(excluded), "--tcp", str(tcp))
+    try:
+        wait_for(lambda: set(mesh.status()["workloads"][0]["inbound_ports"]) >= {http, tcp},
+                 what="workload ports discovered")
+        yield mesh, server, http, excluded, tcp
+    finally:
+        app.kill()
+        app.wait()
+
+
+def client_curl(server, url, *extra):
+    return subprocess.run(["ip", "netns", "exec", server.ns, "curl", "-sS", "--max-time", "10",
+                           *extra, url], capture_output=True, timeout=20)
+
+
+def test_inbound_http_goes_through_envoy(inbound):
+    mesh, server, http, _, _ = inbound
+    before = mesh.stat("http.inbound_http.downstream_rq_total")
+    r = client_curl(server, f"http://{server.host_ip4}:{http}/payload")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == PAYLOAD
+    assert mesh.stat("http.inbound_http.downstream_rq_total") == before + 1
+    echo = json.loads(client_curl(server, f"http://{server.host_ip4}:{http}/echo").stdout)
+    # The app is reached by Envoy from 127.0.0.6 ...
+    assert echo["client"] == "127.0.0.6"
+    # ... and learns the real client from X-Forwarded-For; Envoy's access log has it too.
+    assert echo["headers"]["x-forwarded-for"] == server.ip4
+    log = wait_for(lambda: [json.loads(l) for l in open(f"{mesh.state_dir}/access.log")
+                            if server.ip4 in l], what="access log line")
+    assert log[-1]["client"].startswith(server.ip4 + ":")
+    assert log[-1]["destination"] == f"{server.host_ip4}:{http}"
+
+
+def test_inbound_tcp_and_ipv6(inbound):
+    mesh, server, http, _, tcp = inbound
+    before = mesh.stat("tcp.inbound_tcp.downstream_cx_total")
+    hello = subprocess.run(["ip", "netns", "exec", server.ns, sys.executable, "-c",
+                            "import socket,sys; s=socket.create_connection((sys.argv[1], "
+                            "int(sys.argv[2])), timeout=5); print(s.recv(100).decode().strip())",
+                            server.host_ip4, str(tcp)], capture_output=True, text=True, timeout=20)
+    assert hello.stdout.strip() == "hello 127.0.0.6", hello.stderr
+    wait_for(lambda: mesh.stat("tcp.inbound_tcp.downstream_cx_total") == before + 1,
+             what="inbound tcp counted")
+    before = mesh.stat("http.inbound_http.downstream_rq_total")
+    r = client_curl(server, f"http://[{server.host_ip6}]:{http}/echo")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["headers"]["x-forwarded-for"] == server.ip6
+    assert mesh.stat("http.inbound_http.downstream_rq_total") == before + 1
+
+
+def test_excluded_inbound_port_goes_direct(inbound):
+    mesh, server, _, excluded, _ = inbound
+    before = mesh.stat("http.inbound_http.downstream_rq_total")
+    echo = json.loads(client_curl(server, f"http://{server.host_ip4}:{excluded}/echo").stdout)
+    assert echo["client"] == server.ip4      # straight from the client
+    assert "x-forwarded-for" not in echo["headers"]
+    assert mesh.stat("http.inbound_http.downstream_rq_total") == before
+
+
+def test_non_enrolled_server_is_untouched(inbound):
+    mesh, server, *_ = inbound
+    port = free_port()
+    other = start_app(mesh, "--http", str(port), cgroup=mesh.outside)
+    try:
+        echo = json.loads(client_curl(server, f"http://{server.host_ip4}:{port}/echo").stdout)
+        assert echo["client"] == server.ip4
+        assert port not in mesh.status()["workloads"][0]["inbound_ports"]
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_ports_opened_after_enrollment_and_explicit_lists(mesh, server):
+    late, listed, unlisted = free_port(), free_port(), free_port()
+    mesh.configure()
+    mesh.start()
+    app = start_app(mesh, "--http", str(late))          # listen() after enrollment: sockops sees it
+    try:
+        echo = json.loads(client_curl(server, f"http://{server.host_ip4}:{late}/echo").stdout)
+        assert echo["client"] == "127.0.0.6"
+    finally:
+        app.kill()
+        app.wait()
+    # the port is forgotten when the listener closes
+    wait_for(lambda: late not in mesh.status()["workloads"][0]["inbound_ports"],
+             what="closed port forgotten")
+    # explicit list: only the listed port goes through Envoy
+    mesh.write("10-workloads.toml", f'[workload.wl]\ncgroup = "{mesh.workload}"\n'
+                                    f"inbound_ports = [{listed}]\n")
+    wait_for(lambda: mesh.status()["workloads"][0]["inbound_ports"] == [listed],
+             what="explicit inbound ports applied")
+    app = start_app(mesh, "--http", str(listed), "--http", str(unlisted))
+    try:
+        a = json.loads(client_curl(server, f"http://{server.host_ip4}:{listed}/echo").stdout)
+        b = json.loads(client_curl(server, f"http://{server.host_ip4}:{unlisted}/echo").stdout)
+        assert a["client"] == "127.0.0.6" and b["client"] == server.ip4
+    finally:
+        app.kill()
+        app.wait()
