@@ -191,16 +191,18 @@ def server(prefix):
 class Mesh:
     """One meshd instance with its own config dir, pins, state dir, cgroups and ports."""
 
-    def __init__(self, prefix: str, cgroups: Cgroups):
-        self.prefix, self.cg = prefix, cgroups
-        self.tmp = tempfile.mkdtemp(prefix=f"{prefix}-")   # short: the admin socket path is limited
+    def __init__(self, prefix: str, cgroups: Cgroups, name: str = "", netns: str = ""):
+        """name: distinguishes several instances in one test; netns: the network
+        namespace (ip netns name) this instance serves, as a separate host."""
+        self.prefix, self.cg, self.netns = prefix, cgroups, netns
+        self.tmp = tempfile.mkdtemp(prefix=f"{prefix}{name}-")  # short: AF_UNIX paths are limited
         self.config_dir = os.path.join(self.tmp, "etc")
         self.state_dir = os.path.join(self.tmp, "run")
-        self.bpffs_dir = f"/sys/fs/bpf/{prefix}"
-        self.cgroup_root = f"{cgroups.base}/meshd"
+        self.bpffs_dir = f"/sys/fs/bpf/{prefix}{name}"
+        self.cgroup_root = f"{cgroups.base}/{name}meshd"
         self.outbound_port, self.inbound_port = free_port(), free_port()
-        self.workload = cgroups.make("wl")
-        self.outside = cgroups.make("outside")
+        self.workload = cgroups.make(f"{name}wl")
+        self.outside = cgroups.make(f"{name}outside")
         self.proc: subprocess.Popen | None = None
         self.log = open(os.path.join(self.tmp, "meshd.log"), "a+")
         os.makedirs(self.config_dir)
@@ -210,6 +212,8 @@ class Mesh:
         lines = ["[mesh]", f"outbound_port = {self.outbound_port}",
                  f"inbound_port = {self.inbound_port}", f'bpffs_dir = "{self.bpffs_dir}"',
                  f'state_dir = "{self.state_dir}"', f'cgroup_root = "{self.cgroup_root}"']
+        if self.netns:
+            lines.append(f'netns = "/run/netns/{self.netns}"')
         lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
         return "\n".join(lines) + "\n"
 
