@@ -140,6 +140,11 @@ BPF_HASH(inbound_ports, __u16, __u32, 4096);
 /* Per workload id: WL_EXPLICIT_PORTS = only meshd sets its inbound ports. */
 BPF_ARRAY(workload_flags, __u32, MESHD_MAX_WORKLOADS);
 BPF_HASH(excluded_in_ports, struct port_key, __u8, 4096);
+/* Envoy's own connections to local applications' meshed ports, as the app's
+ * side sees them (saddr = Envoy's source, which with original_src is the
+ * client's address; daddr = app): sk_lookup must let these through instead of
+ * steering them back into Envoy (a loop). */
+BPF_TABLE("lru_hash", struct conn_tuple, __u8, envoy_upstreams, MESHD_MAX_CONNS);
 BPF_PERCPU_ARRAY(counters, __u64, MESHD_MAX_WORKLOADS * MESHD_NR_COUNTERS);
 
 static __always_inline void count(__u32 workload, __u32 slot)

@@ -17,6 +17,25 @@ static __always_inline int from_envoy(struct bpf_sk_lookup *ctx)
 	       ctx->remote_ip6[2] == 0 && ctx->remote_ip6[3] == meshd_htonl(1);
 }
 
+/* One of Envoy's own connections to the app carrying the client's address? */
+static __always_inline int envoy_upstream(struct bpf_sk_lookup *ctx)
+{
+	struct conn_tuple t = {.sport = (__u16)meshd_ntohs((__u16)ctx->remote_port),
+			       .dport = (__u16)ctx->local_port};
+	if (ctx->family == MESHD_AF_INET) {
+		t.family = MESHD_AF_INET;
+		t.saddr[0] = ctx->remote_ip4;
+		t.daddr[0] = ctx->local_ip4;
+	} else {
+		t.family = MESHD_AF_INET6;
+		t.saddr[0] = ctx->remote_ip6[0]; t.saddr[1] = ctx->remote_ip6[1];
+		t.saddr[2] = ctx->remote_ip6[2]; t.saddr[3] = ctx->remote_ip6[3];
+		t.daddr[0] = ctx->local_ip6[0]; t.daddr[1] = ctx->local_ip6[1];
+		t.daddr[2] = ctx->local_ip6[2]; t.daddr[3] = ctx->local_ip6[3];
+	}
+	return envoy_upstreams.lookup(&t) != NULL;
+}
+
 static __always_inline int to_loopback(struct bpf_sk_lookup *ctx)
 {
 	if (ctx->family == MESHD_AF_INET)
@@ -34,7 +53,7 @@ int meshd_sk_lookup(struct bpf_sk_lookup *ctx)
 	if (!wlp)
 		return SK_PASS;
 	__u32 wl = *wlp;
-	if (from_envoy(ctx) || to_loopback(ctx))
+	if (from_envoy(ctx) || to_loopback(ctx) || envoy_upstream(ctx))
 		return SK_PASS;
 	struct port_key k = {.workload = 0, .port = port};
 	if (excluded_in_ports.lookup(&k)) {

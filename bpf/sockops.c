@@ -97,11 +97,39 @@ int meshd_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+/* Envoy connects to a port that a workload listens on (often on behalf of a
+ * client, from the client's own address): remember the tuple so sk_lookup lets
+ * it through instead of handing it back to Envoy, and forget it on close. */
+static __always_inline void track_upstream(struct bpf_sock_ops *skops)
+{
+	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+		struct conn_tuple t = {};
+		tuple_of(skops, &t);
+		if (!inbound_ports.lookup(&t.dport))
+			return;
+		__u8 one = 1;
+		envoy_upstreams.update(&t, &one);
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+					  BPF_SOCK_OPS_STATE_CB_FLAG);
+	} else if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == MESHD_TCP_CLOSE) {
+		struct conn_tuple t = {};
+		tuple_of(skops, &t);
+		envoy_upstreams.delete(&t);
+	}
+}
+
 int meshd_envoy_sockops(struct bpf_sock_ops *skops)
 {
+	__u32 zero = 0;
+	struct mesh_settings *cfg = settings.lookup(&zero);
+	if (!cfg)
+		return 1;
+	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB || skops->op == BPF_SOCK_OPS_STATE_CB) {
+		track_upstream(skops);
+		return 1;
+	}
 	if (skops->op != BPF_SOCK_OPS_TCP_LISTEN_CB)
 		return 1;
-	__u32 zero = 0;
 	struct mesh_settings *s = settings.lookup(&zero);
 	if (!s)
 		return 1;

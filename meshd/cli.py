@@ -241,8 +241,8 @@ def cmd_cleanup(args) -> int:
     cfg = _load_or_die(args.config_dir)
     if cfg is None:
         return 1
-    from . import cgroups, envoy
-    from .daemon import pid_path
+    from . import cgroups, envoy, routing
+    from .daemon import enter_netns, pid_path
     from .datapath import Datapath
     mesh = cfg.mesh
     try:
@@ -259,6 +259,9 @@ def cmd_cleanup(args) -> int:
         print(f"stopped meshd (pid {pid})")
     if envoy.stop_from_pidfile(mesh.state_dir):
         print("stopped Envoy")
+    if mesh.netns:
+        enter_netns(mesh.netns)   # the routing below lives in the instance's namespace
+    routing.remove(mesh.state_dir)
     dp = Datapath(mesh.bpffs_dir)
     links = dp.pinned_links()
     dp.cleanup()
@@ -270,7 +273,7 @@ def cmd_cleanup(args) -> int:
         print(f"warning: processes still in {own}/envoy: {left}", file=sys.stderr)
     cgroups.remove_tree(own)
     for name in ("status.json", "meshd.pid", "envoy.pid", "workload-ids.json", "envoy.log",
-                 "envoy-admin.sock"):
+                 "access.log", "envoy-admin.sock"):
         try:
             os.unlink(os.path.join(mesh.state_dir, name))
         except FileNotFoundError:

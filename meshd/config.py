@@ -51,6 +51,9 @@ class MeshConfig:
     state_dir: str = "/run/meshd"  # absolute
     cgroup_root: str = "/meshd"  # relative to the cgroup2 mount; Envoy's cgroup goes below it
     netns: str = ""  # "" = meshd's own network namespace, else an absolute path
+    # inbound: the application sees the client's address (original_src + policy
+    # routing) instead of Envoy's 127.0.0.6
+    preserve_client_address: bool = True
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,10 @@ def _expect(value: Any, typ: type, what: str) -> Any:
 
 def _string(v: Any) -> str:
     return _expect(v, str, "string")
+
+
+def _bool(v: Any) -> bool:
+    return _expect(v, bool, "boolean")
 
 
 def _abs_path(v: Any, allow_empty: bool = False) -> str:
@@ -176,6 +183,7 @@ _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "state_dir": (_abs_path, "/run/meshd"),
     "cgroup_root": (_cgroup, "/meshd"),
     "netns": (lambda v: _abs_path(v, allow_empty=True), ""),
+    "preserve_client_address": (_bool, True),
 }
 _WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "cgroup": (_cgroup, None),

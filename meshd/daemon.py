@@ -15,7 +15,7 @@ import os
 import signal
 import time
 
-from . import __version__, cgroups, envoy, notify
+from . import __version__, cgroups, envoy, notify, routing
 from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, WORKLOAD_HOOKS, Datapath, DatapathError
 from .inotify import Inotify
@@ -129,7 +129,10 @@ class Daemon:
             raise StartupError(f"cannot attach sk_lookup to the network namespace: {e} "
                                "(needs Linux >= 5.9 with CONFIG_BPF_SYSCALL)") from None
         self.ids = self._load_ids()
-        self.apply()
+        try:
+            self.apply()
+        except routing.RoutingError as e:
+            raise StartupError(f"{e} (or set mesh.preserve_client_address = false)") from None
 
         self.envoy = envoy.EnvoySupervisor(binary, mesh.state_dir, self.envoy_cgroup,
                                            mesh.envoy_log_level, 0, self._on_envoy_state)
@@ -175,8 +178,14 @@ class Daemon:
     # -- applying the config --------------------------------------------------
     def apply(self) -> None:
         mesh = self.config.mesh
+        mark = routing.MARK if mesh.preserve_client_address else 0
+        if mark:
+            routing.install(mesh.state_dir)   # before Envoy uses the mark
+        else:
+            routing.remove(mesh.state_dir)    # switched off, or left by an earlier run
         self.dp.set_settings(mesh.outbound_port, mesh.inbound_port)
-        files = envoy.render(mesh.outbound_port, mesh.inbound_port, mesh.state_dir, ipv6_loopback())
+        files = envoy.render(mesh.outbound_port, mesh.inbound_port, mesh.state_dir,
+                             ipv6_loopback(), mark)
         changed = envoy.write_config(mesh.state_dir, files)
         if changed:
             log.info("Envoy configuration updated: %s", ", ".join(changed))

@@ -23,7 +23,7 @@ LAYOUT = "v1"  # bump when a map's layout or a pin name changes
 SOURCES = ("connect.c", "sockops.c", "getsockopt.c", "getpeername.c", "sk_lookup.c")
 MAPS = ("settings", "workload_ids", "excluded_ports", "excluded_cidr4", "excluded_cidr6",
         "cookie_dst", "tuple_dst", "envoy_listeners", "counters", "meta",
-        "inbound_ports", "workload_flags", "excluded_in_ports")
+        "inbound_ports", "workload_flags", "excluded_in_ports", "envoy_upstreams")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ CLUSTER_BLACKHOLE = "meshd_blackhole"
 # for IPv6 ::1, since ::6 is not a local address and replies to it get lost).
 INBOUND_SOURCE_V4 = "127.0.0.6"
 INBOUND_SOURCE_V6 = "::1"
+T_ORIGINAL_SRC = _T + "envoy.extensions.filters.listener.original_src.v3.OriginalSrc"
 T_FILE_ACCESS_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 
 BOOTSTRAP = "bootstrap.json"
@@ -188,9 +189,13 @@ def _listener_filters() -> dict:
 HTTP_PROTOCOLS = ["http/1.1", "h2c"]
 
 
-def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str) -> dict:
+def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str,
+                            client_mark: int = 0) -> dict:
     """sk_lookup hands connections for workload ports to this listener's socket;
-    they keep their real addresses, so the local address is the destination."""
+    they keep their real addresses, so the local address is the destination.
+
+    client_mark != 0: connect to the application from the client's own address
+    (original_src), with that SO_MARK so policy routing brings replies back."""
     listener = {
         "name": LISTENER_INBOUND,
         "address": _addr("127.0.0.1", inbound_port),
@@ -216,6 +221,10 @@ def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str) -> d
             "filters": [_tcp_proxy("inbound_tcp", CLUSTER_INBOUND, access_log)],
         },
     }
+    if client_mark:  # before http_inspector: a filter timeout skips the filters after it
+        listener["listener_filters"].insert(1,
+            {"name": "envoy.filters.listener.original_src",
+             "typed_config": {"@type": T_ORIGINAL_SRC, "mark": client_mark}})
     if ipv6:
         listener["additional_addresses"] = [{"address": _addr("::1", inbound_port)}]
     return listener
@@ -269,13 +278,14 @@ def _original_dst_cluster(name: str) -> dict:
     }
 
 
-def render_clusters(ipv6: bool = True) -> list[dict]:
+def render_clusters(ipv6: bool = True, client_mark: int = 0) -> list[dict]:
     inbound = _original_dst_cluster(CLUSTER_INBOUND)
-    bind = {"source_address": {"address": INBOUND_SOURCE_V4, "port_value": 0}}
-    if ipv6:  # ::6 would need an address on lo: ::1 is the IPv6 twin (sk_lookup skips it)
-        bind["extra_source_addresses"] = [
-            {"address": {"address": INBOUND_SOURCE_V6, "port_value": 0}}]
-    inbound["upstream_bind_config"] = bind
+    if not client_mark:   # else original_src binds the client's address
+        bind = {"source_address": {"address": INBOUND_SOURCE_V4, "port_value": 0}}
+        if ipv6:  # ::6 would need an address on lo: ::1 is the IPv6 twin (sk_lookup skips it)
+            bind["extra_source_addresses"] = [
+                {"address": {"address": INBOUND_SOURCE_V6, "port_value": 0}}]
+        inbound["upstream_bind_config"] = bind
     return [
         inbound,
         _original_dst_cluster(CLUSTER_ORIGINAL_DST),
@@ -288,7 +298,8 @@ def render_clusters(ipv6: bool = True) -> list[dict]:
     ]
 
 
-def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool) -> dict[str, dict]:
+def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
+           client_mark: int = 0) -> dict[str, dict]:
     """Return {"bootstrap.json": ..., "lds.json": ..., "cds.json": ...}.
 
     """
@@ -298,8 +309,8 @@ def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool) ->
     return {
         BOOTSTRAP: render_bootstrap(state_dir),
         LDS: _discovery_response(T_LISTENER, render_listeners(outbound_port, ipv6) + [
-            render_inbound_listener(inbound_port, ipv6, access_log_path(state_dir))]),
-        CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6)),
+            render_inbound_listener(inbound_port, ipv6, access_log_path(state_dir), client_mark)]),
+        CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6, client_mark)),
     }
 
 

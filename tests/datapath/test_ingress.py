@@ -52,9 +52,9 @@ def test_inbound_http_goes_through_envoy(inbound):
     assert r.stdout == PAYLOAD
     assert mesh.stat("http.inbound_http.downstream_rq_total") == before + 1
     echo = json.loads(client_curl(server, f"http://{server.host_ip4}:{http}/echo").stdout)
-    # The app is reached by Envoy from 127.0.0.6 ...
-    assert echo["client"] == "127.0.0.6"
-    # ... and learns the real client from X-Forwarded-For; Envoy's access log has it too.
+    # Envoy connects to the app from the client's own address (original_src) ...
+    assert echo["client"] == server.ip4
+    # ... and also appends it to X-Forwarded-For; Envoy's access log has it too.
     assert echo["headers"]["x-forwarded-for"] == server.ip4
     log = wait_for(lambda: [json.loads(l) for l in open(f"{mesh.state_dir}/access.log")
                             if server.ip4 in l], what="access log line")
@@ -69,13 +69,15 @@ def test_inbound_tcp_and_ipv6(inbound):
                             "import socket,sys; s=socket.create_connection((sys.argv[1], "
                             "int(sys.argv[2])), timeout=5); print(s.recv(100).decode().strip())",
                             server.host_ip4, str(tcp)], capture_output=True, text=True, timeout=20)
-    assert hello.stdout.strip() == "hello 127.0.0.6", hello.stderr
+    assert hello.stdout.strip() == f"hello {server.ip4}", hello.stderr
     wait_for(lambda: mesh.stat("tcp.inbound_tcp.downstream_cx_total") == before + 1,
              what="inbound tcp counted")
     before = mesh.stat("http.inbound_http.downstream_rq_total")
     r = client_curl(server, f"http://[{server.host_ip6}]:{http}/echo")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["headers"]["x-forwarded-for"] == server.ip6
+    echo = json.loads(r.stdout)
+    assert echo["headers"]["x-forwarded-for"] == server.ip6
+    assert echo["client"] == server.ip6
     assert mesh.stat("http.inbound_http.downstream_rq_total") == before + 1
 
 
@@ -108,7 +110,7 @@ def test_ports_opened_after_enrollment_and_explicit_lists(mesh, server):
     app = start_app(mesh, "--http", str(late))          # listen() after enrollment: sockops sees it
     try:
         echo = json.loads(client_curl(server, f"http://{server.host_ip4}:{late}/echo").stdout)
-        assert echo["client"] == "127.0.0.6"
+        assert echo["headers"]["x-forwarded-for"] == server.ip4   # through Envoy
     finally:
         app.kill()
         app.wait()
@@ -124,7 +126,39 @@ def test_ports_opened_after_enrollment_and_explicit_lists(mesh, server):
     try:
         a = json.loads(client_curl(server, f"http://{server.host_ip4}:{listed}/echo").stdout)
         b = json.loads(client_curl(server, f"http://{server.host_ip4}:{unlisted}/echo").stdout)
-        assert a["client"] == "127.0.0.6" and b["client"] == server.ip4
+        assert "x-forwarded-for" in a["headers"] and "x-forwarded-for" not in b["headers"]
     finally:
         app.kill()
         app.wait()
+
+
+def test_envoy_source_mode(mesh, server):
+    """preserve_client_address = false: Istio's default; the app sees 127.0.0.6
+    (::1 for IPv6), and no policy routing is installed."""
+    http = free_port()
+    mesh.configure(preserve_client_address=False)
+    mesh.start()
+    app = start_app(mesh, "--http", str(http))
+    try:
+        wait_for(lambda: http in mesh.status()["workloads"][0]["inbound_ports"], what="port")
+        echo = json.loads(client_curl(server, f"http://{server.host_ip4}:{http}/echo").stdout)
+        assert echo["client"] == "127.0.0.6"
+        assert echo["headers"]["x-forwarded-for"] == server.ip4
+        echo = json.loads(client_curl(server, f"http://[{server.host_ip6}]:{http}/echo").stdout)
+        assert echo["client"] == "::1"
+        assert "19795" not in subprocess.run(["ip", "rule"], capture_output=True, text=True).stdout
+    finally:
+        app.kill()
+        app.wait()
+
+
+def test_policy_routing_removed_by_cleanup(mesh, server):
+    mesh.configure()
+    mesh.start()
+    assert "lookup 19795" in subprocess.run(["ip", "rule"], capture_output=True, text=True).stdout
+    assert mesh.cli("cleanup").returncode == 0
+    for fam in ("-4", "-6"):
+        assert "19795" not in subprocess.run(["ip", fam, "rule"], capture_output=True,
+                                             text=True).stdout
+        assert subprocess.run(["ip", fam, "route", "show", "table", "19795"],
+                              capture_output=True, text=True).stdout.strip() == ""

@@ -67,7 +67,8 @@ def test_shipped_config_examples_are_valid_when_uncommented():
     uncommented = "\n".join(l[2:] for l in body.splitlines() if toml_line.match(l))
     config = parse_files({"x.toml": "[mesh]\n" + uncommented})
     assert config.mesh == MeshConfig()
-    assert [w.name for w in config.workloads] == ["api", "db-client", "web"]
+    assert [w.name for w in config.workloads] == ["api", "db-client", "web", "web2"]
+    assert config.workloads[3].inbound_ports == (8080, 8443)
 
 
 def test_full_config_across_two_files(tmp_path):
