@@ -49,7 +49,7 @@ class MeshConfig:
     exclude_inbound_ports: tuple[int, ...] = (22,)
     bpffs_dir: str = "/sys/fs/bpf/meshd"  # absolute
     state_dir: str = "/run/meshd"  # absolute
-    cgroup_root: str = "/meshd"  # relative to the cgroup2 mount; Envoy's cgroup goes below it
+    cgroup_root: str = "/meshd.slice"  # relative to the cgroup2 mount; Envoy runs below it (a systemd slice under systemd)
     netns: str = ""  # "" = meshd's own network namespace, else an absolute path
     # inbound: the application sees the client's address (original_src + policy
     # routing) instead of Envoy's 127.0.0.6
@@ -181,7 +181,7 @@ _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "exclude_inbound_ports": (_ports, (22,)),
     "bpffs_dir": (_abs_path, "/sys/fs/bpf/meshd"),
     "state_dir": (_abs_path, "/run/meshd"),
-    "cgroup_root": (_cgroup, "/meshd"),
+    "cgroup_root": (_cgroup, "/meshd.slice"),
     "netns": (lambda v: _abs_path(v, allow_empty=True), ""),
     "preserve_client_address": (_bool, True),
 }

@@ -117,11 +117,16 @@ class Daemon:
             raise StartupError(f"cannot set up the eBPF data path: {e}") from None
         log.info("data path %s at %s", how, self.dp.root)
 
-        # Envoy's own cgroup: its sockets get the getsockopt and listener hooks,
+        # Envoy's cgroup tree: its sockets get the getsockopt and listener hooks,
         # and its upstream connections are never steered (not a workload cgroup).
-        self.envoy_cgroup = cgroups.path_of(self.cg_root, mesh.cgroup_root.rstrip("/") + "/envoy")
+        # The hooks sit on the root of the tree, before Envoy starts below it (as
+        # a child in <root>/envoy, or as a systemd unit in the slice), so its very
+        # first listen() is seen.
+        own_root = cgroups.path_of(self.cg_root, mesh.cgroup_root)
+        cgroups.ensure(own_root)
+        self.dp.attach("envoy", own_root, ENVOY_HOOKS)
+        self.envoy_cgroup = os.path.join(own_root, "envoy")
         cgroups.ensure(self.envoy_cgroup)
-        self.dp.attach("envoy", self.envoy_cgroup, ENVOY_HOOKS)
         # Inbound steering for the network namespace this instance serves.
         try:
             self.dp.attach_netns("/proc/self/ns/net")

@@ -102,7 +102,7 @@ def test_full_config_across_two_files(tmp_path):
         ipaddress.ip_network(n) for n in ("10.0.0.0/8", "192.168.0.0/16", "fd00::/8"))
     assert m.exclude_inbound_ports == (22,)  # untouched default
     assert (m.state_dir, m.netns, m.envoy_binary) == ("/tmp/meshd", "/var/run/netns/blue", "/opt/envoy/bin/envoy")
-    assert m.bpffs_dir == "/sys/fs/bpf/meshd" and m.cgroup_root == "/meshd"
+    assert m.bpffs_dir == "/sys/fs/bpf/meshd" and m.cgroup_root == "/meshd.slice"
     assert config.workloads == (
         Workload(name="api.v2", cgroup=None, unit="api@2.service", exclude_outbound_ports=(),
                  exclude_outbound_cidrs=(ipaddress.ip_network("169.254.169.254/32"),),
@@ -211,7 +211,7 @@ def test_parse_error_at_end_of_document():
     ("[mesh]\nexclude_outbound_ports = [22, 15001]\n", "a.toml:2: mesh.exclude_outbound_ports:", "15001"),
     ("[workload.web]\nunit = 'w.service'\nexclude_inbound_ports = [15006]\n",
      "a.toml:3: workload.web.exclude_inbound_ports:", "15006"),
-    ("[workload.web]\ncgroup = '/meshd/envoy'\n", "a.toml:2: workload.web.cgroup:", "overlaps mesh.cgroup_root"),
+    ("[workload.web]\ncgroup = '/meshd.slice/envoy'\n", "a.toml:2: workload.web.cgroup:", "overlaps mesh.cgroup_root"),
     ("[mesh]\ncgroup_root = '/system.slice/meshd'\n[workload.web]\ncgroup = '/system.slice'\n",
      "a.toml:4: workload.web.cgroup:", "overlaps mesh.cgroup_root"),
     ("[workload.a]\ncgroup = '/x/y'\n[workload.b]\ncgroup = '/x//y/'\n",
