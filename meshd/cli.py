@@ -129,17 +129,6 @@ def cmd_check(args) -> int:
     return 0
 
 
-def _load_or_die(config_dir: str):
-    try:
-        return load_config(config_dir)
-    except ConfigInvalid as e:
-        print(f"meshd: the configuration is invalid (`meshd check -c {config_dir}`):",
-              file=sys.stderr)
-        for err in e.errors:
-            print(f"  {err}", file=sys.stderr)
-        return None
-
-
 def _alive(pid) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -148,38 +137,46 @@ def _alive(pid) -> bool:
         return False
 
 
-def _state_dir_despite_errors(config_dir: str) -> str:
-    """mesh.state_dir from whichever file sets it, even if the config as a whole
-    is invalid: a rejected change is exactly when `meshd status` is needed."""
+def _mesh_despite_errors(config_dir: str):
+    """Where the instance lives (state_dir, bpffs_dir, cgroup_root, netns), read
+    leniently from whichever file sets it even if the config as a whole is
+    invalid: a rejected change is exactly when `meshd status` (and possibly
+    `meshd cleanup`) is needed."""
+    import dataclasses
     from .config import MeshConfig, tomllib
-    state_dir = MeshConfig().state_dir
+    found = {}
     try:
         names = sorted(n for n in os.listdir(config_dir)
                        if n.endswith(".toml") and not n.startswith("."))
     except OSError:
-        return state_dir
+        names = []
     for name in names:
         try:
             with open(os.path.join(config_dir, name), "rb") as f:
-                value = tomllib.load(f).get("mesh", {}).get("state_dir")
+                mesh = tomllib.load(f).get("mesh", {})
         except (OSError, ValueError, AttributeError):
             continue
-        if isinstance(value, str) and value.startswith("/"):
-            state_dir = value
-    return state_dir
+        for key in ("state_dir", "bpffs_dir", "cgroup_root", "netns"):
+            value = mesh.get(key) if isinstance(mesh, dict) else None
+            if isinstance(value, str) and value.startswith("/"):
+                found[key] = value
+    return dataclasses.replace(MeshConfig(), **found)
+
+
+def _mesh_or_lenient(config_dir: str):
+    """The validated [mesh], or (printing the errors) the lenient reading."""
+    try:
+        return load_config(config_dir).mesh
+    except ConfigInvalid as e:
+        print(f"meshd: the configuration in {config_dir} is invalid (the daemon keeps its "
+              "last good config):", file=sys.stderr)
+        for err in e.errors:
+            print(f"  {err}", file=sys.stderr)
+        return _mesh_despite_errors(config_dir)
 
 
 def cmd_status(args) -> int:
-    try:
-        state_dir = load_config(args.config_dir).mesh.state_dir
-    except ConfigInvalid as e:
-        # The daemon keeps serving its last good config: say what is wrong on
-        # disk, then still show what the daemon is doing.
-        print(f"meshd: the configuration on disk is invalid (`meshd check -c {args.config_dir}`):",
-              file=sys.stderr)
-        for err in e.errors:
-            print(f"  {err}", file=sys.stderr)
-        state_dir = _state_dir_despite_errors(args.config_dir)
+    state_dir = _mesh_or_lenient(args.config_dir).state_dir
     from .daemon import status_path
     try:
         with open(status_path(state_dir)) as f:
@@ -238,13 +235,10 @@ def format_status(st: dict, running: bool) -> str:
 
 
 def cmd_cleanup(args) -> int:
-    cfg = _load_or_die(args.config_dir)
-    if cfg is None:
-        return 1
+    mesh = _mesh_or_lenient(args.config_dir)
     from . import cgroups, envoy, routing
     from .daemon import enter_netns, pid_path
     from .datapath import Datapath
-    mesh = cfg.mesh
     try:
         with open(pid_path(mesh.state_dir)) as f:
             pid = int(f.read().strip() or 0)

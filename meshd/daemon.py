@@ -255,8 +255,11 @@ class Daemon:
                 explicit[st.id] = set(w.inbound_ports)
             else:
                 auto.add(st.id)
-                discovered[st.id] = cgroups.listening_ports(
-                    cgroups.path_of(self.cg_root, st.cgroup))
+                prev = self.workloads.get(w.name)
+                if not (prev and prev.enrolled_since and prev.cgroup_id == st.cgroup_id):
+                    # newly enrolled: ports opened before now were not seen by sockops
+                    discovered[st.id] = cgroups.listening_ports(
+                        cgroups.path_of(self.cg_root, st.cgroup))
         # Envoy's own ports are never steered inbound.
         excluded[0] |= {cfg.mesh.outbound_port, cfg.mesh.inbound_port}
         self.dp.set_inbound(explicit, auto, excluded, discovered)
