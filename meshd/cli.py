@@ -130,10 +130,11 @@ def cmd_check(args) -> int:
 
 
 def _alive(pid) -> bool:
+    """A running process (a zombie waiting for its parent to reap it is not)."""
     try:
-        os.kill(int(pid), 0)
-        return True
-    except (OSError, ValueError, TypeError):
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, ValueError, TypeError, IndexError):
         return False
 
 
