@@ -178,6 +178,13 @@ def _mesh_or_lenient(config_dir: str):
 
 def cmd_status(args) -> int:
     state_dir = _mesh_or_lenient(args.config_dir).state_dir
+    # The D-Bus API first; only one meshd can own the name, so check it is this
+    # instance, else (another instance, no system bus) read its status file.
+    from .bus import read_status
+    st = read_status()
+    if st is not None and st["config_dir"] == os.path.abspath(args.config_dir):
+        print(json.dumps(st, indent=1, sort_keys=True) if args.json else format_status(st, True))
+        return 0
     from .daemon import status_path
     try:
         with open(status_path(state_dir)) as f:

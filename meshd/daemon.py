@@ -92,6 +92,7 @@ class Daemon:
         self.ready = False
         self._timers: dict[str, int] = {}
         self._cgroup_watches: dict[str, int] = {}
+        self.bus = None  # meshd.bus.BusService once the main loop runs
 
     # -- start-up -------------------------------------------------------------
     def start(self) -> None:
@@ -274,6 +275,8 @@ class Daemon:
                           extra={"CONFIG_FILE": err.file, "CONFIG_LINE": err.line,
                                  "CONFIG_KEY": err.key})
             notify.status(self._status_line())
+            if self.bus is not None:
+                self.bus.config_rejected(e.errors)
             self.write_status()
             return False
         old = self.config.mesh
@@ -305,6 +308,9 @@ class Daemon:
         wd_ms = notify.watchdog_interval_ms()
         if wd_ms:
             GLib.timeout_add(wd_ms, lambda: notify.send("WATCHDOG=1") or True)
+        from .bus import BusService
+        self.bus = BusService(self)
+        self.bus.publish()  # False (and a warning) without a system bus: meshd works without
         self.write_status()
         self.loop.run()
         return 0
@@ -383,6 +389,8 @@ class Daemon:
         self.envoy.detach()
         self.state = "stopped"
         self.write_status()
+        if self.bus is not None:
+            self.bus.close()
         self.dp.close()
         self.loop.quit()
         return False
@@ -443,11 +451,14 @@ class Daemon:
         }
 
     def write_status(self) -> None:
+        st = self.status()
         try:
             _atomic_write(status_path(self.config.mesh.state_dir),
-                          json.dumps(self.status(), indent=1, sort_keys=True))
+                          json.dumps(st, indent=1, sort_keys=True))
         except OSError as e:
             log.warning("cannot write status: %s", e)
+        if self.bus is not None:
+            self.bus.update(st)
 
 
 def run(config_dir: str) -> int:
