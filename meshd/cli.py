@@ -244,7 +244,7 @@ def format_status(st: dict, running: bool) -> str:
 
 def cmd_cleanup(args) -> int:
     mesh = _mesh_or_lenient(args.config_dir)
-    from . import cgroups, envoy, routing
+    from . import cgroups, envoy, envoy_systemd, routing
     from .daemon import enter_netns, pid_path
     from .datapath import Datapath
     try:
@@ -259,6 +259,9 @@ def cmd_cleanup(args) -> int:
                 break
             time.sleep(0.05)
         print(f"stopped meshd (pid {pid})")
+    unit = envoy_systemd.unit_name_for(mesh.state_dir)
+    if envoy_systemd.stop_unit(unit):   # False at once without systemd
+        print(f"stopped Envoy ({unit})")
     if envoy.stop_from_pidfile(mesh.state_dir):
         print("stopped Envoy")
     if mesh.netns:
@@ -270,9 +273,9 @@ def cmd_cleanup(args) -> int:
     print(f"detached {len(links)} link(s), removed pins under {mesh.bpffs_dir}")
     root = cgroups.cgroup2_mount()
     own = cgroups.path_of(root, mesh.cgroup_root)
-    left = cgroups.procs(cgroups.path_of(own, "envoy"))
+    left = [p for d, _, _ in os.walk(own) for p in cgroups.procs(d)]
     if left:
-        print(f"warning: processes still in {own}/envoy: {left}", file=sys.stderr)
+        print(f"warning: processes still in {own}: {left}", file=sys.stderr)
     cgroups.remove_tree(own)
     for name in ("status.json", "meshd.pid", "envoy.pid", "workload-ids.json", "envoy.log",
                  "access.log", "envoy-admin.sock"):

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 
-from . import __version__, cgroups, envoy, notify, routing
+from . import __version__, cgroups, envoy, envoy_systemd, notify, routing
 from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, WORKLOAD_HOOKS, Datapath, DatapathError
 from .inotify import Inotify
@@ -124,10 +124,16 @@ class Daemon:
         # a child in <root>/envoy, or as a systemd unit in the slice), so its very
         # first listen() is seen.
         own_root = cgroups.path_of(self.cg_root, mesh.cgroup_root)
+        # Under systemd (PID 1, bus reachable, cgroup_root a slice such as
+        # /meshd.slice) Envoy is the transient unit meshd-envoy.service in that
+        # slice; otherwise a child process in <cgroup_root>/envoy.
+        slice_name = envoy_systemd.slice_for_cgroup_root(mesh.cgroup_root)
+        systemd = envoy_systemd.connect() if slice_name else None
         cgroups.ensure(own_root)
         self.dp.attach("envoy", own_root, ENVOY_HOOKS)
         self.envoy_cgroup = os.path.join(own_root, "envoy")
-        cgroups.ensure(self.envoy_cgroup)
+        if systemd is None:   # systemd creates the unit's cgroup itself
+            cgroups.ensure(self.envoy_cgroup)
         # Inbound steering for the network namespace this instance serves.
         try:
             self.dp.attach_netns("/proc/self/ns/net")
@@ -140,8 +146,15 @@ class Daemon:
         except routing.RoutingError as e:
             raise StartupError(f"{e} (or set mesh.preserve_client_address = false)") from None
 
-        self.envoy = envoy.EnvoySupervisor(binary, mesh.state_dir, self.envoy_cgroup,
-                                           mesh.envoy_log_level, 0, self._on_envoy_state)
+        if systemd is not None:
+            self.envoy = envoy_systemd.SystemdEnvoySupervisor(
+                binary, mesh.state_dir, slice_name, mesh.envoy_log_level, self._on_envoy_state,
+                unit_name=envoy_systemd.unit_name_for(mesh.state_dir), netns=mesh.netns,
+                manager=systemd)
+            log.info("Envoy runs as %s in %s", self.envoy.unit_name, slice_name)
+        else:
+            self.envoy = envoy.EnvoySupervisor(binary, mesh.state_dir, self.envoy_cgroup,
+                                               mesh.envoy_log_level, 0, self._on_envoy_state)
         self.envoy.start()
 
     def _lock_instance(self, state_dir: str) -> None:

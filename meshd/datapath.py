@@ -65,7 +65,7 @@ def default_bpf_dir() -> str:
     if env:
         return env
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
-    return here if os.path.isdir(here) else "/usr/share/meshd/bpf"
+    return here if os.path.isfile(os.path.join(here, "meshd.h")) else "/usr/share/meshd/bpf"
 
 
 def program_text(bpf_dir: str) -> str:

@@ -8,10 +8,12 @@ cd "$(dirname "$0")/.."
 log() { printf 'setup: %s\n' "$*" >&2; }
 [ "$(id -u)" = 0 ] || { log "must run as root (eBPF, cgroups, network namespaces)"; exit 1; }
 
-# Debian's python3 modules meshd imports, the tools the tests and benchmarks drive.
+# Debian's python3 modules meshd imports, the tools the tests and benchmarks drive,
+# and what builds the .deb and boots the systemd test guest (nspawn, debootstrap).
 PKGS=(python3 python3-venv python3-bpfcc python3-gi python3-pydbus python3-systemd
       python3-pyroute2 libbpf1 linux-headers-amd64 iproute2 iptables curl dbus
-      procps psmisc wrk iperf3 nginx-light)
+      procps psmisc wrk iperf3 nginx-light
+      dpkg-dev debhelper dh-python systemd-container debootstrap)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,278 @@
+"""Envoy as a systemd transient unit: the properties meshd asks for, the slice and unit
+names, and the supervisor's decisions (adopt / start / restart / stop) against a fake
+systemd manager.  No systemd here (PID 1 is not systemd on the dev machine); the nspawn
+tier runs the real thing."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from meshd import envoy_systemd as es
+from meshd.envoy import RESTARTING, STARTING, STOPPED, bootstrap_path
+
+# -- slice and unit names --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("root, want", [
+    ("/meshd.slice", "meshd.slice"),
+    ("meshd.slice", "meshd.slice"),
+    ("/meshd.slice/", "meshd.slice"),
+    ("/meshd.slice/meshd-a.slice", "meshd-a.slice"),
+    ("/meshd.slice/meshd-a.slice/meshd-a-b.slice", "meshd-a-b.slice"),
+    ("/", None),
+    ("", None),
+    ("/mt12ab34/meshd", None),              # the tests' cgroup roots: child-process mode
+    ("/system.slice/meshd.service", None),  # a service is not a slice
+    ("/a-b.slice", None),                   # would live in a.slice, not at the top
+    ("/meshd.slice/other.slice", None),     # systemd would put other.slice at the top
+    ("/-.slice", None),
+    ("/meshd--x.slice", None),
+])
+def test_slice_for_cgroup_root(root, want):
+    assert es.slice_for_cgroup_root(root) == want
+
+
+def test_default_instance_uses_the_plain_unit_name():
+    assert es.unit_name_for("/run/meshd") == "meshd-envoy.service"
+    assert es.unit_name_for("/run/meshd/") == "meshd-envoy.service"
+    assert es.unit_name_for("/run/./meshd") == "meshd-envoy.service"
+
+
+def test_other_instances_get_their_own_stable_unit():
+    a, b = es.unit_name_for("/run/meshd-a"), es.unit_name_for("/run/meshd-b")
+    assert a != b != "meshd-envoy.service"
+    assert a == es.unit_name_for("/run/meshd-a")
+    for name in (a, b):
+        assert name.startswith("meshd-envoy-") and name.endswith(".service")
+        assert all(c.isalnum() or c in "-." for c in name) and len(name) < 64
+
+
+# -- the transient unit's properties ---------------------------------------------------
+
+
+def props(**kw) -> dict:
+    args = dict(binary="/usr/bin/envoy", state_dir="/run/meshd", log_level="warning",
+                slice_name="meshd.slice")
+    args.update(kw)
+    out = es.unit_properties(**args)
+    names = [n for n, _, _ in out]
+    assert len(names) == len(set(names)), "a property is set twice"
+    return {n: (sig, v) for n, sig, v in out}
+
+
+def test_exec_start_runs_envoy_on_our_bootstrap_with_the_journal_as_log():
+    p = props()
+    sig, execs = p["ExecStart"]
+    assert sig == "a(sasb)"
+    assert execs == [("/usr/bin/envoy",
+                      ["/usr/bin/envoy", "-c", "/run/meshd/envoy/bootstrap.json", "-l",
+                       "warning", "--disable-hot-restart"], False)]
+    assert "--log-path" not in execs[0][1]
+    assert p["StandardOutput"] == ("s", "journal")
+    assert p["StandardError"] == ("s", "journal")
+    assert p["SyslogIdentifier"] == ("s", "meshd-envoy")
+
+
+def test_unit_lives_in_the_slice_and_is_supervised_by_meshd_alone():
+    p = props(slice_name="meshd-a.slice")
+    assert p["Slice"] == ("s", "meshd-a.slice")
+    assert p["Type"] == ("s", "simple")
+    assert p["Restart"] == ("s", "no")
+    assert p["KillMode"] == ("s", "mixed")
+    assert p["CollectMode"] == ("s", "inactive-or-failed")
+    assert p["TimeoutStopUSec"] == ("t", 5_000_000)
+    assert "Description" in p and "/run/meshd" in p["Description"][1]
+
+
+def test_no_property_would_tie_envoy_to_meshds_own_unit():
+    # Envoy must survive `systemctl stop/restart meshd`: no PartOf/BindsTo/Requires on it.
+    p = props()
+    for key in ("PartOf", "BindsTo", "Requires", "StopWhenUnneeded", "RemainAfterExit"):
+        assert key not in p
+
+
+def test_envoy_keeps_only_the_capabilities_it_uses():
+    caps = props()["CapabilityBoundingSet"]
+    assert caps[0] == "t"
+    assert caps[1] == (1 << 10) | (1 << 12) | (1 << 13)  # NET_BIND_SERVICE, NET_ADMIN, NET_RAW
+    assert props()["NoNewPrivileges"] == ("b", True)
+    assert props()["LimitNOFILE"] == props()["LimitNOFILESoft"] == ("t", 524288)
+
+
+def test_network_namespace_only_when_configured():
+    assert "NetworkNamespacePath" not in props()
+    p = props(netns="/run/netns/h1")
+    assert p["NetworkNamespacePath"] == ("s", "/run/netns/h1")
+
+
+def test_relative_state_dir_is_made_absolute():
+    p = props(state_dir="run")
+    argv = p["ExecStart"][1][0][1]
+    assert argv[2] == os.path.join(os.getcwd(), "run", "envoy", "bootstrap.json")
+
+
+def test_properties_build_a_valid_StartTransientUnit_call():
+    GLib = pytest.importorskip("gi.repository.GLib")
+    out = es.unit_properties("/e/envoy", "/run/meshd", "info", "meshd.slice", netns="/run/netns/x")
+    call = GLib.Variant("(ssa(sv)a(sa(sv)))",
+                        ("meshd-envoy.service", "replace", es.to_variants(out), []))
+    assert call.get_type_string() == "(ssa(sv)a(sa(sv)))"
+    unpacked = dict(call.unpack()[2])
+    assert unpacked["ExecStart"][0][0] == "/e/envoy"
+    assert unpacked["CollectMode"] == "inactive-or-failed"
+    for name, sig, _ in out:
+        assert GLib.VariantType.string_is_valid(sig), name
+
+
+# -- the supervisor against a fake systemd ---------------------------------------------
+
+
+class FakeManager:
+    """Just enough of SystemdManager: units are real processes (a copy of `tail` named
+    envoy, following our bootstrap file, so meshd.envoy._is_our_envoy accepts them)."""
+
+    def __init__(self, fake_envoy: str):
+        self.fake_envoy = fake_envoy
+        self.units: dict[str, tuple[str, subprocess.Popen]] = {}
+        self.calls: list[tuple] = []
+
+    def run(self, name: str, argv: list[str]) -> subprocess.Popen:
+        p = subprocess.Popen([self.fake_envoy] + argv[1:], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        self.units[name] = ("active", p)
+        return p
+
+    def unit(self, name):
+        u = self.units.get(name)
+        if u is None:
+            return None
+        state, p = u
+        if p.poll() is not None:   # main process died: systemd collects the unit
+            del self.units[name]
+            return None
+        return state, p.pid
+
+    def start_transient(self, name, props):
+        self.calls.append(("start", name))
+        argv = dict((n, v) for n, _, v in props)["ExecStart"][0][1]
+        # `tail -f FILE`: the bootstrap path is in argv, as for Envoy's `-c FILE`
+        self.run(name, [argv[0], "-f", argv[2]])
+        return "/org/freedesktop/systemd1/job/1"
+
+    def stop(self, name):
+        self.calls.append(("stop", name))
+        u = self.units.pop(name, None)
+        if u is None:
+            return False
+        u[1].terminate()
+        u[1].wait(5)
+        return True
+
+    def reset_failed(self, name):
+        self.calls.append(("reset", name))
+
+    def kill_all(self):
+        for _, p in self.units.values():
+            p.kill()
+            p.wait(5)
+
+
+@pytest.fixture
+def fake(tmp_path):
+    GLib = pytest.importorskip("gi.repository.GLib")
+    tail = shutil.which("tail")
+    if tail is None:
+        pytest.skip("no tail")
+    binary = tmp_path / "envoy"
+    shutil.copy(tail, binary)
+    state = tmp_path / "run"
+    os.makedirs(os.path.dirname(bootstrap_path(str(state))))
+    open(bootstrap_path(str(state)), "w").write("{}\n")
+    m = FakeManager(str(binary))
+    states: list[str] = []
+    sup = es.SystemdEnvoySupervisor(str(binary), str(state), "meshd.slice", "info",
+                                    states.append, manager=m)
+    yield sup, m, states, GLib
+    sup.detach()
+    m.kill_all()
+
+
+def spin(GLib, pred, timeout=5.0):
+    ctx = GLib.MainContext.default()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        while ctx.iteration(False):
+            pass
+        if pred():
+            return True
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def test_starts_the_unit_when_there_is_none(fake):
+    sup, m, states, GLib = fake
+    sup.start()
+    assert m.calls == [("start", sup.unit_name)]
+    spin(GLib, lambda: sup.pid is not None)
+    assert sup.pid == m.unit(sup.unit_name)[1]
+    assert not sup.adopted and sup.state == STARTING and sup.restarts == 0
+
+
+def test_adopts_a_running_unit_instead_of_starting_a_second_envoy(fake):
+    sup, m, states, GLib = fake
+    p = m.run(sup.unit_name, sup.command()[:1] + ["-f", sup.bootstrap])
+    sup.start()
+    assert m.calls == []
+    assert sup.adopted and sup.pid == p.pid and sup.state == STARTING
+
+
+def test_replaces_a_unit_that_does_not_run_our_envoy(fake):
+    sup, m, states, GLib = fake
+    m.run(sup.unit_name, sup.command()[:1] + ["-f", "/dev/null"])  # not our bootstrap
+    sup.start()
+    assert [c[0] for c in m.calls if c[0] != "reset"] == ["stop", "start"]
+    assert not sup.adopted
+
+
+def test_restarts_with_backoff_when_envoy_dies(fake):
+    sup, m, states, GLib = fake
+    sup.start()
+    spin(GLib, lambda: sup.pid is not None)
+    first = sup.pid
+    os.kill(first, signal.SIGKILL)
+    spin(GLib, lambda: sup.state == RESTARTING)
+    assert sup.restarts == 1 and sup.pid is None
+    spin(GLib, lambda: sup.pid is not None and sup.pid != first)
+    assert [c[0] for c in m.calls] == ["start", "start"]
+    assert STARTING in states and RESTARTING in states
+
+
+def test_stop_stops_the_unit(fake):
+    sup, m, states, GLib = fake
+    sup.start()
+    spin(GLib, lambda: sup.pid is not None)
+    sup.stop()
+    assert ("stop", sup.unit_name) in m.calls
+    assert m.unit(sup.unit_name) is None
+    assert sup.state == STOPPED and sup.pid is None
+
+
+def test_detach_leaves_the_unit_running(fake):
+    sup, m, states, GLib = fake
+    sup.start()
+    spin(GLib, lambda: sup.pid is not None)
+    pid = sup.pid
+    sup.detach()
+    assert [c[0] for c in m.calls] == ["start"]
+    assert m.unit(sup.unit_name) == ("active", pid)
+
+
+def test_stop_unit_without_systemd_is_a_no_op(monkeypatch):
+    monkeypatch.setattr(es, "systemd_booted", lambda: False)
+    assert es.stop_unit("meshd-envoy.service") is False
+    assert es.connect() is None
