@@ -228,13 +228,17 @@ class Daemon:
                                          and old.enrolled_since else time.time())
                 except OSError as e:  # e.g. the cgroup went away between the check and attach
                     st.error = f"cannot attach to {rel}: {e.strerror or e}"
+                    log.warning("workload %s: %s", w.name, st.error,
+                                extra={"WORKLOAD": w.name, "CGROUP": rel})
             else:
                 st.error = (f"waiting for cgroup {w.cgroup}" if w.cgroup
                             else f"waiting for unit {w.unit} to start")
             if st.enrolled_since and not (old and old.enrolled_since):
-                log.info("workload %s enrolled (cgroup %s)", w.name, st.cgroup)
+                log.info("workload %s enrolled (cgroup %s)", w.name, st.cgroup,
+                         extra={"WORKLOAD": w.name, "CGROUP": st.cgroup})
             if old and old.enrolled_since and not st.enrolled_since:
-                log.info("workload %s no longer enrolled: %s", w.name, st.error)
+                log.info("workload %s no longer enrolled: %s", w.name, st.error,
+                         extra={"WORKLOAD": w.name, "CGROUP": old.cgroup})
             states[w.name] = st
 
         for owner in self.dp.owners():
@@ -432,7 +436,8 @@ class Daemon:
 
     # -- status ---------------------------------------------------------------
     def status(self) -> dict:
-        counters = self.dp.counters() if self.dp.maps else {}
+        ids = [0] + [w.id for w in self.workloads.values()]
+        counters = self.dp.counters(ids) if self.dp.maps else {}
         inbound = self.dp.inbound_ports() if self.dp.maps else {}
         mesh = self.config.mesh
         return {
