@@ -229,7 +229,8 @@ class MeshdInstance:
         return envoy_stats(self.admin)
 
     def stat(self, name: str) -> int:
-        return self.stats().get(name, 0)
+        from meshd.envoy import total   # summed over per-workload filter chains
+        return total(self.stats(), name)
 
     def cleanup(self, step) -> None:
         if self.proc is not None:

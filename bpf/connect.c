@@ -82,6 +82,15 @@ int meshd_connect4(struct bpf_sock_addr *ctx)
 	}
 	ctx->user_ip4 = meshd_htonl(0x7f000001);
 	ctx->user_port = meshd_htons(s->outbound_port);
+	if (wl) {
+		/* Connect from 127.77.0.<workload id>: Envoy tells workloads apart by
+		 * source address (per-workload filter chains and stats). A socket the
+		 * app bound itself keeps its address (and is counted unattributed). */
+		struct sockaddr_in src = {.sin_family = MESHD_AF_INET};
+		src.sin_addr.s_addr = meshd_htonl(WORKLOAD_NET4 | wl);
+		long err = bpf_bind(ctx, (struct sockaddr *)&src, sizeof(src));
+		(void)err;
+	}
 	count(wl, C_REDIRECTED);
 	return 1;
 }

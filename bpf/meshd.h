@@ -23,6 +23,7 @@
 #define MESHD_SOL_IPV6 41
 
 #define MESHD_MAX_WORKLOADS 256   /* workload ids 1..255; 0 = "global" */
+#define WORKLOAD_NET4 0x7f4d0000  /* 127.77.0.<id>: a workload's source towards Envoy */
 #define MESHD_MAX_CGROUP_DEPTH 32
 #define MESHD_MAX_CONNS 65536
 

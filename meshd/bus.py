@@ -59,6 +59,8 @@ _WORKLOAD_PROPS = (
     ("Name", "s", "const"), ("Id", "u"), ("Cgroup", "s"), ("CgroupId", "t"), ("State", "s"),
     ("EnrolledSince", "t"), ("InboundPorts", "aq"), ("OtherPrograms", "a{sau}"),
     ("Counters", "a{st}"),
+    # from Envoy's per-workload filter chains
+    ("Connections", "t"), ("Requests", "t"), ("BytesSent", "t"), ("BytesReceived", "t"),
 )
 
 
@@ -185,6 +187,9 @@ def workload_values(w: dict) -> dict:
         "OtherPrograms": {str(h): [int(i) for i in ids]
                           for h, ids in (w.get("other_programs") or {}).items()},
         "Counters": _counters(w.get("counters")),
+        **{name: int((w.get("envoy") or {}).get(key, 0)) for name, key in (
+            ("Connections", "connections"), ("Requests", "requests"),
+            ("BytesSent", "bytes_sent"), ("BytesReceived", "bytes_received"))},
     }
 
 
@@ -487,7 +492,9 @@ def read_status(bus=None) -> dict | None:
             "name": w["Name"], "id": w["Id"], "cgroup": w["Cgroup"] or None,
             "cgroup_id": w["CgroupId"], "enrolled_since": w["EnrolledSince"] / 1e6,
             "error": "" if enrolled else w["State"], "other_programs": w["OtherPrograms"],
-            "counters": w["Counters"], "inbound_ports": w["InboundPorts"]})
+            "counters": w["Counters"], "inbound_ports": w["InboundPorts"],
+            "envoy": {"connections": w["Connections"], "requests": w["Requests"],
+                      "bytes_sent": w["BytesSent"], "bytes_received": w["BytesReceived"]}})
     return {
         "version": m["Version"], "pid": m["PID"], "state": m["State"],
         "updated": time.time(), "started": m["StartedAt"] / 1e6,

@@ -233,6 +233,10 @@ def format_status(st: dict, running: bool) -> str:
             out.append(f"      inbound ports via Envoy: {w['inbound_ports']}")
         for hook, ids in w.get("other_programs", {}).items():
             out.append(f"      also attached on {hook} (not meshd's): program id(s) {ids}")
+        e = w.get("envoy") or {}
+        if any(e.values()):
+            out.append(f"      envoy: connections={e['connections']} requests={e['requests']} "
+                       f"bytes_sent={e['bytes_sent']} bytes_received={e['bytes_received']}")
         c = w["counters"]
         if c:
             out.append("      " + " ".join(f"{k}={v}" for k, v in c.items()))

@@ -59,6 +59,23 @@ def pid_path(state_dir: str) -> str:
     return os.path.join(state_dir, "meshd.pid")
 
 
+def workload_envoy_stats(stats: dict[str, int], wid: int) -> dict[str, int]:
+    """A workload's numbers from its own filter chains (envoy_config.py names
+    them <direction>_<http|tcp>_<id>). Bytes are from the workload's side:
+    sent = what it wrote (outbound requests, inbound responses)."""
+    out = dict(connections=0, requests=0, bytes_sent=0, bytes_received=0)
+    for d in ("outbound", "inbound"):
+        for kind in ("http", "tcp"):
+            p = f"{kind}.{d}_{kind}_{wid}."
+            out["connections"] += stats.get(p + "downstream_cx_total", 0)
+            out["requests"] += stats.get(p + "downstream_rq_total", 0)
+            rx, tx = stats.get(p + "downstream_cx_rx_bytes_total", 0), stats.get(
+                p + "downstream_cx_tx_bytes_total", 0)
+            out["bytes_sent"] += rx if d == "outbound" else tx
+            out["bytes_received"] += tx if d == "outbound" else rx
+    return out
+
+
 def enter_netns(path: str) -> None:
     """Serve another network namespace (one meshd per simulated host). Done
     first, so Envoy, the sk_lookup link and every socket live there."""
@@ -91,6 +108,8 @@ class Daemon:
         self.started = time.time()
         self.ready = False
         self._timers: dict[str, int] = {}
+        self._mark = 0
+        self._rendered_ports: dict[int, list[int]] = {}
         self._cgroup_watches: dict[str, int] = {}
         self.bus = None  # meshd.bus.BusService once the main loop runs
 
@@ -197,18 +216,27 @@ class Daemon:
     # -- applying the config --------------------------------------------------
     def apply(self) -> None:
         mesh = self.config.mesh
-        mark = routing.MARK if mesh.preserve_client_address else 0
-        if mark:
+        self._mark = routing.MARK if mesh.preserve_client_address else 0
+        if self._mark:
             routing.install(mesh.state_dir)   # before Envoy uses the mark
         else:
             routing.remove(mesh.state_dir)    # switched off, or left by an earlier run
         self.dp.set_settings(mesh.outbound_port, mesh.inbound_port)
+        self.reconcile()
+
+    def _render_envoy(self) -> None:
+        """Envoy's files from the config and the enrolled workloads (each gets
+        its own filter chains, so Envoy counts it separately). Written only
+        when they change; Envoy reloads them in place."""
+        mesh = self.config.mesh
+        ports = self.dp.inbound_ports()
+        wl_ports = {s.id: ports.get(s.id, []) for s in self.workloads.values() if s.enrolled_since}
         files = envoy.render(mesh.outbound_port, mesh.inbound_port, mesh.state_dir,
-                             ipv6_loopback(), mark)
+                             ipv6_loopback(), self._mark, wl_ports)
         changed = envoy.write_config(mesh.state_dir, files)
         if changed:
             log.info("Envoy configuration updated: %s", ", ".join(changed))
-        self.reconcile()
+        self._rendered_ports = wl_ports
 
     def reconcile(self) -> None:
         """Make links, workload ids and exclusions match config + existing cgroups."""
@@ -257,6 +285,7 @@ class Daemon:
         self.dp.set_exclusions(ports, cidrs)
         self._apply_inbound(states)
         self.workloads = states
+        self._render_envoy()
         if hasattr(self, "inotify"):
             self._update_cgroup_watches()
 
@@ -391,6 +420,9 @@ class Daemon:
         return True
 
     def _tick(self) -> bool:
+        ports = self.dp.inbound_ports()   # workloads opened or closed listeners
+        if {i: ports.get(i, []) for i in self._rendered_ports} != self._rendered_ports:
+            self._render_envoy()
         self._check_ready()
         self.write_status()
         return True
@@ -438,6 +470,7 @@ class Daemon:
     def status(self) -> dict:
         ids = [0] + [w.id for w in self.workloads.values()]
         counters = self.dp.counters(ids) if self.dp.maps else {}
+        stats = self._envoy_stats()
         inbound = self.dp.inbound_ports() if self.dp.maps else {}
         mesh = self.config.mesh
         return {
@@ -464,9 +497,19 @@ class Daemon:
                              self.dp.tracked_connections() if self.dp.maps else 0},
             "counters": counters.get(0, {}),
             "workloads": [dict(dataclasses.asdict(w), counters=counters.get(w.id, {}),
-                               inbound_ports=inbound.get(w.id, []))
+                               inbound_ports=inbound.get(w.id, []),
+                               envoy=workload_envoy_stats(stats, w.id))
                           for w in self.workloads.values()],
         }
+
+    def _envoy_stats(self) -> dict[str, int]:
+        if self.envoy.state != envoy.RUNNING:
+            return {}
+        try:
+            return envoy.stats(envoy.admin_socket_path(self.config.mesh.state_dir), timeout=0.5)
+        except (OSError, ValueError) as e:
+            log.debug("Envoy stats: %s", e)
+            return {}
 
     def write_status(self) -> None:
         st = self.status()

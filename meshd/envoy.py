@@ -218,6 +218,17 @@ def stats(socket_path: str, timeout: float = 2.0) -> dict[str, int]:
     return out
 
 
+def total(stats: dict[str, int], name: str) -> int:
+    """A counter summed over meshd's per-workload filter chains: for
+    "http.outbound_http.downstream_rq_total" also every
+    "http.outbound_http_<workload id>.downstream_rq_total"."""
+    kind, prefix, rest = name.split(".", 2)
+    head, tail = f"{kind}.{prefix}_", f".{rest}"
+    return stats.get(name, 0) + sum(
+        v for k, v in stats.items()
+        if k.startswith(head) and k.endswith(tail) and k[len(head):-len(tail)].isdigit())
+
+
 def is_ready(socket_path: str, timeout: float = 0.5) -> bool:
     try:
         status, _ = admin_get(socket_path, "/ready", timeout)

@@ -189,13 +189,36 @@ def _listener_filters() -> dict:
 HTTP_PROTOCOLS = ["http/1.1", "h2c"]
 
 
+WORKLOAD_NET4 = "127.77.0."  # + workload id: the source bpf/connect.c binds (meshd.h)
+
+
+def workload_source(wid: int) -> str:
+    return f"{WORKLOAD_NET4}{wid}"
+
+
+def _workload_chains(direction: str, wid: int, match: dict, cluster: str,
+                     access_log: str = "", tag: str = "") -> list[dict]:
+    """HTTP and TCP chains for one workload, with stat prefixes
+    <direction>_http_<id> / <direction>_tcp_<id>: Envoy's per-workload numbers."""
+    return [
+        {"name": f"{direction}_http_{wid}{tag}",
+         "filter_chain_match": dict(match, application_protocols=HTTP_PROTOCOLS),
+         "filters": [_http_connection_manager(f"{direction}_http_{wid}", cluster, access_log)]},
+        {"name": f"{direction}_tcp_{wid}{tag}",
+         "filter_chain_match": dict(match),
+         "filters": [_tcp_proxy(f"{direction}_tcp_{wid}", cluster, access_log)]},
+    ]
+
+
 def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str,
-                            client_mark: int = 0) -> dict:
+                            client_mark: int = 0,
+                            workload_ports: dict[int, list[int]] | None = None) -> dict:
     """sk_lookup hands connections for workload ports to this listener's socket;
     they keep their real addresses, so the local address is the destination.
 
     client_mark != 0: connect to the application from the client's own address
-    (original_src), with that SO_MARK so policy routing brings replies back."""
+    (original_src), with that SO_MARK so policy routing brings replies back.
+    workload_ports: workload id -> its meshed ports, for per-workload chains."""
     listener = {
         "name": LISTENER_INBOUND,
         "address": _addr("127.0.0.1", inbound_port),
@@ -221,6 +244,11 @@ def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str,
             "filters": [_tcp_proxy("inbound_tcp", CLUSTER_INBOUND, access_log)],
         },
     }
+    for wid, ports in sorted((workload_ports or {}).items()):
+        for port in sorted(set(ports) - {inbound_port}):
+            listener["filter_chains"] += _workload_chains(
+                "inbound", wid, {"destination_port": port}, CLUSTER_INBOUND, access_log,
+                tag=f"_{port}")
     if client_mark:  # before http_inspector: a filter timeout skips the filters after it
         listener["listener_filters"].insert(1,
             {"name": "envoy.filters.listener.original_src",
@@ -230,7 +258,7 @@ def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str,
     return listener
 
 
-def render_listeners(outbound_port: int, ipv6: bool) -> list[dict]:
+def render_listeners(outbound_port: int, ipv6: bool, workload_ids=()) -> list[dict]:
     listener: dict = {
         "name": LISTENER_OUTBOUND,
         "address": _addr("127.0.0.1", outbound_port),
@@ -254,6 +282,9 @@ def render_listeners(outbound_port: int, ipv6: bool) -> list[dict]:
             "filters": [_tcp_proxy("outbound_tcp", CLUSTER_ORIGINAL_DST)],
         },
     }
+    for wid in sorted(workload_ids):
+        src = {"source_prefix_ranges": [{"address_prefix": workload_source(wid), "prefix_len": 32}]}
+        listener["filter_chains"] += _workload_chains("outbound", wid, src, CLUSTER_ORIGINAL_DST)
     if ipv6:
         listener["additional_addresses"] = [{"address": _addr("::1", outbound_port)}]
     return [listener]
@@ -299,17 +330,20 @@ def render_clusters(ipv6: bool = True, client_mark: int = 0) -> list[dict]:
 
 
 def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
-           client_mark: int = 0) -> dict[str, dict]:
+           client_mark: int = 0,
+           workload_ports: dict[int, list[int]] | None = None) -> dict[str, dict]:
     """Return {"bootstrap.json": ..., "lds.json": ..., "cds.json": ...}.
 
-    """
+    workload_ports: enrolled workload id -> its meshed inbound ports; each
+    workload gets its own filter chains, so Envoy counts it separately."""
     for name, port in (("outbound_port", outbound_port), ("inbound_port", inbound_port)):
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError(f"{name}: invalid port {port!r}")
     return {
         BOOTSTRAP: render_bootstrap(state_dir),
-        LDS: _discovery_response(T_LISTENER, render_listeners(outbound_port, ipv6) + [
-            render_inbound_listener(inbound_port, ipv6, access_log_path(state_dir), client_mark)]),
+        LDS: _discovery_response(T_LISTENER, render_listeners(
+            outbound_port, ipv6, (workload_ports or {}).keys()) + [render_inbound_listener(
+                inbound_port, ipv6, access_log_path(state_dir), client_mark, workload_ports)]),
         CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6, client_mark)),
     }
 

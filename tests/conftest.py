@@ -219,7 +219,9 @@ class Mesh:
         return stats(os.path.join(self.state_dir, "envoy-admin.sock"))
 
     def stat(self, name: str) -> int:
-        return self.stats().get(name, 0)
+        """Summed over the per-workload filter chains (meshd.envoy.total)."""
+        from meshd.envoy import total
+        return total(self.stats(), name)
 
     # -- workloads --
     def run_in(self, *cmd, cgroup=None, **kw):

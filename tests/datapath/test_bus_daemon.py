@@ -47,6 +47,8 @@ def test_busctl_reads_the_running_daemon(on_bus):
     # traffic shows up in the workload's counters on the bus
     assert mesh.curl(f"http://{server.ip4}:{HTTP_PORT}/echo").returncode == 0
     wait_for(lambda: prop(bus, "Counters", wl).get("redirected", 0) >= 1, what="counters")
+    wait_for(lambda: prop(bus, "Requests", wl) == 1, what="Envoy's per-workload requests")
+    assert prop(bus, "BytesReceived", wl) > 0
     # anyone may read; `meshd status` reads this API
     assert prop(bus, "State", user=65534) == "running"
     out = mesh.cli("status")

@@ -169,3 +169,29 @@ def test_sd_notify_ready_only_when_serving(mesh, server):
     r = mesh.curl(f"http://{server.ip4}:{HTTP_PORT}/echo")
     assert "x-request-id" in json.loads(r.stdout)["headers"]
     assert any(m.startswith("STATUS=") and "1/1 workloads enrolled" in m for m in msgs), msgs
+
+
+def test_envoy_counts_each_workload_separately(mesh, server, cgroups):
+    """Each workload connects from its own 127.77.0.<id> source, so Envoy's
+    per-workload filter chains count its requests, connections and bytes."""
+    other = cgroups.make("wl2")
+    mesh.write("00-mesh.toml", mesh.mesh_toml())
+    mesh.write("10-workloads.toml", f'[workload.wl]\ncgroup = "{mesh.workload}"\n'
+                                    f'[workload.wl2]\ncgroup = "{other}"\n')
+    mesh.start()
+    for _ in range(3):
+        assert mesh.curl(f"http://{server.ip4}:{HTTP_PORT}/payload").stdout == PAYLOAD
+    assert mesh.curl(f"http://{server.ip4}:{HTTP_PORT}/echo", cgroup=other).returncode == 0
+    r = mesh.run_in(sys.executable, "-c", PEER_CLIENT, server.ip4, TCP_PORT, cgroup=other)
+    assert r.returncode == 0, r.stderr
+
+    def envoy_of(name):
+        return next(w for w in mesh.status()["workloads"] if w["name"] == name)["envoy"]
+    wait_for(lambda: envoy_of("wl")["requests"] == 3 and envoy_of("wl2")["requests"] == 1
+             and envoy_of("wl2")["connections"] == 2, what="per-workload Envoy numbers")
+    wl, wl2 = envoy_of("wl"), envoy_of("wl2")
+    assert wl["connections"] == 3
+    assert wl["bytes_received"] > 3 * len(PAYLOAD) > wl2["bytes_received"]
+    assert wl["bytes_sent"] > 0 and wl2["bytes_sent"] > 0
+    out = mesh.cli("status").stdout
+    assert "envoy: connections=3 requests=3" in out

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from helpers.common import wait_for
+from meshd.envoy import total
 
 SERVER = "10.240.1.2"
 MANAGER = "io.meshd.Mesh1 /io/meshd/Mesh1 io.meshd.Mesh1.Manager"
@@ -70,10 +71,9 @@ def echo(g, port=8080):
 
 def envoy_requests(g) -> int:
     out = g.sh("curl -s --unix-socket /run/meshd/envoy-admin.sock http://admin/stats").stdout
-    for line in out.splitlines():
-        if line.startswith("http.outbound_http.downstream_rq_total:"):
-            return int(line.split(":")[1])
-    return 0
+    stats = {k: int(v) for k, _, v in (l.partition(": ") for l in out.splitlines())
+             if v.strip().isdigit()}
+    return total(stats, "http.outbound_http.downstream_rq_total")
 
 
 def prop(g, name, user=None):

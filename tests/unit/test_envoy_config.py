@@ -230,3 +230,28 @@ def test_inbound_cluster_binds_the_bypass_source(files):
 
 def test_dechunk():
     assert _dechunk(b"4\r\nLIVE\r\n1;x=y\r\n\n\r\n0\r\n\r\n") == b"LIVE\n"
+
+
+def test_per_workload_chains():
+    files = ec.render(15001, 15006, STATE, ipv6=True, workload_ports={3: [8080], 7: []})
+    out = _listener(files)
+    chains = {c["name"]: c for c in out["filter_chains"]}
+    http3 = chains["outbound_http_3"]
+    assert http3["filter_chain_match"] == {
+        "source_prefix_ranges": [{"address_prefix": "127.77.0.3", "prefix_len": 32}],
+        "application_protocols": ["http/1.1", "h2c"]}
+    assert http3["filters"][0]["typed_config"]["stat_prefix"] == "outbound_http_3"
+    assert chains["outbound_tcp_7"]["filters"][0]["typed_config"]["stat_prefix"] == "outbound_tcp_7"
+    inbound = {c["name"]: c for c in _listener(files, "meshd_inbound")["filter_chains"]}
+    assert inbound["inbound_tcp_3_8080"]["filter_chain_match"] == {"destination_port": 8080}
+    assert not any(n.startswith("inbound_http_7") for n in inbound)   # no ports, no chains
+
+
+def test_total_sums_per_workload_prefixes():
+    from meshd.envoy import total
+    stats = {"http.outbound_http.downstream_rq_total": 1,
+             "http.outbound_http_3.downstream_rq_total": 2,
+             "http.outbound_http_12.downstream_rq_total": 4,
+             "http.outbound_http_x.downstream_rq_total": 100,
+             "http.inbound_http_3.downstream_rq_total": 1000}
+    assert total(stats, "http.outbound_http.downstream_rq_total") == 7
