@@ -16,26 +16,29 @@ SERVER = "10.240.1.2"
 MANAGER = "io.meshd.Mesh1 /io/meshd/Mesh1 io.meshd.Mesh1.Manager"
 ENVOY_UNIT = "meshd-envoy.service"
 
+# New connections, plus one kept-alive connection used throughout: neither a
+# request nor that connection may be lost while meshd restarts.
 LOAD = r"""
 import http.client, json, sys, time
 ok = bad = 0
+kept = http.client.HTTPConnection("%s", 8080, timeout=5)
+kept_ok = 0
 end = time.time() + float(sys.argv[1])
+def get(c):
+    c.request("GET", "/echo")
+    r = c.getresponse()
+    return r.status == 200 and "x-request-id" in json.loads(r.read())["headers"]
 while time.time() < end:
     try:
         c = http.client.HTTPConnection("%s", 8080, timeout=5)
-        c.request("GET", "/echo")
-        r = c.getresponse()
-        body = json.loads(r.read())
-        if r.status == 200 and "x-request-id" in body["headers"]:
-            ok += 1
-        else:
-            bad += 1
+        ok, bad = (ok + 1, bad) if get(c) else (ok, bad + 1)
         c.close()
+        kept_ok += get(kept)
     except Exception as e:
         bad += 1
         print("error:", e, file=sys.stderr)
-print(json.dumps({"ok": ok, "bad": bad}))
-""" % SERVER
+print(json.dumps({"ok": ok, "bad": bad, "kept_ok": kept_ok}))
+""" % (SERVER, SERVER)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,27 @@ def test_start_returns_when_serving(installed):
     assert g.sh(f"systemctl show -p Slice --value {ENVOY_UNIT}").stdout.strip() == "meshd.slice"
     status = g.sh("systemctl status meshd --no-pager", check=False).stdout
     assert "workloads enrolled" in status    # STATUS= line
+    # structured journal fields: which workload, which cgroup
+    entries = [json.loads(l) for l in g.sh(
+        "journalctl -u meshd -o json --no-pager WORKLOAD=client").stdout.splitlines()]
+    assert entries and entries[-1]["CGROUP"] == "/system.slice/webclient.service"
+
+
+def test_watchdog_is_fed_from_the_main_loop(installed):
+    g = installed
+    g.sh("mkdir -p /run/systemd/system/meshd.service.d && printf '[Service]\nWatchdogSec=2s\n' "
+         "> /run/systemd/system/meshd.service.d/wd.conf && systemctl daemon-reload")
+    try:
+        g.sh("systemctl restart meshd", timeout=180)
+        pid = g.sh("systemctl show -p MainPID --value meshd").stdout.strip()
+        first = g.sh("systemctl show -p WatchdogTimestampMonotonic --value meshd").stdout.strip()
+        time.sleep(5)   # 2.5 watchdog periods: a starved loop would be killed by now
+        assert g.sh("systemctl show -p MainPID --value meshd").stdout.strip() == pid
+        assert g.sh("systemctl show -p WatchdogTimestampMonotonic --value meshd"
+                    ).stdout.strip() != first
+    finally:
+        g.sh("rm -r /run/systemd/system/meshd.service.d && systemctl daemon-reload")
+        g.sh("systemctl restart meshd", timeout=180)
 
 
 def test_busctl_reads_and_only_root_reloads(installed):
@@ -132,6 +156,7 @@ def test_restart_under_load_loses_nothing(installed):
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["bad"] == 0 and result["ok"] > 20, (result, r.stderr)
+    assert result["kept_ok"] == result["ok"]     # the kept-alive connection survived
     assert envoy_pid(g) == pid          # Envoy untouched by meshd's restart
     assert prop(g, "DataPathAdopted") is True
 
@@ -140,8 +165,10 @@ def test_killed_envoy_unit_comes_back(installed):
     g = installed
     old = envoy_pid(g)
     g.sh(f"systemctl kill -s KILL {ENVOY_UNIT}")
+    start = time.monotonic()
     wait_for(lambda: envoy_pid(g) not in (0, old) and prop(g, "EnvoyState") == "running", 20,
              what="Envoy restarted by meshd")
+    assert time.monotonic() - start < 3   # re-wired within a second or so (0.2 s backoff)
     assert "x-request-id" in echo(g)["headers"]
 
 
