@@ -136,28 +136,9 @@ def median(xs):
 
 
 def kill_cgroup(path: str) -> None:
-    if not os.path.isdir(path):
-        return
-    kill = os.path.join(path, "cgroup.kill")
-    if os.path.exists(kill):
-        with contextlib.suppress(OSError):
-            Path(kill).write_text("1")
-    for dirpath, _, _ in os.walk(path):
-        with contextlib.suppress(OSError):
-            for pid in Path(dirpath, "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-    for _ in range(100):
-        reap()
-        try:
-            for dirpath, _, _ in sorted(os.walk(path), key=lambda t: -t[0].count("/")):
-                os.rmdir(dirpath)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"could not remove cgroup {path}")
+    """Kill every process in a cgroup tree and remove it (reaping our children)."""
+    from meshd.cgroups import kill_tree
+    kill_tree(path, on_wait=reap)
 
 
 def nginx_conf(tmp: str, listens: list[tuple[str, int]]) -> str:

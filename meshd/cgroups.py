@@ -50,6 +50,39 @@ def remove_tree(path: str) -> None:
             pass
 
 
+def kill_tree(path: str, timeout: float = 5.0, on_wait=None) -> None:
+    """SIGKILL every process in a cgroup tree, then remove the tree.
+
+    cgroup.kill (Linux >= 5.14) kills atomically, so nothing forks away; older
+    kernels get a SIGKILL per listed process. on_wait runs while waiting (a
+    caller that is the processes' parent reaps them there)."""
+    import signal
+    import time
+    if not os.path.isdir(path):
+        return
+    try:
+        with open(os.path.join(path, "cgroup.kill"), "w") as f:
+            f.write("1")
+    except OSError:
+        for dirpath, _, _ in os.walk(path):
+            for pid in procs(dirpath):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    deadline = time.monotonic() + timeout
+    while True:
+        if on_wait:
+            on_wait()
+        try:
+            remove_tree(path)
+            return
+        except OSError:   # EBUSY: processes still exiting
+            if time.monotonic() > deadline:
+                raise CgroupError(f"cannot remove cgroup {path}: processes are still in it")
+            time.sleep(0.05)
+
+
 def procs(path: str) -> list[int]:
     try:
         with open(os.path.join(path, "cgroup.procs")) as f:

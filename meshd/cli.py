@@ -278,9 +278,12 @@ def cmd_cleanup(args) -> int:
     root = cgroups.cgroup2_mount()
     own = cgroups.path_of(root, mesh.cgroup_root)
     left = [p for d, _, _ in os.walk(own) for p in cgroups.procs(d)]
-    if left:
-        print(f"warning: processes still in {own}: {left}", file=sys.stderr)
-    cgroups.remove_tree(own)
+    if left:   # only Envoy ever runs there: anything left is ours
+        print(f"killing processes left in {own}: {left}", file=sys.stderr)
+    try:
+        cgroups.kill_tree(own)
+    except cgroups.CgroupError as e:
+        print(f"warning: {e}", file=sys.stderr)
     for name in ("status.json", "meshd.pid", "envoy.pid", "workload-ids.json", "envoy.log",
                  "access.log", "envoy-admin.sock"):
         try:

@@ -5,18 +5,15 @@ removes what it made in a finalizer, so a failing test leaves nothing behind.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
