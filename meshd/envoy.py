@@ -371,28 +371,29 @@ def _describe_status(status: Optional[int]) -> str:
     return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
-class EnvoySupervisor:
-    """Start or adopt Envoy, watch it on the GLib main loop and restart it when it dies."""
+class _PidfdSupervisor:
+    """The lifecycle both ways of running Envoy share: watch its process through a pidfd
+    (which works for processes that are not our children), poll the admin ``/ready``, report
+    state changes, and start it again with exponential backoff when it dies.
 
-    def __init__(self, binary: str, state_dir: str, cgroup_dir: str, log_level: str,
-                 base_id: int, on_state_change: Callable[[str], None]):
+    Subclasses say how Envoy is adopted, spawned (:meth:`_spawn`), reaped and stopped."""
+
+    # GLib sources that _unwatch() removes; a subclass adds its own.
+    _SOURCES = ("_watch_id", "_ready_id", "_restart_id")
+
+    def __init__(self, binary: str, state_dir: str, log_level: str,
+                 on_state_change: Callable[[str], None]):
         self.binary = binary
         self.state_dir = state_dir = os.path.abspath(state_dir)
-        self.cgroup_dir = cgroup_dir
         self.log_level = log_level
-        # Kept for the interface; unused: Envoy runs with --disable-hot-restart, which lets
-        # several Envoys coexist without shared memory (no base-id coordination needed).
-        self.base_id = base_id
         self.on_state_change = on_state_change
         self.bootstrap = bootstrap_path(state_dir)
         self.admin_socket = admin_socket_path(state_dir)
-        self.log_path = os.path.join(state_dir, "envoy.log")
         self.state = STOPPED
         self.adopted = False
         self.restarts = 0
         self._pid: Optional[int] = None
         self._pidfd: Optional[int] = None
-        self._child = False
         self._started_at = 0.0
         self._backoff = BACKOFF_INITIAL
         self._active = False
@@ -400,38 +401,48 @@ class EnvoySupervisor:
         self._ready_id = 0
         self._restart_id = 0
 
-    # -- public ------------------------------------------------------------------------
+    # -- what differs ----------------------------------------------------------------------
+
+    def _label(self, pid: Optional[int]) -> str:
+        """Which Envoy, for log lines: ``Envoy running (<label>)``."""
+        return f"pid {pid}"
+
+    _log_hint = ""          # where to read Envoy's own log
+    _restart_phrase = ""    # "<phrase> in 0.2s"
+
+    def _adopt_or_spawn(self) -> None:
+        raise NotImplementedError
+
+    def _spawn(self) -> None:
+        """Start Envoy (or adopt it); on failure, :meth:`_schedule_restart`."""
+        raise NotImplementedError
+
+    def _reap(self, pid: Optional[int]) -> str:
+        """Clean up after Envoy's exit; how it ended, for the log."""
+        return "exited"
+
+    def _stop_envoy(self) -> None:
+        raise NotImplementedError
+
+    # -- public ----------------------------------------------------------------------------
 
     @property
     def pid(self) -> Optional[int]:
         return self._pid
 
-    def command(self) -> list[str]:
-        return [self.binary, "-c", self.bootstrap, "-l", self.log_level,
-                "--log-path", self.log_path, "--disable-hot-restart"]
-
     def start(self) -> None:
-        """Adopt the Envoy named in the PID file if it is ours and alive; else spawn one."""
         if self._active:
             return
         self._active = True
-        if not self._adopt():
-            self._spawn()
+        self._adopt_or_spawn()
 
     def stop(self) -> None:
-        """Terminate Envoy (SIGTERM, then SIGKILL after 5 s) and remove the PID file.
-
-        For ``meshd cleanup``; daemon shutdown uses :meth:`detach` so Envoy keeps serving."""
+        """Stop Envoy for good (``meshd cleanup``); daemon shutdown uses :meth:`detach` so
+        Envoy keeps serving."""
         self._active = False
         self._unwatch()
-        pid, pidfd = self._pid, self._pidfd
-        self._pidfd = None
-        if pid is not None and pidfd is not None:
-            _terminate(pid, pidfd)
-            os.close(pidfd)
-        elif pid is None:
-            stop_from_pidfile(self.state_dir)
-        _remove_pid_file(self.state_dir, pid)
+        self._stop_envoy()
+        self._close_pidfd()
         self._pid = None
         self._set_state(STOPPED)
 
@@ -439,29 +450,128 @@ class EnvoySupervisor:
         """Stop watching without killing: Envoy keeps running for the next meshd to adopt."""
         self._active = False
         self._unwatch()
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+        self._close_pidfd()
 
-    # -- internals -----------------------------------------------------------------------
+    # -- shared lifecycle --------------------------------------------------------------------
 
     def _set_state(self, state: str) -> None:
         if state == self.state:
             return
         self.state = state
-        log.info("Envoy %s (pid %s)", state, self._pid)
+        log.info("Envoy %s (%s)", state, self._label(self._pid))
         try:
             self.on_state_change(state)
         except Exception:
             log.exception("Envoy on_state_change callback failed")
 
-    def _unwatch(self) -> None:
+    def _unwatch(self, *sources: str) -> None:
+        """Remove the GLib sources named (default: all of them)."""
         from gi.repository import GLib
-        for attr in ("_watch_id", "_ready_id", "_restart_id"):
+        for attr in sources or self._SOURCES:
             sid = getattr(self, attr)
             if sid:
                 GLib.source_remove(sid)
                 setattr(self, attr, 0)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def _watch(self, pid: int, pidfd: int, since: Optional[float] = None) -> None:
+        """Watch ``pid`` for exit and readiness; its uptime counts from ``since`` (now)."""
+        from gi.repository import GLib
+        self._pid, self._pidfd = pid, pidfd
+        self._started_at = time.monotonic() if since is None else since
+        self._set_state(STARTING)
+        self._watch_id = GLib.io_add_watch(
+            pidfd, GLib.PRIORITY_DEFAULT, GLib.IO_IN | GLib.IO_HUP | GLib.IO_ERR, self._on_exit)
+        self._ready_id = GLib.timeout_add(READY_POLL_MS, self._poll_ready)
+
+    def _poll_ready(self) -> bool:
+        if not self._active or self._pid is None:
+            self._ready_id = 0
+            return False
+        if is_ready(self.admin_socket):
+            self._ready_id = 0
+            self._set_state(RUNNING)
+            return False
+        return True
+
+    def _on_exit(self, fd, condition) -> bool:
+        self._watch_id = 0
+        self._exited(self._pid, self._reap(self._pid))
+        return False
+
+    def _exited(self, pid: Optional[int], what: str) -> None:
+        self._unwatch("_ready_id")
+        self._close_pidfd()
+        self._pid = None
+        if not self._active:
+            return
+        uptime = time.monotonic() - self._started_at
+        log.error("Envoy (%s) %s after %.1fs; see %s", self._label(pid), what, uptime,
+                  self._log_hint)
+        if uptime >= BACKOFF_RESET_AFTER:   # it ran for a while: not a crash loop
+            self._backoff = BACKOFF_INITIAL
+        self._schedule_restart()
+
+    def _schedule_restart(self) -> None:
+        from gi.repository import GLib
+        if not self._active:
+            return
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+        self.restarts += 1
+        self._set_state(RESTARTING)
+        log.info("%s in %.1fs", self._restart_phrase, delay)
+        self._restart_id = GLib.timeout_add(int(delay * 1000), self._respawn)
+
+    def _respawn(self) -> bool:
+        self._restart_id = 0
+        if self._active:
+            self._spawn()
+        return False   # one-shot GLib timeout
+
+
+class EnvoySupervisor(_PidfdSupervisor):
+    """Start or adopt Envoy as our child process, watch it on the GLib main loop and restart
+    it when it dies."""
+
+    _restart_phrase = "restarting Envoy"
+
+    def __init__(self, binary: str, state_dir: str, cgroup_dir: str, log_level: str,
+                 base_id: int, on_state_change: Callable[[str], None]):
+        super().__init__(binary, state_dir, log_level, on_state_change)
+        self.cgroup_dir = cgroup_dir
+        # Kept for the interface; unused: Envoy runs with --disable-hot-restart, which lets
+        # several Envoys coexist without shared memory (no base-id coordination needed).
+        self.base_id = base_id
+        self.log_path = self._log_hint = os.path.join(self.state_dir, "envoy.log")
+
+    def command(self) -> list[str]:
+        return [self.binary, "-c", self.bootstrap, "-l", self.log_level,
+                "--log-path", self.log_path, "--disable-hot-restart"]
+
+    def _adopt_or_spawn(self) -> None:
+        """Adopt the Envoy named in the PID file if it is ours and alive; else spawn one."""
+        if not self._adopt():
+            self._spawn()
+
+    def _stop_envoy(self) -> None:
+        """SIGTERM, then SIGKILL after 5 s; the PID file goes."""
+        pid, pidfd = self._pid, self._pidfd
+        if pid is not None and pidfd is not None:
+            _terminate(pid, pidfd)
+        elif pid is None:
+            stop_from_pidfile(self.state_dir)
+        _remove_pid_file(self.state_dir, pid)
+
+    def _reap(self, pid: Optional[int]) -> str:
+        # Only a child we spawned can be waited for; an adopted Envoy is not ours to reap.
+        status = None if self.adopted else _try_reap(pid)
+        _remove_pid_file(self.state_dir, pid)
+        return _describe_status(status)
 
     def _adopt(self) -> bool:
         pid = _read_pid_file(self.state_dir)
@@ -479,7 +589,7 @@ class EnvoySupervisor:
         self._place_in_cgroup(pid)
         log.info("adopting running Envoy (pid %d)", pid)
         self.adopted = True
-        self._watch(pid, pidfd, child=False)
+        self._watch(pid, pidfd)
         return True
 
     def _place_in_cgroup(self, pid: int) -> None:
@@ -499,10 +609,7 @@ class EnvoySupervisor:
         finally:
             os.close(fd)
 
-    def _spawn(self) -> bool:
-        self._restart_id = 0
-        if not self._active:
-            return False
+    def _spawn(self) -> None:
         self.adopted = False
         self._set_state(STARTING)
         procs = os.path.join(self.cgroup_dir, "cgroup.procs")
@@ -511,13 +618,13 @@ class EnvoySupervisor:
             # back to itself.
             log.error("cannot start Envoy: its cgroup %s does not exist", self.cgroup_dir)
             self._schedule_restart()
-            return False
+            return
         try:
             logf = open(self.log_path, "ab")
         except OSError as e:
             log.error("cannot open %s: %s", self.log_path, e)
             self._schedule_restart()
-            return False
+            return
         try:
             proc = subprocess.Popen(
                 self.command(),
@@ -528,7 +635,7 @@ class EnvoySupervisor:
         except (OSError, subprocess.SubprocessError) as e:
             log.error("cannot start Envoy (%s): %s", self.binary, e)
             self._schedule_restart()
-            return False
+            return
         finally:
             logf.close()
         pid = proc.pid
@@ -539,64 +646,10 @@ class EnvoySupervisor:
         if pidfd is None:  # already dead and reaped? cannot be, it is our zombie at worst
             log.error("Envoy (pid %d) vanished right after start", pid)
             self._schedule_restart()
-            return False
+            return
         try:
             _write_pid_file(self.state_dir, pid)
         except OSError as e:
             log.error("cannot write %s: %s", pid_file_path(self.state_dir), e)
         log.info("started Envoy (pid %d): %s", pid, " ".join(self.command()))
-        self._watch(pid, pidfd, child=True)
-        return False
-
-    def _watch(self, pid: int, pidfd: int, child: bool) -> None:
-        from gi.repository import GLib
-        self._pid, self._pidfd, self._child = pid, pidfd, child
-        self._started_at = time.monotonic()
-        self._set_state(STARTING)
-        self._watch_id = GLib.io_add_watch(
-            pidfd, GLib.PRIORITY_DEFAULT, GLib.IO_IN | GLib.IO_HUP | GLib.IO_ERR, self._on_exit)
-        self._ready_id = GLib.timeout_add(READY_POLL_MS, self._poll_ready)
-
-    def _poll_ready(self) -> bool:
-        if not self._active or self._pid is None:
-            self._ready_id = 0
-            return False
-        if is_ready(self.admin_socket):
-            self._ready_id = 0
-            self._set_state(RUNNING)
-            return False
-        return True
-
-    def _on_exit(self, fd, condition) -> bool:
-        self._watch_id = 0
-        pid = self._pid
-        status = _try_reap(pid) if self._child else None
-        uptime = time.monotonic() - self._started_at
-        if self._ready_id:
-            from gi.repository import GLib
-            GLib.source_remove(self._ready_id)
-            self._ready_id = 0
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
-        self._pid = None
-        _remove_pid_file(self.state_dir, pid)
-        if not self._active:
-            return False
-        log.error("Envoy (pid %s) %s after %.1fs; see %s", pid, _describe_status(status),
-                  uptime, self.log_path)
-        if uptime >= BACKOFF_RESET_AFTER:
-            self._backoff = BACKOFF_INITIAL
-        self._schedule_restart()
-        return False
-
-    def _schedule_restart(self) -> None:
-        from gi.repository import GLib
-        if not self._active:
-            return
-        delay = self._backoff
-        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
-        self.restarts += 1
-        self._set_state(RESTARTING)
-        log.info("restarting Envoy in %.1fs", delay)
-        self._restart_id = GLib.timeout_add(int(delay * 1000), self._spawn)
+        self._watch(pid, pidfd)

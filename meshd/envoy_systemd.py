@@ -19,9 +19,9 @@ the two in sync; a transient unit carries exactly what this meshd wants, can be 
 instance, and disappears with the boot.  ``Restart=no``: meshd restarts it with backoff
 (and fails open meanwhile), one supervisor, not two.
 
-The supervisor has the public interface of :class:`meshd.envoy.EnvoySupervisor` (``start
-stop detach pid state adopted restarts``), with the same states, backoff and readiness
-(the admin ``/ready``), so the daemon can use either.
+The supervisor shares :class:`meshd.envoy.EnvoySupervisor`'s lifecycle (``_PidfdSupervisor``:
+states, backoff, readiness on the admin ``/ready``) and public interface (``start stop
+detach pid state adopted restarts``), so the daemon can use either.
 """
 from __future__ import annotations
 
@@ -33,20 +33,7 @@ import time
 from typing import Any, Callable, Optional
 
 from . import envoy
-from .envoy import (
-    BACKOFF_INITIAL,
-    BACKOFF_MAX,
-    BACKOFF_RESET_AFTER,
-    READY_POLL_MS,
-    RESTARTING,
-    RUNNING,
-    STARTING,
-    STOP_TIMEOUT,
-    STOPPED,
-    admin_socket_path,
-    bootstrap_path,
-    is_ready,
-)
+from .envoy import STARTING, STOP_TIMEOUT, bootstrap_path
 
 log = logging.getLogger("meshd.envoy")
 
@@ -326,42 +313,26 @@ def stop_unit(unit_name: str = DEFAULT_UNIT, timeout: float = UNIT_STOP_TIMEOUT,
 # The supervisor
 
 
-class SystemdEnvoySupervisor:
+class SystemdEnvoySupervisor(envoy._PidfdSupervisor):
     """Start or adopt Envoy's unit, watch its main process on the GLib main loop and start
     it again (with backoff) when it dies.  Same interface as EnvoySupervisor."""
+
+    _SOURCES = envoy._PidfdSupervisor._SOURCES + ("_await_id",)
 
     def __init__(self, binary: str, state_dir: str, slice_name: str, log_level: str,
                  on_state_change: Callable[[str], None], unit_name: str = DEFAULT_UNIT,
                  netns: str = "", manager: Optional[SystemdManager] = None):
-        self.binary = binary
-        self.state_dir = os.path.abspath(state_dir)
+        super().__init__(binary, state_dir, log_level, on_state_change)
         self.slice_name = slice_name
-        self.log_level = log_level
-        self.on_state_change = on_state_change
         self.unit_name = unit_name
         self.netns = netns
         self._manager = manager
-        self.bootstrap = bootstrap_path(self.state_dir)
-        self.admin_socket = admin_socket_path(self.state_dir)
-        self.state = STOPPED
-        self.adopted = False
-        self.restarts = 0
-        self._pid: Optional[int] = None
-        self._pidfd: Optional[int] = None
-        self._started_at = 0.0
+        self._log_hint = f"journalctl -u {unit_name}"
+        self._restart_phrase = f"starting {unit_name} again"
         self._await_deadline = 0.0
-        self._backoff = BACKOFF_INITIAL
-        self._active = False
-        self._watch_id = 0
-        self._ready_id = 0
-        self._restart_id = 0
         self._await_id = 0
 
     # -- public ------------------------------------------------------------------------
-
-    @property
-    def pid(self) -> Optional[int]:
-        return self._pid
 
     @property
     def manager(self) -> SystemdManager:
@@ -376,87 +347,46 @@ class SystemdEnvoySupervisor:
         return unit_properties(self.binary, self.state_dir, self.log_level, self.slice_name,
                                self.unit_name, self.netns)
 
-    def start(self) -> None:
-        """Adopt the unit if it runs our Envoy; else start it."""
-        if self._active:
-            return
-        self._active = True
-        self._retire_child_envoy()
-        self._spawn()
-
-    def stop(self) -> None:
-        """Stop the unit (SIGTERM, SIGKILL after 5 s) and wait for it: ``meshd cleanup``.
-        Daemon shutdown uses :meth:`detach` so Envoy keeps serving."""
-        self._active = False
-        self._unwatch()
-        self._close_pidfd()
-        stop_unit(self.unit_name, manager=self.manager)
-        self._pid = None
-        self._set_state(STOPPED)
-
-    def detach(self) -> None:
-        """Stop watching; the unit keeps running for the next meshd to adopt."""
-        self._active = False
-        self._unwatch()
-        self._close_pidfd()
-
     # -- internals -----------------------------------------------------------------------
 
-    def _set_state(self, state: str) -> None:
-        if state == self.state:
-            return
-        self.state = state
-        log.info("Envoy %s (%s, pid %s)", state, self.unit_name, self._pid)
-        try:
-            self.on_state_change(state)
-        except Exception:
-            log.exception("Envoy on_state_change callback failed")
+    def _label(self, pid: Optional[int]) -> str:
+        return f"{self.unit_name}, pid {pid}"
 
-    def _unwatch(self) -> None:
-        from gi.repository import GLib
-        for attr in ("_watch_id", "_ready_id", "_restart_id", "_await_id"):
-            sid = getattr(self, attr)
-            if sid:
-                GLib.source_remove(sid)
-                setattr(self, attr, 0)
+    def _stop_envoy(self) -> None:
+        """Stop the unit (SIGTERM, SIGKILL after 5 s) and wait for it."""
+        stop_unit(self.unit_name, manager=self.manager)
 
-    def _close_pidfd(self) -> None:
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
-
-    def _retire_child_envoy(self) -> None:
+    def _adopt_or_spawn(self) -> None:
         """An Envoy left by a meshd that ran without systemd (child-process mode, named by
-        ``envoy.pid``) would serve next to the unit's: stop it first."""
+        ``envoy.pid``) would serve next to the unit's: stop it first.  Then adopt the unit
+        if it runs our Envoy, else start it."""
         pid = envoy._read_pid_file(self.state_dir)
         if pid is not None and envoy._is_our_envoy(pid, self.bootstrap):
             log.warning("replacing the child-process Envoy (pid %d) with %s", pid,
                         self.unit_name)
             envoy.stop_from_pidfile(self.state_dir)
+        self._spawn()
 
-    def _spawn(self) -> bool:
-        """Adopt the unit if it is up, else (re)create it.  A GLib timeout callback."""
-        self._restart_id = 0
-        if not self._active:
-            return False
+    def _spawn(self) -> None:
+        """Adopt the unit if it is up, else (re)create it."""
         self._set_state(STARTING)
         try:
             st = self.manager.unit(self.unit_name)
             if st is not None and st[0] in _UP:
                 if st[1] > 0:
                     if self._adopt(st[1]):
-                        return False
+                        return
                     log.warning("%s runs pid %d, which is not our Envoy: replacing it",
                                 self.unit_name, st[1])
                     stop_unit(self.unit_name, manager=self.manager)   # stops and resets it
                     st = None
                 else:  # activating, no main process yet: wait for it
                     self._await_main_pid_from(time.monotonic())
-                    return False
+                    return
             elif st is not None and st[0] == "deactivating":
                 log.info("%s is still stopping", self.unit_name)
                 self._schedule_restart()
-                return False
+                return
             if st is not None:
                 # inactive/failed but not yet garbage-collected: reset, or the name is taken
                 self.manager.reset_failed(self.unit_name)
@@ -465,10 +395,9 @@ class SystemdEnvoySupervisor:
         except SystemdError as e:
             log.error("cannot start Envoy as %s: %s", self.unit_name, e)
             self._schedule_restart()
-            return False
+            return
         log.info("started %s: %s", self.unit_name, " ".join(self.command()))
         self._await_main_pid_from(time.monotonic())
-        return False
 
     def _await_main_pid_from(self, now: float) -> None:
         from gi.repository import GLib
@@ -491,7 +420,7 @@ class SystemdEnvoySupervisor:
             if pidfd is None:
                 self._exited(st[1], "exited right after start")
             else:
-                self._watch(st[1], pidfd)
+                self._watch(st[1], pidfd, since=self._started_at)   # from the start request
             return False
         if st is None or st[0] in ("inactive", "failed"):
             self._await_id = 0
@@ -513,56 +442,5 @@ class SystemdEnvoySupervisor:
             return False
         log.info("adopting running Envoy (%s, pid %d)", self.unit_name, pid)
         self.adopted = True
-        self._started_at = time.monotonic()
         self._watch(pid, pidfd)
         return True
-
-    def _watch(self, pid: int, pidfd: int) -> None:
-        from gi.repository import GLib
-        self._pid, self._pidfd = pid, pidfd
-        self._set_state(STARTING)
-        self._watch_id = GLib.io_add_watch(
-            pidfd, GLib.PRIORITY_DEFAULT, GLib.IO_IN | GLib.IO_HUP | GLib.IO_ERR, self._on_exit)
-        self._ready_id = GLib.timeout_add(READY_POLL_MS, self._poll_ready)
-
-    def _poll_ready(self) -> bool:
-        if not self._active or self._pid is None:
-            self._ready_id = 0
-            return False
-        if is_ready(self.admin_socket):
-            self._ready_id = 0
-            self._set_state(RUNNING)
-            return False
-        return True
-
-    def _on_exit(self, fd, condition) -> bool:
-        self._watch_id = 0
-        self._exited(self._pid, "exited")
-        return False
-
-    def _exited(self, pid: Optional[int], what: str) -> None:
-        from gi.repository import GLib
-        if self._ready_id:
-            GLib.source_remove(self._ready_id)
-            self._ready_id = 0
-        self._close_pidfd()
-        self._pid = None
-        if not self._active:
-            return
-        uptime = time.monotonic() - self._started_at
-        log.error("Envoy (%s, pid %s) %s after %.1fs; see journalctl -u %s", self.unit_name,
-                  pid, what, uptime, self.unit_name)
-        if uptime >= BACKOFF_RESET_AFTER:
-            self._backoff = BACKOFF_INITIAL
-        self._schedule_restart()
-
-    def _schedule_restart(self) -> None:
-        from gi.repository import GLib
-        if not self._active:
-            return
-        delay = self._backoff
-        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
-        self.restarts += 1
-        self._set_state(RESTARTING)
-        log.info("starting %s again in %.1fs", self.unit_name, delay)
-        self._restart_id = GLib.timeout_add(int(delay * 1000), self._spawn)
