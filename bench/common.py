@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from meshd import __version__ as MESHD_VERSION  # noqa: E402
 from meshd.cgroups import cgroup2_mount  # noqa: E402
-from meshd.envoy import find_envoy, stats as envoy_stats  # noqa: E402
+from meshd.envoy import find_envoy, stats as envoy_stats, total  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 MESHD = str(VENV_BIN / "meshd")
@@ -210,8 +210,7 @@ class MeshdInstance:
         return envoy_stats(self.admin)
 
     def stat(self, name: str) -> int:
-        from meshd.envoy import total   # summed over per-workload filter chains
-        return total(self.stats(), name)
+        return total(self.stats(), name)   # summed over per-workload filter chains
 
     def cleanup(self, step) -> None:
         if self.proc is not None:
@@ -258,7 +257,7 @@ class PathCheck:
         for name, (inst, stat) in self.counters.items():
             if id(inst) not in cache:
                 cache[id(inst)] = inst.stats()
-            out[name] = cache[id(inst)].get(stat, 0)
+            out[name] = total(cache[id(inst)], stat)   # incl. per-workload chains
         return out
 
 
