@@ -118,12 +118,27 @@ def link_info(link_fd: int) -> _LinkInfo:
     return info
 
 
-def prog_id(prog_fd: int) -> int:
-    """The kernel's id of a loaded program (struct bpf_prog_info: type, then id)."""
+def _prog_info(prog_fd: int):
     info = (ctypes.c_uint32 * 64)()
     size = ctypes.c_uint32(ctypes.sizeof(info))
     _check(lib().bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(size)), "program info")
-    return info[1]
+    return info
+
+
+def prog_id(prog_fd: int) -> int:
+    """The kernel's id of a loaded program (struct bpf_prog_info: type, then id)."""
+    return _prog_info(prog_fd)[1]
+
+
+def prog_name(prog_id_: int) -> str:
+    """A loaded program's name (bpf_prog_info.name, at byte 64, 16 bytes)."""
+    lib().bpf_prog_get_fd_by_id.restype = ctypes.c_int
+    fd = _check(lib().bpf_prog_get_fd_by_id(prog_id_), f"open program {prog_id_}")
+    try:
+        raw = bytes(_prog_info(fd))[64:80]
+    finally:
+        os.close(fd)
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
 def prog_query(target_fd: int, attach_type: int) -> list[int]:

@@ -270,11 +270,23 @@ def cmd_cleanup(args) -> int:
         print("stopped Envoy")
     if mesh.netns:
         enter_netns(mesh.netns)   # the routing below lives in the instance's namespace
-    routing.remove(mesh.state_dir)
     dp = Datapath(mesh.bpffs_dir)
     links = dp.pinned_links()
     dp.cleanup()
     print(f"detached {len(links)} link(s), removed pins under {mesh.bpffs_dir}")
+    # The policy routing belongs to the namespace: leave it to the instance that
+    # (still) serves it, if any.
+    from . import bpfsys
+    fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        serving = [i for i in bpfsys.prog_query(fd, bpfsys.SK_LOOKUP)
+                   if bpfsys.prog_name(i) == "meshd_sk_lookup"]
+    finally:
+        os.close(fd)
+    if serving:
+        print("left the policy routing in place: another meshd serves this network namespace")
+    else:
+        routing.remove(mesh.state_dir)
     root = cgroups.cgroup2_mount()
     own = cgroups.path_of(root, mesh.cgroup_root)
     left = [p for d, _, _ in os.walk(own) for p in cgroups.procs(d)]

@@ -136,6 +136,12 @@ class Daemon:
         except (DatapathError, OSError) as e:
             raise StartupError(f"cannot set up the eBPF data path: {e}") from None
         log.info("data path %s at %s", how, self.dp.root)
+        # Before touching anything: one instance per network namespace.
+        others = self.dp.other_meshd_in_netns("/proc/self/ns/net")
+        if others:
+            raise StartupError(
+                f"another meshd instance already serves this network namespace (its sk_lookup "
+                f"program id {others[0]}); run one instance per namespace (mesh.netns)")
 
         # Envoy's cgroup tree: its sockets get the getsockopt and listener hooks,
         # and its upstream connections are never steered (not a workload cgroup).

@@ -253,6 +253,18 @@ class Datapath:
         finally:
             os.close(ns_fd)
 
+    def other_meshd_in_netns(self, netns_path: str) -> list[int]:
+        """Ids of another meshd instance's sk_lookup programs on this network
+        namespace: two instances in one namespace would fight over its ports
+        and its policy routing."""
+        ours = bpfsys.prog_id(self.progs["sk_lookup"])
+        fd = os.open(netns_path, os.O_RDONLY)
+        try:
+            ids = bpfsys.prog_query(fd, bpfsys.SK_LOOKUP)
+        finally:
+            os.close(fd)
+        return [i for i in ids if i != ours and bpfsys.prog_name(i) == HOOKS["sk_lookup"].prog]
+
     def detach(self, owner: str) -> None:
         for name in self.pinned_links():
             if _link_owner(name) == owner:

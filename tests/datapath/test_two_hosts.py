@@ -143,3 +143,22 @@ def test_envoy_restart_on_b_and_cleanup_of_a(hosts):
     assert echo["headers"]["x-forwarded-for"] == h.ip4[h.a]  # ... through B's Envoy
     assert h.mesh_b.stat("http.inbound_http.downstream_rq_total") == b0 + 1
     assert h.mesh_b.status()["state"] == "running"
+
+
+def test_second_instance_in_the_same_namespace_is_refused(mesh, cgroups, prefix):
+    """Two instances in one network namespace would fight over its ports and
+    policy routing: the second one says so and exits, the first keeps working."""
+    mesh.configure()
+    mesh.start()
+    second = Mesh(prefix, cgroups, "x")
+    try:
+        second.configure()
+        second.start(wait=False)
+        assert second.proc.wait(30) == 1
+        assert "another meshd instance already serves this network namespace" in second.log_text()
+        assert mesh.status()["state"] == "running"
+    finally:
+        second.teardown()
+    assert mesh.status()["state"] == "running" and mesh.proc.poll() is None
+    # the refused instance's cleanup left the namespace's policy routing to the first
+    assert "lookup 19795" in sh("ip", "rule").stdout
