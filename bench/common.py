@@ -22,7 +22,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,10 @@ sys.path.insert(0, str(REPO))
 from meshd import __version__ as MESHD_VERSION  # noqa: E402
 from meshd.cgroups import cgroup2_mount  # noqa: E402
 from meshd.envoy import find_envoy, stats as envoy_stats, total  # noqa: E402
+
+# reap, free_port and kill_cgroup are the test suite's own (tests/helpers/common.py)
+sys.path.insert(0, str(REPO / "tests"))
+from helpers.common import free_port, kill_cgroup, reap  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 MESHD = str(VENV_BIN / "meshd")
@@ -92,21 +95,6 @@ def sh(*cmd, check=True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], check=check, capture_output=True, text=True, **kw)
 
 
-def reap() -> None:
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-
-
-def free_port() -> int:
-    while True:
-        p = random.randint(20000, 40000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p))
-                return p
-            except OSError:
-                continue
 
 
 def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
@@ -134,11 +122,6 @@ def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
 
-
-def kill_cgroup(path: str) -> None:
-    """Kill every process in a cgroup tree and remove it (reaping our children)."""
-    from meshd.cgroups import kill_tree
-    kill_tree(path, on_wait=reap)
 
 
 def nginx_conf(tmp: str, listens: list[tuple[str, int]]) -> str:
