@@ -38,9 +38,9 @@ from meshd import __version__ as MESHD_VERSION  # noqa: E402
 from meshd.cgroups import cgroup2_mount  # noqa: E402
 from meshd.envoy import find_envoy, stats as envoy_stats, total  # noqa: E402
 
-# reap, free_port and kill_cgroup are the test suite's own (tests/helpers/common.py)
+# reap, free_port, kill_cgroup and wait_for are the test suite's own (tests/helpers/common.py)
 sys.path.insert(0, str(REPO / "tests"))
-from helpers.common import free_port, kill_cgroup, reap  # noqa: E402
+from helpers.common import free_port, kill_cgroup, reap, wait_for  # noqa: E402,F401
 
 VENV_BIN = Path(sys.executable).parent
 MESHD = str(VENV_BIN / "meshd")
@@ -96,16 +96,6 @@ def sh(*cmd, check=True, **kw) -> subprocess.CompletedProcess:
 
 
 
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def proc_stat_busy() -> tuple[int, int]:
@@ -180,7 +170,7 @@ class MeshdInstance:
                                    f"{Path(self.log.name).read_text()[-3000:]}")
             st = self.status()
             return st and st.get("state") == "running" and st
-        st = wait_for(running, timeout, f"meshd {self.name or ''} running")
+        st = wait_for(running, timeout, what=f"meshd {self.name or ''} running")
         self.envoy_pid = int(Path(self.state_dir, "envoy.pid").read_text())
         return st
 

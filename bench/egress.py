@@ -108,7 +108,7 @@ class Bench(BenchBase):
                     s.settimeout(0.5)
                     ok += s.connect_ex((self.ip, port)) == 0
             return ok == 2
-        wait_for(up, 10, "nginx and iperf3 in the netns")
+        wait_for(up, 10, what="nginx and iperf3 in the netns")
         got = self.curl(self.client("direct"))
         if got != f"200 {FILE_SIZE}":
             raise RuntimeError(f"nginx does not serve the file: {got!r}")
@@ -119,7 +119,7 @@ class Bench(BenchBase):
         self.admin = self.mesh.admin
         self.envoy_pid = self.mesh.envoy_pid
         wait_for(lambda: self.curl(self.client("meshd")).startswith("200"),
-                 20, "a request through meshd's Envoy", interval=0.2)
+                 20, what="a request through meshd's Envoy", interval=0.2)
 
     def stat(self, name: str) -> int:
         return self.mesh.stat(name)

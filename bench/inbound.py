@@ -88,7 +88,8 @@ class Inbound(BenchBase):
         for m in self.meshds:
             m.wait_running()
         wait_for(lambda: set((self.mesh_b.status() or {"workloads": [{}]})["workloads"][0]
-                             .get("inbound_ports", [])) >= {80, 5201}, 20, "meshd B discovers the server ports", interval=0.2)
+                             .get("inbound_ports", [])) >= {80, 5201}, 20,
+                 what="meshd B discovers the server ports", interval=0.2)
         for mode in ("in-meshd", "two-host"):
             self._wait_through(mode)
         self._check_anchor()
@@ -119,7 +120,7 @@ class Inbound(BenchBase):
             self.check_servers()
             r = sh("ip", "netns", "exec", self.ns_s, "ss", "-Hltn", check=False).stdout
             return all(f"{self.ip_s}:{p} " in r for p in (80, 8080, 8081, 5201, 5202, 5203))
-        wait_for(up, 10, "nginx and iperf3 in the server netns")
+        wait_for(up, 10, what="nginx and iperf3 in the server netns")
         got = self.curl(self.client("direct"))
         if got != f"200 {FILE_SIZE}":
             raise RuntimeError(f"nginx does not serve the file: {got!r}")
@@ -131,7 +132,7 @@ class Inbound(BenchBase):
             s1 = self.path.sample()
             return got == f"200 {FILE_SIZE}" and s1["b_in_rq"] > s0["b_in_rq"] and \
                 (mode != "two-host" or s1["a_out_rq"] > s0["a_out_rq"])
-        wait_for(ok, 20, f"a {mode} request through the Envoy(s)", interval=0.3)
+        wait_for(ok, 20, what=f"a {mode} request through the Envoy(s)", interval=0.3)
 
     # ---------------------------------------------------------------- iptables anchor
     def _ipt(self, *args, check=True):

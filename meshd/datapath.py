@@ -211,47 +211,40 @@ class Datapath:
         cgroup (the workload moved) is replaced."""
         cg_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            want_id = os.fstat(cg_fd).st_ino
             for h in hooks:
-                pin = self._pin("links", _link_name(owner, h))
-                if os.path.exists(pin):
-                    fd = bpfsys.obj_get(pin)
-                    try:
-                        if bpfsys.link_info(fd).cgroup_id == want_id:
-                            continue
-                        bpfsys.link_detach(fd)
-                    finally:
-                        os.close(fd)
-                    os.unlink(pin)
-                fd = bpfsys.link_create(self.progs[h], cg_fd, HOOKS[h].attach_type)
-                try:
-                    bpfsys.obj_pin(fd, pin)
-                finally:
-                    os.close(fd)
+                self._ensure_link(_link_name(owner, h), h, cg_fd, os.fstat(cg_fd).st_ino)
         finally:
             os.close(cg_fd)
 
     def attach_netns(self, netns_path: str) -> None:
         """Link sk_lookup to a network namespace, pinned as links/netns:sk_lookup."""
-        pin = self._pin("links", _link_name("netns", "sk_lookup"))
         ns_fd = os.open(netns_path, os.O_RDONLY)
         try:
-            want = os.fstat(ns_fd).st_ino
-            if os.path.exists(pin):
-                fd = bpfsys.obj_get(pin)
-                try:  # for a netns link the info union starts with the netns inode
-                    if bpfsys.link_info(fd).cgroup_id & 0xFFFFFFFF == want:
-                        return
-                finally:
-                    os.close(fd)
-                self._drop_link(os.path.basename(pin))
-            fd = bpfsys.link_create(self.progs["sk_lookup"], ns_fd, bpfsys.SK_LOOKUP)
-            try:
-                bpfsys.obj_pin(fd, pin)
-            finally:
-                os.close(fd)
+            # for a netns link, the link info's union starts with the netns inode (u32)
+            self._ensure_link(_link_name("netns", "sk_lookup"), "sk_lookup", ns_fd,
+                              os.fstat(ns_fd).st_ino, mask=0xFFFFFFFF)
         finally:
             os.close(ns_fd)
+
+    def _ensure_link(self, name: str, hook: str, target_fd: int, target_id: int,
+                     mask: int = (1 << 64) - 1) -> None:
+        """A pinned link from hook's program to the target (cgroup or netns): an
+        existing pin to the same target is kept (adoption), one to another
+        target (the workload moved) is replaced."""
+        pin = self._pin("links", name)
+        if os.path.exists(pin):
+            fd = bpfsys.obj_get(pin)
+            try:
+                if bpfsys.link_info(fd).cgroup_id & mask == target_id:
+                    return
+            finally:
+                os.close(fd)
+            self._drop_link(name)
+        fd = bpfsys.link_create(self.progs[hook], target_fd, HOOKS[hook].attach_type)
+        try:
+            bpfsys.obj_pin(fd, pin)
+        finally:
+            os.close(fd)
 
     def other_meshd_in_netns(self, netns_path: str) -> list[int]:
         """Ids of another meshd instance's sk_lookup programs on this network
