@@ -230,12 +230,13 @@ class Daemon:
         self.dp.set_settings(mesh.outbound_port, mesh.inbound_port)
         self.reconcile()
 
-    def _render_envoy(self) -> None:
+    def _render_envoy(self, ports: dict[int, list[int]] | None = None) -> None:
         """Envoy's files from the config and the enrolled workloads (each gets
         its own filter chains, so Envoy counts it separately). Written only
         when they change; Envoy reloads them in place."""
         mesh = self.config.mesh
-        ports = self.dp.inbound_ports()
+        if ports is None:
+            ports = self.dp.inbound_ports()
         wl_ports = {s.id: ports.get(s.id, []) for s in self.workloads.values() if s.enrolled_since}
         files = envoy.render(mesh.outbound_port, mesh.inbound_port, mesh.state_dir,
                              ipv6_loopback(), self._mark, wl_ports)
@@ -428,7 +429,7 @@ class Daemon:
     def _tick(self) -> bool:
         ports = self.dp.inbound_ports()   # workloads opened or closed listeners
         if {i: ports.get(i, []) for i in self._rendered_ports} != self._rendered_ports:
-            self._render_envoy()
+            self._render_envoy(ports)
         self._check_ready()
         self.write_status()
         return True

@@ -204,6 +204,11 @@ class Mesh:
         except (OSError, ValueError):
             return None
 
+    def workload_counter(self, name: str, index: int = 0) -> int:
+        """A BPF counter of a workload from the status (-1 while there is none)."""
+        st = self.status()
+        return st["workloads"][index]["counters"].get(name, 0) if st else -1
+
     def cli(self, *args, check=False) -> subprocess.CompletedProcess:
         return sh(*MESHD, *args, "--config-dir", self.config_dir, check=check)
 
@@ -246,3 +251,11 @@ def mesh(prefix, cgroups):
         if os.environ.get("MESHD_TEST_SHOW_LOG"):
             print(m.log_text())
         m.teardown()
+
+
+@pytest.fixture
+def meshed(mesh, server):
+    """A running meshd with the `wl` workload enrolled, and a server host."""
+    mesh.configure()
+    mesh.start()
+    return mesh, server

@@ -8,7 +8,6 @@ import random
 import socket
 import sys
 
-import pytest
 
 from conftest import EXCLUDED_PORT, HTTP_PORT, TCP_PORT, kill_cgroup, wait_for
 
@@ -23,15 +22,6 @@ print(json.dumps({"peer": list(s.getpeername()[:2]), "hello": hello}))
 """
 
 
-def workload_counter(mesh, name: str) -> int:
-    return mesh.status()["workloads"][0]["counters"].get(name, 0)
-
-
-@pytest.fixture
-def meshed(mesh, server):
-    mesh.configure()
-    mesh.start()
-    return mesh, server
 
 
 def test_curl_in_workload_goes_through_envoy(meshed):
@@ -58,9 +48,9 @@ def test_python_client_sees_original_peer(meshed):
     assert out["hello"] == f"hello {server.host_ip4}"
     assert mesh.stat("tcp.outbound_tcp.downstream_cx_total") >= 1
     # the BPF counters (refreshed into the status every second) saw it too
-    wait_for(lambda: workload_counter(mesh, "redirected") >= 1 and
-             workload_counter(mesh, "answered") >= 1 and
-             workload_counter(mesh, "peername") >= 1, what="BPF counters")
+    wait_for(lambda: mesh.workload_counter("redirected") >= 1 and
+             mesh.workload_counter("answered") >= 1 and
+             mesh.workload_counter("peername") >= 1, what="BPF counters")
 
 
 def test_outside_cgroup_goes_direct(meshed):
@@ -104,7 +94,7 @@ def test_per_workload_excluded_cidr(mesh, server):
     assert "x-request-id" not in json.loads(r.stdout)["headers"]
     r = mesh.curl(f"http://[{server.ip6}]:{HTTP_PORT}/echo")   # IPv6 still meshed
     assert "x-request-id" in json.loads(r.stdout)["headers"]
-    wait_for(lambda: workload_counter(mesh, "excluded") >= 1, what="excluded counter")
+    wait_for(lambda: mesh.workload_counter("excluded") >= 1, what="excluded counter")
 
 
 def test_workload_by_unit_name(mesh, server, cgroups, prefix):
@@ -132,7 +122,7 @@ def test_entries_are_deleted_when_connections_close(meshed):
     mesh, server = meshed
     for _ in range(5):
         assert mesh.curl(f"http://{server.ip4}:{HTTP_PORT}/echo").returncode == 0
-    wait_for(lambda: workload_counter(mesh, "closed") >= 5, what="closed counter")
+    wait_for(lambda: mesh.workload_counter("closed") >= 5, what="closed counter")
     wait_for(lambda: mesh.status()["datapath"]["tracked_connections"] == 0,
              what="no tracked connections left")
 

@@ -86,10 +86,6 @@ def via_envoy(mesh, server, port=HTTP_PORT) -> bool:
     return "x-request-id" in echo(mesh, server, port)["headers"]
 
 
-def workload_counter(mesh, name: str) -> int:
-    st = mesh.status()
-    return st["workloads"][0]["counters"].get(name, 0) if st else -1
-
 
 def attached(cgroup_dir: str) -> dict[str, list[int]]:
     """Program ids attached to a cgroup directory, for every cgroup hook meshd uses."""
@@ -141,12 +137,6 @@ def current_envoy_pid(mesh) -> int | None:
     except (OSError, ValueError):
         return None   # removed while Envoy is down
 
-
-@pytest.fixture
-def meshed(mesh, server):
-    mesh.configure()
-    mesh.start()
-    return mesh, server
 
 
 # -- 1. a bad change is rejected, the last good config keeps serving --------------------
@@ -254,7 +244,7 @@ def test_envoy_killed_fails_open_then_recovers(meshed):
     mesh, server = meshed
     assert via_envoy(mesh, server)
     old_pid = mesh.envoy_pid()
-    fail_open_before = workload_counter(mesh, "fail_open")
+    fail_open_before = mesh.workload_counter("fail_open")
 
     # Freeze meshd so that its supervisor cannot restart Envoy during the check.
     mesh.proc.send_signal(signal.SIGSTOP)
@@ -273,7 +263,7 @@ def test_envoy_killed_fails_open_then_recovers(meshed):
     finally:
         mesh.proc.send_signal(signal.SIGCONT)
 
-    wait_for(lambda: workload_counter(mesh, "fail_open") >= fail_open_before + 1, timeout=5,
+    wait_for(lambda: mesh.workload_counter("fail_open") >= fail_open_before + 1, timeout=5,
              what="BPF fail_open counter")
     new_pid = wait_for(lambda: (p := current_envoy_pid(mesh)) and p != old_pid and p,
                        timeout=10, what="a new Envoy")
