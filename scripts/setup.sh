@@ -13,7 +13,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 PKGS=(python3 python3-venv python3-bpfcc python3-gi python3-pydbus python3-systemd
       python3-pyroute2 libbpf1 linux-headers-amd64 iproute2 iptables curl dbus
       procps psmisc wrk iperf3 nginx-light
-      dpkg-dev debhelper dh-python systemd-container debootstrap)
+      dpkg-dev debhelper dh-python lintian systemd-container debootstrap)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
