@@ -118,10 +118,10 @@ def cmd_check(args) -> int:
         for err in e.errors:
             print(err, file=sys.stderr)
         return 1
-    from . import envoy
+    from .envoy.process import EnvoyNotFound, find_envoy
     try:
-        binary = envoy.find_envoy(cfg.mesh.envoy_binary)
-    except envoy.EnvoyNotFound as e:
+        binary = find_envoy(cfg.mesh.envoy_binary)
+    except EnvoyNotFound as e:
         print(f"{args.config_dir}: mesh.envoy_binary: {e}", file=sys.stderr)
         return 1
     print(f"{args.config_dir}: ok ({len(cfg.files)} file(s), {len(cfg.workloads)} workload(s); "
@@ -248,7 +248,8 @@ def format_status(st: dict, running: bool) -> str:
 
 def cmd_cleanup(args) -> int:
     mesh = _mesh_or_lenient(args.config_dir)
-    from . import cgroups, envoy, envoy_systemd, routing
+    from . import cgroups, envoy_config, routing
+    from .envoy import process as envoy_process, systemd_unit
     from .daemon import enter_netns, pid_path
     from .datapath import Datapath
     try:
@@ -263,10 +264,10 @@ def cmd_cleanup(args) -> int:
                 break
             time.sleep(0.05)
         print(f"stopped meshd (pid {pid})")
-    unit = envoy_systemd.unit_name_for(mesh.state_dir)
-    if envoy_systemd.stop_unit(unit):   # False at once without systemd
+    unit = systemd_unit.unit_name_for(mesh.state_dir)
+    if systemd_unit.stop_unit(unit):   # False at once without systemd
         print(f"stopped Envoy ({unit})")
-    if envoy.stop_from_pidfile(mesh.state_dir):
+    if envoy_process.stop_from_pidfile(mesh.state_dir):
         print("stopped Envoy")
     if mesh.netns:
         enter_netns(mesh.netns)   # the routing below lives in the instance's namespace
@@ -302,7 +303,7 @@ def cmd_cleanup(args) -> int:
             os.unlink(os.path.join(mesh.state_dir, name))
         except FileNotFoundError:
             pass
-    shutil.rmtree(envoy.config_dir(mesh.state_dir), ignore_errors=True)
+    shutil.rmtree(envoy_config.config_dir(mesh.state_dir), ignore_errors=True)
     try:
         os.rmdir(mesh.state_dir)
     except OSError:

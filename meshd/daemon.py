@@ -15,7 +15,12 @@ import os
 import signal
 import time
 
-from . import __version__, cgroups, envoy, envoy_systemd, notify, routing
+from . import __version__, cgroups, envoy_config, notify, routing
+from .envoy import admin as envoy_admin
+from .envoy import systemd_manager, systemd_unit
+from .envoy.child import EnvoySupervisor
+from .envoy.process import EnvoyNotFound, find_envoy
+from .envoy.supervisor import RUNNING as ENVOY_RUNNING
 from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, WORKLOAD_HOOKS, Datapath, DatapathError
 from .inotify import Inotify
@@ -126,8 +131,8 @@ class Daemon:
         os.makedirs(mesh.state_dir, mode=0o755, exist_ok=True)
         self._lock_instance(mesh.state_dir)
         try:
-            binary = envoy.find_envoy(mesh.envoy_binary)
-        except envoy.EnvoyNotFound as e:
+            binary = find_envoy(mesh.envoy_binary)
+        except EnvoyNotFound as e:
             raise StartupError(str(e)) from None
 
         self.dp = Datapath(mesh.bpffs_dir)
@@ -152,8 +157,8 @@ class Daemon:
         # Under systemd (PID 1, bus reachable, cgroup_root a slice such as
         # /meshd.slice) Envoy is the transient unit meshd-envoy.service in that
         # slice; otherwise a child process in <cgroup_root>/envoy.
-        slice_name = envoy_systemd.slice_for_cgroup_root(mesh.cgroup_root)
-        systemd = envoy_systemd.connect() if slice_name else None
+        slice_name = systemd_unit.slice_for_cgroup_root(mesh.cgroup_root)
+        systemd = systemd_manager.connect() if slice_name else None
         cgroups.ensure(own_root)
         self.dp.attach("envoy", own_root, ENVOY_HOOKS)
         self.envoy_cgroup = os.path.join(own_root, "envoy")
@@ -172,14 +177,14 @@ class Daemon:
             raise StartupError(f"{e} (or set mesh.preserve_client_address = false)") from None
 
         if systemd is not None:
-            self.envoy = envoy_systemd.SystemdEnvoySupervisor(
+            self.envoy = systemd_unit.SystemdEnvoySupervisor(
                 binary, mesh.state_dir, slice_name, mesh.envoy_log_level, self._on_envoy_state,
-                unit_name=envoy_systemd.unit_name_for(mesh.state_dir), netns=mesh.netns,
+                unit_name=systemd_unit.unit_name_for(mesh.state_dir), netns=mesh.netns,
                 manager=systemd)
             log.info("Envoy runs as %s in %s", self.envoy.unit_name, slice_name)
         else:
-            self.envoy = envoy.EnvoySupervisor(binary, mesh.state_dir, self.envoy_cgroup,
-                                               mesh.envoy_log_level, 0, self._on_envoy_state)
+            self.envoy = EnvoySupervisor(binary, mesh.state_dir, self.envoy_cgroup,
+                                         mesh.envoy_log_level, self._on_envoy_state)
         self.envoy.start()
 
     def _lock_instance(self, state_dir: str) -> None:
@@ -238,9 +243,9 @@ class Daemon:
         if ports is None:
             ports = self.dp.inbound_ports()
         wl_ports = {s.id: ports.get(s.id, []) for s in self.workloads.values() if s.enrolled_since}
-        files = envoy.render(mesh.outbound_port, mesh.inbound_port, mesh.state_dir,
-                             ipv6_loopback(), self._mark, wl_ports)
-        changed = envoy.write_config(mesh.state_dir, files)
+        files = envoy_config.render(mesh.outbound_port, mesh.inbound_port, mesh.state_dir,
+                                    ipv6_loopback(), self._mark, wl_ports)
+        changed = envoy_config.write_config(mesh.state_dir, files)
         if changed:
             log.info("Envoy configuration updated: %s", ", ".join(changed))
         self._rendered_ports = wl_ports
@@ -457,7 +462,7 @@ class Daemon:
         self.write_status()
 
     def _check_ready(self) -> None:
-        up = self.envoy.state == envoy.RUNNING and self.dp.envoy_listening()["ipv4"]
+        up = self.envoy.state == ENVOY_RUNNING and self.dp.envoy_listening()["ipv4"]
         self.state = "running" if up else "degraded"
         if up and not self.ready:
             self.ready = True
@@ -467,7 +472,7 @@ class Daemon:
     def _status_line(self) -> str:
         n = sum(1 for w in self.workloads.values() if w.enrolled_since)
         line = f"{n}/{len(self.workloads)} workloads enrolled; Envoy {self.envoy.state}"
-        if self.envoy.state != envoy.RUNNING:
+        if self.envoy.state != ENVOY_RUNNING:
             line += " (workloads fail open: direct connections)"
         if self.config_errors:
             line += f"; config REJECTED ({len(self.config_errors)} errors), last good config in force"
@@ -496,7 +501,7 @@ class Daemon:
                      "cgroup_root": mesh.cgroup_root},
             "envoy": {"state": self.envoy.state, "pid": self.envoy.pid,
                       "adopted": self.envoy.adopted, "restarts": self.envoy.restarts,
-                      "admin_socket": envoy.admin_socket_path(mesh.state_dir),
+                      "admin_socket": envoy_config.admin_socket_path(mesh.state_dir),
                       "listeners": self.dp.envoy_listening() if self.dp.maps else {}},
             "datapath": {"pins": self.dp.root, "adopted": self.dp.adopted,
                          "links": self.dp.pinned_links() if self.dp.maps else [],
@@ -510,10 +515,11 @@ class Daemon:
         }
 
     def _envoy_stats(self) -> dict[str, int]:
-        if self.envoy.state != envoy.RUNNING:
+        if self.envoy.state != ENVOY_RUNNING:
             return {}
         try:
-            return envoy.stats(envoy.admin_socket_path(self.config.mesh.state_dir), timeout=0.5)
+            return envoy_admin.stats(envoy_config.admin_socket_path(self.config.mesh.state_dir),
+                                     timeout=0.5)
         except (OSError, ValueError) as e:
             log.debug("Envoy stats: %s", e)
             return {}
