@@ -81,6 +81,6 @@ def is_ready(socket_path: str, timeout: float = 0.5) -> bool:
     """Does ``/ready`` answer 200 (Envoy's server state LIVE)?"""
     try:
         status, _ = get(socket_path, "/ready", timeout)
-    except OSError:
+    except (OSError, ValueError):   # never raise into the GLib readiness poll
         return False
     return status == 200
