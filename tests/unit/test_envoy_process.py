@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 
+from helpers import fake_envoy
 from meshd.envoy import process
 from meshd.envoy_config import bootstrap_path
 
@@ -26,16 +26,10 @@ def state(tmp_path):
 def spawn(tmp_path):
     """Start a process (killed and reaped at the end); ``spawn(name, *args)`` runs a copy
     of `tail` called ``name``."""
-    tail = shutil.which("tail")
-    if tail is None:
-        pytest.skip("no tail")
     procs = []
 
     def run(name, *args):
-        exe = tmp_path / name
-        if not exe.exists():
-            shutil.copy(tail, exe)
-        p = subprocess.Popen([str(exe), *args], stdout=subprocess.DEVNULL)
+        p = fake_envoy.start([fake_envoy.binary(tmp_path, name), *args])
         procs.append(p)
         return p
     yield run

@@ -5,13 +5,13 @@ tier runs the real thing."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
 
 import pytest
 
+from helpers import fake_envoy
 from meshd.envoy import process, systemd_manager
 from meshd.envoy import systemd_unit as es
 from meshd.envoy.supervisor import RESTARTING, STARTING, STOPPED
@@ -159,8 +159,7 @@ class FakeManager(systemd_manager.SystemdManager):
         self.calls: list[tuple] = []
 
     def run(self, name: str, argv: list[str]) -> subprocess.Popen:
-        p = subprocess.Popen([self.fake_envoy] + argv[1:], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+        p = fake_envoy.start([self.fake_envoy] + argv[1:])
         self.units[name] = ("active", p)
         return p
 
@@ -202,11 +201,7 @@ class FakeManager(systemd_manager.SystemdManager):
 @pytest.fixture
 def fake(tmp_path):
     GLib = pytest.importorskip("gi.repository.GLib")
-    tail = shutil.which("tail")
-    if tail is None:
-        pytest.skip("no tail")
-    binary = tmp_path / "envoy"
-    shutil.copy(tail, binary)
+    binary = fake_envoy.binary(tmp_path)
     state = tmp_path / "run"
     os.makedirs(os.path.dirname(bootstrap_path(str(state))))
     open(bootstrap_path(str(state)), "w").write("{}\n")
@@ -294,7 +289,7 @@ def test_replaces_an_envoy_left_by_child_process_mode(fake):
     Envoy must not serve next to it."""
     sup, m, states, GLib = fake
     os.makedirs(sup.state_dir, exist_ok=True)
-    child = subprocess.Popen([m.fake_envoy, "-f", sup.bootstrap], stdout=subprocess.DEVNULL)
+    child = fake_envoy.start([m.fake_envoy, "-f", sup.bootstrap])
     try:
         process.write_pid_file(sup.state_dir, child.pid)
         sup.start()
