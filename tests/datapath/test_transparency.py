@@ -247,3 +247,55 @@ def test_declared_http_port_keeps_what_envoy_can_keep(topo):
     body = lambda r: r.split("\n\n", 1)[1]
     # what the server received differs only by the documented x-forwarded-proto
     assert body(meshed).replace("\nx-forwarded-proto: http", "") == body(direct)
+
+
+CURL_CASES = {
+    "mixed-case-header": ["-H", "X-Client-Case: Yes"],
+    "80KiB-header": ["-H", "X-Big: " + "b" * 80 * 1024],
+    "120-headers": [a for i in range(120) for a in ("-H", f"X-H{i}: v")],
+    "http1.0": ["--http1.0"],
+    "lower-case-method": ["-X", "get"],
+    "absolute-form": ["-x", "{server}", "http://other.example:8080/abs"],
+    "connect": ["-p", "-x", "{server}", "http://other.example/"],
+}
+
+
+@pytest.mark.parametrize("case", CURL_CASES)
+def test_curl_sees_the_same(path, case):
+    """curl against a server that answers with the request head it received
+    (under "200 Fine Thanks"): byte for byte the same, on an undeclared port."""
+    outs = []
+    for meshed in (False, True):
+        where, port = path.target("http", meshed)
+        server = f"http://{path.server}:{port}" if ":" not in path.server else \
+            f"http://[{path.server}]:{port}"
+        args = [a.replace("{server}", server) for a in CURL_CASES[case]]
+        url = [] if "-x" in args else [f"{server}/p"]
+        r = path.t.run(path.client_ns, "curl", "-sS", "-i", "--max-time", "10", *args, *url,
+                       **where)
+        outs.append((r.returncode, r.stdout.replace(f":{port}", ":PORT"), r.stderr))
+    assert outs[1] == outs[0]
+    assert "Fine Thanks" in outs[0][1] or case == "connect"   # curl keeps a CONNECT's answer to itself
+
+
+def test_redis_cli(topo):
+    """A real client and server of a binary request/response protocol."""
+    topo.start()
+    port = free_port()
+    srv = subprocess.Popen(["ip", "netns", "exec", topo.peer, "redis-server", "--port", str(port),
+                            "--bind", "0.0.0.0", "::", "--save", "", "--appendonly", "no",
+                            "--protected-mode", "no"], stdout=subprocess.DEVNULL)
+    topo.procs.append(srv)
+    for ip in (topo.ip4[topo.peer], topo.ip6[topo.peer]):
+        wait_for(lambda: topo.run(topo.host, "redis-cli", "-h", ip, "-p", port, "PING",
+                                  cgroup=topo.mesh.outside).stdout == "PONG\n", what="redis up")
+        outs = []
+        for cg in (topo.mesh.outside, topo.mesh.workload):
+            before = topo.mesh.stat("tcp.outbound_tcp.downstream_cx_total")
+            script = "SET k v\nGET k\nAPPEND k w\nGET k\nDEL k\nGET k\n"
+            r = topo.run(topo.host, "redis-cli", "-h", ip, "-p", port, input=script, cgroup=cg)
+            outs.append(r.stdout)
+            grew = topo.mesh.stat("tcp.outbound_tcp.downstream_cx_total") > before
+            assert grew == (cg == topo.mesh.workload)
+        assert outs[0] == "OK\nv\n2\nvw\n1\n\n"
+        assert outs[1] == outs[0]
