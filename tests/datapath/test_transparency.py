@@ -24,6 +24,7 @@ from conftest import REPO, Mesh, free_port, sh, wait_for
 from helpers.tcpprobe import MODES, port_of
 
 PROBE = str(REPO / "tests" / "helpers" / "tcpprobe.py")
+L7APPS = str(REPO / "tests" / "helpers" / "l7apps.py")
 pytestmark = pytest.mark.root
 
 
@@ -299,3 +300,31 @@ def test_redis_cli(topo):
             assert grew == (cg == topo.mesh.workload)
         assert outs[0] == "OK\nv\n2\nvw\n1\n\n"
         assert outs[1] == outs[0]
+
+
+def test_websocket_and_grpc_on_declared_ports(topo):
+    """Ports declared http and grpc go through Envoy's HTTP handling (counted
+    per request); a WebSocket (text, 1 MiB binary, idle without pings, close
+    frame) and gRPC (unary, server stream, bidi, an error status) see the same
+    as direct."""
+    ws_port, grpc_port = free_port(), free_port()
+    topo.start(f'protocols = {{ {ws_port} = "http", {grpc_port} = "grpc" }}\n')
+    for cmd, port in (("ws-serve", ws_port), ("grpc-serve", grpc_port)):
+        p = subprocess.Popen(["ip", "netns", "exec", topo.peer, sys.executable, L7APPS, cmd,
+                              str(port)], stdout=subprocess.PIPE, text=True)
+        topo.procs.append(p)
+        assert p.stdout.readline().strip() == "ready"
+    peer = topo.ip4[topo.peer]
+    for cmd, target in (("ws-client", f"ws://{peer}:{ws_port}/"),
+                        ("grpc-client", f"{peer}:{grpc_port}")):
+        outs = []
+        for cg in (topo.mesh.outside, topo.mesh.workload):
+            before = topo.mesh.stat("http.outbound_http.downstream_rq_total")
+            r = topo.run(topo.host, sys.executable, L7APPS, cmd, target, cgroup=cg)
+            assert r.returncode == 0, (cg, r.stderr[-600:])
+            outs.append(json.loads(r.stdout))
+            counted = topo.mesh.stat("http.outbound_http.downstream_rq_total") - before
+            assert (counted > 0) == (cg == topo.mesh.workload), cmd
+        assert outs[1] == outs[0]
+    assert outs[0]["error"] == ["PERMISSION_DENIED", "not you"]
+    assert outs[0]["stream"] == ["x0", "x1", "x2"]
