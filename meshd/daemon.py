@@ -18,6 +18,7 @@ import time
 from . import __version__, cgroups, envoy, envoy_systemd, notify, routing
 from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, WORKLOAD_HOOKS, Datapath, DatapathError
+from .fsutil import atomic_write as _atomic_write
 from .inotify import Inotify
 
 log = logging.getLogger("meshd")
@@ -42,13 +43,6 @@ class WorkloadState:
     enrolled_since: float = 0.0     # 0 = waiting for its cgroup to appear
     error: str = ""
     other_programs: dict = dataclasses.field(default_factory=dict)  # hook -> foreign prog ids
-
-
-def _atomic_write(path: str, data: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(data)
-    os.rename(tmp, path)
 
 
 def status_path(state_dir: str) -> str:

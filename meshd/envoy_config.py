@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+
+from . import fsutil
 
 # v3 type URLs ----------------------------------------------------------------------------
 _T = "type.googleapis.com/"
@@ -353,26 +354,7 @@ def dumps(doc: dict) -> bytes:
 
 
 def _atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsutil.atomic_write(path, data, mode)
 
 
 def write_config(state_dir: str, files: dict[str, dict]) -> list[str]:
