@@ -160,3 +160,19 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         n += int(hi or lo) - int(lo) + 1
     return n
+
+
+class MapInfo(ctypes.Structure):
+    # the head of struct bpf_map_info; the kernel fills as much as we offer
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("name", ctypes.c_char * 16)]
+
+
+def map_info(map_fd: int) -> MapInfo:
+    info = MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(map_fd, ctypes.byref(info), ctypes.byref(size)),
+           "map info")
+    return info
