@@ -15,6 +15,9 @@ from .maplayout import MapSpec
 
 def _pack(ctype: type, value) -> bytes:
     if isinstance(value, (ctypes._SimpleCData, ctypes.Structure, ctypes.Array)):
+        if ctypes.sizeof(value) != ctypes.sizeof(ctype) or (
+                isinstance(value, ctypes.Structure) and not isinstance(value, ctype)):
+            raise TypeError(f"{type(value).__name__} given where the map holds {ctype.__name__}")
         return bytes(value)
     return bytes(ctype(*value) if isinstance(value, (list, tuple)) else ctype(value))
 

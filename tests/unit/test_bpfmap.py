@@ -98,6 +98,14 @@ def test_map_packs_keys_and_values_as_the_layout_says():
     assert ops.data == {}
 
 
+def test_map_refuses_a_key_of_another_layout():
+    m = bpfmap.Map(7, ml.MAPS["excluded_cidr4"], ops=FakeOps())
+    with pytest.raises(TypeError):
+        m.set(ml.cidr_key(0, "fd00::/8"), 1)
+    with pytest.raises(TypeError):
+        m.set(ml.PortKey(workload=0, port=22), 1)
+
+
 def test_map_struct_values():
     ops = FakeOps()
     m = bpfmap.Map(7, ml.MAPS["settings"], ops=ops)

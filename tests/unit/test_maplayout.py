@@ -100,6 +100,14 @@ def test_addresses_in_the_prelude():
     assert ml.workload_source4(ml.MAX_WORKLOADS - 1) == "127.77.0.255"
 
 
+def test_envoy_config_uses_the_same_addresses():
+    # Envoy's per-workload chains match the source connect4 binds, and sk_lookup
+    # passes Envoy's own source: both sides must name the same addresses.
+    from meshd import envoy_config as ec
+    assert ec.workload_source(9) == ml.workload_source4(9)
+    assert ec.INBOUND_SOURCE_V4 == str(ml.ENVOY_INBOUND_SOURCE4)
+
+
 def test_cidr_keys_hold_the_workload_then_the_network_in_network_order():
     k4 = ml.cidr_key(3, "10.1.2.3/16")
     assert bytes(k4) == (48).to_bytes(4, "little") + bytes([0, 0, 0, 3, 10, 1, 0, 0])
