@@ -5,7 +5,7 @@
  * maps under <bpffs_dir>/v1/maps/ and talks to them by name.
  *
  * meshd/maplayout.py declares what C and Python share: it generates the
- * constants and enums below this file needs (MESHD_MAX_WORKLOADS,
+ * constants and enums this file uses but does not define (MESHD_MAX_WORKLOADS,
  * WORKLOAD_NET4, MESHD_ENVOY_INBOUND_SOURCE4, WL_EXPLICIT_PORTS,
  * enum meshd_counter, enum listener_slot) and checks every struct here against
  * its Python twin at compile time. A struct or map changed here must change
