@@ -171,3 +171,22 @@ def test_workload_ids_and_inbound_port_listing(dp):
     assert dict(dp.fake["workload_ids"]) == {5678: 2}
     dp.fake["inbound_ports"].update({8081: 1, 8080: 1, 9000: 2})
     assert dp.inbound_ports() == {1: [8080, 8081], 2: [9000]}
+
+
+def test_open_refuses_a_map_whose_sizes_differ_from_the_layout(monkeypatch):
+    import ctypes
+
+    from meshd import bpfsys
+    from meshd.datapath import DatapathError
+
+    d = Datapath("/nonexistent")
+    d.maps = {name: i for i, name in enumerate(ml.MAPS)}
+    sizes = {i: (ctypes.sizeof(s.key), ctypes.sizeof(s.value))
+             for i, s in enumerate(ml.MAPS.values())}
+    monkeypatch.setattr(bpfsys, "possible_cpus", lambda: 4)
+    monkeypatch.setattr(bpfsys, "map_info", lambda fd: bpfsys.MapInfo(
+        key_size=sizes[fd][0], value_size=sizes[fd][1]))
+    d._check_maps()   # per-CPU values: the kernel reports one CPU's size
+    sizes[d.maps["tuple_dst"]] = (36, 24)
+    with pytest.raises(DatapathError, match="tuple_dst: key/value sizes 36/24 in the kernel, 40/24"):
+        d._check_maps()
