@@ -20,7 +20,8 @@ from .maplayout import COUNTERS, MAX_WORKLOADS, NR_COUNTERS
 log = logging.getLogger("meshd.datapath")
 
 LAYOUT = "v1"  # bump when a map's layout or a pin name changes
-SOURCES = ("connect.c", "sockops.c", "getsockopt.c", "getpeername.c", "sk_lookup.c")
+SOURCES = ("connect.c", "sockops.c", "getsockopt.c", "getpeername.c", "getsockname.c",
+           "sk_lookup.c")
 MAPS = tuple(maplayout.MAPS)
 
 
@@ -38,12 +39,17 @@ HOOKS = {
                          bpfsys.CGROUP_INET4_GETPEERNAME),
     "getpeername6": Hook("meshd_getpeername6", bpfsys.PROG_CGROUP_SOCK_ADDR,
                          bpfsys.CGROUP_INET6_GETPEERNAME),
+    "getsockname4": Hook("meshd_getsockname4", bpfsys.PROG_CGROUP_SOCK_ADDR,
+                         bpfsys.CGROUP_INET4_GETSOCKNAME),
+    "getsockname6": Hook("meshd_getsockname6", bpfsys.PROG_CGROUP_SOCK_ADDR,
+                         bpfsys.CGROUP_INET6_GETSOCKNAME),
     "sockops": Hook("meshd_sockops", bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
     "envoy_sockops": Hook("meshd_envoy_sockops", bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
     "getsockopt": Hook("meshd_getsockopt", bpfsys.PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_GETSOCKOPT),
     "sk_lookup": Hook("meshd_sk_lookup", bpfsys.PROG_SK_LOOKUP, bpfsys.SK_LOOKUP),
 }
-WORKLOAD_HOOKS = ("connect4", "connect6", "getpeername4", "getpeername6", "sockops")
+WORKLOAD_HOOKS = ("connect4", "connect6", "getpeername4", "getpeername6", "getsockname4",
+                  "getsockname6", "sockops")
 ENVOY_HOOKS = ("envoy_sockops", "getsockopt")
 
 
@@ -305,10 +311,16 @@ class Datapath:
     def set_exclusions(self, ports: dict[int, set[int]], cidrs: dict[int, set]) -> None:
         """Exclusions by workload id (0 = every workload): ports and networks."""
         sync(self._map("excluded_ports"), _port_keys(ports))
-        keys = [maplayout.cidr_key(wl, n) for wl, nets in cidrs.items() for n in nets]
-        for name, cls in (("excluded_cidr4", maplayout.Cidr4Key),
-                          ("excluded_cidr6", maplayout.Cidr6Key)):
-            sync(self._map(name), {k: 1 for k in keys if isinstance(k, cls)})
+        self._sync_families(("excluded_cidr4", "excluded_cidr6"),
+                            {maplayout.cidr_key(wl, n): 1 for wl, nets in cidrs.items()
+                             for n in nets})
+
+    def _sync_families(self, names: tuple[str, str], want: dict) -> None:
+        """Sync a pair of maps (IPv4, IPv6) from one dict: each entry goes to the
+        map whose key type it has."""
+        for name in names:
+            key_type = maplayout.MAPS[name].key
+            sync(self._map(name), {k: v for k, v in want.items() if isinstance(k, key_type)})
 
     def set_inbound(self, explicit: dict[int, set[int]], auto: set[int],
                     excluded: dict[int, set[int]], discovered: dict[int, set[int]]) -> None:
@@ -324,6 +336,13 @@ class Datapath:
         # removes it); one of a workload gone or of a changed explicit list goes
         sync(self._map("inbound_ports"), want, keep=lambda port, wl: wl in auto)
         sync(self._map("excluded_in_ports"), _port_keys(excluded))
+
+    def set_route_sources(self, sources: dict) -> None:
+        """Destination network -> the source address the kernel would pick for
+        it (meshd.sources), for getsockname on steered sockets."""
+        self._sync_families(("route_src4", "route_src6"),
+                            {maplayout.route_key(net): maplayout.route_source(src)
+                             for net, src in sources.items()})
 
     def inbound_ports(self) -> dict[int, list[int]]:
         """Meshed inbound ports by workload id."""

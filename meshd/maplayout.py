@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+import sys
 from dataclasses import dataclass
 
 MAX_WORKLOADS = 256   # workload ids 1..255; 0 = "global" (applies to every workload)
@@ -117,18 +118,56 @@ class Cidr6Key(Struct):
     _fields_ = [("prefixlen", _u32), ("workload", _u32), ("addr", _ADDR6)]
 
 
-STRUCTS = (MeshSettings, OrigDst, ConnTuple, PortKey, Cidr4Key, Cidr6Key)
+class Route4Key(Struct):
+    """LPM key of route_src4: a destination network (network order)."""
+    C_NAME = "route4_key"
+    _fields_ = [("prefixlen", _u32), ("addr", _u32)]
+
+
+class Route6Key(Struct):
+    C_NAME = "route6_key"
+    _fields_ = [("prefixlen", _u32), ("addr", _ADDR6)]
+
+
+class Route6Src(Struct):
+    """route_src6's value: the source address (network order)."""
+    C_NAME = "route6_src"
+    _fields_ = [("addr", _ADDR6)]
+
+
+STRUCTS = (MeshSettings, OrigDst, ConnTuple, PortKey, Cidr4Key, Cidr6Key,
+           Route4Key, Route6Key, Route6Src)
+
+
+def _with_addr(cls: type, addr, **fields):
+    """A struct whose `addr` holds an IP address's bytes as they are (network
+    order), whatever int type the C field has."""
+    s = cls(**fields)
+    ctypes.memmove(ctypes.addressof(s) + cls.addr.offset, addr.packed, cls.addr.size)
+    return s
 
 
 def cidr_key(workload: int, network) -> Cidr4Key | Cidr6Key:
     """The excluded_cidr4/6 key for one workload's (0 = everyone's) network."""
     net = ipaddress.ip_network(network, strict=False)
-    cls = Cidr4Key if net.version == 4 else Cidr6Key
-    key = cls(prefixlen=32 + net.prefixlen, workload=socket.htonl(workload))
-    # the address's bytes as they are, in whatever int type holds them
-    ctypes.memmove(ctypes.addressof(key) + cls.addr.offset, net.network_address.packed,
-                   cls.addr.size)
-    return key
+    return _with_addr(Cidr4Key if net.version == 4 else Cidr6Key, net.network_address,
+                      prefixlen=32 + net.prefixlen, workload=socket.htonl(workload))
+
+
+def route_key(network) -> Route4Key | Route6Key:
+    """The route_src4/6 key for a destination network."""
+    net = ipaddress.ip_network(network, strict=False)
+    return _with_addr(Route4Key if net.version == 4 else Route6Key, net.network_address,
+                      prefixlen=net.prefixlen)
+
+
+def route_source(address) -> int | Route6Src:
+    """The route_src4/6 value for a source address: IPv4 is a bare __u32 in
+    network order, IPv6 a struct route6_src."""
+    addr = ipaddress.ip_address(address)
+    if addr.version == 4:
+        return int.from_bytes(addr.packed, sys.byteorder)
+    return _with_addr(Route6Src, addr)
 
 
 # -- maps ------------------------------------------------------------------------
@@ -156,6 +195,8 @@ MAPS = {
     "workload_flags": MapSpec(_u32, _u32, array=True),
     "excluded_in_ports": MapSpec(PortKey, _u8),
     "envoy_upstreams": MapSpec(ConnTuple, _u8),
+    "route_src4": MapSpec(Route4Key, _u32),    # destination network -> source address
+    "route_src6": MapSpec(Route6Key, Route6Src),
 }
 
 

@@ -22,6 +22,9 @@ DOCUMENTED = {
     ml.PortKey: (8, {"workload": 0, "port": 4, "pad": 6}),
     ml.Cidr4Key: (12, {"prefixlen": 0, "workload": 4, "addr": 8}),
     ml.Cidr6Key: (24, {"prefixlen": 0, "workload": 4, "addr": 8}),
+    ml.Route4Key: (8, {"prefixlen": 0, "addr": 4}),
+    ml.Route6Key: (20, {"prefixlen": 0, "addr": 4}),
+    ml.Route6Src: (16, {"addr": 0}),
 }
 
 
@@ -114,6 +117,15 @@ def test_cidr_keys_hold_the_workload_then_the_network_in_network_order():
     k6 = ml.cidr_key(0, "fd00::/8")
     assert isinstance(k6, ml.Cidr6Key)
     assert bytes(k6) == (40).to_bytes(4, "little") + bytes(4) + bytes([0xfd]) + bytes(15)
+
+
+def test_route_entries_hold_addresses_in_network_order():
+    assert bytes(ml.route_key("192.168.0.0/16")) == (16).to_bytes(4, "little") + bytes(
+        [192, 168, 0, 0])
+    assert ml.route_source("10.0.0.1").to_bytes(4, "little") == bytes([10, 0, 0, 1])
+    k6, v6 = ml.route_key("2001:db8::/32"), ml.route_source("2001:db8::5")
+    assert bytes(k6) == (32).to_bytes(4, "little") + bytes([0x20, 1, 0xd, 0xb8]) + bytes(12)
+    assert bytes(v6) == bytes([0x20, 1, 0xd, 0xb8]) + bytes(11) + b"\x05"
 
 
 def test_structs_are_equal_and_hashed_by_their_bytes():
