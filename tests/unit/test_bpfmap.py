@@ -190,3 +190,13 @@ def test_open_refuses_a_map_whose_sizes_differ_from_the_layout(monkeypatch):
     sizes[d.maps["tuple_dst"]] = (36, 24)
     with pytest.raises(DatapathError, match="tuple_dst: key/value sizes 36/24 in the kernel, 40/24"):
         d._check_maps()
+
+
+def test_route_sources_go_to_the_map_of_their_family(dp):
+    import ipaddress as ip
+    dp.set_route_sources({ip.ip_network("10.0.0.0/8"): ip.ip_address("10.1.1.1"),
+                          ip.ip_network("fd00::/8"): ip.ip_address("fd00::1")})
+    assert dict(dp.fake["route_src4"]) == {ml.route_key("10.0.0.0/8"): ml.route_source("10.1.1.1")}
+    assert dict(dp.fake["route_src6"]) == {ml.route_key("fd00::/8"): ml.route_source("fd00::1")}
+    dp.set_route_sources({})
+    assert not dp.fake["route_src4"] and not dp.fake["route_src6"]
