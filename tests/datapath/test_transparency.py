@@ -14,6 +14,7 @@ namespace behind a veth pair holds the egress servers and the ingress clients.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from conftest import REPO, Mesh, free_port, sh, wait_for
 from helpers.tcpprobe import MODES, port_of
 
 PROBE = str(REPO / "tests" / "helpers" / "tcpprobe.py")
+L7APPS = str(REPO / "tests" / "helpers" / "l7apps.py")
 pytestmark = pytest.mark.root
 
 
@@ -299,3 +301,52 @@ def test_redis_cli(topo):
             assert grew == (cg == topo.mesh.workload)
         assert outs[0] == "OK\nv\n2\nvw\n1\n\n"
         assert outs[1] == outs[0]
+
+
+def test_websocket_and_grpc_on_declared_ports(topo):
+    """Ports declared http and grpc go through Envoy's HTTP handling (counted
+    per request); a WebSocket (text, 1 MiB binary, idle without pings, close
+    frame) and gRPC (unary, server stream, bidi, an error status) see the same
+    as direct."""
+    ws_port, grpc_port = free_port(), free_port()
+    topo.start(f'protocols = {{ {ws_port} = "http", {grpc_port} = "grpc" }}\n')
+    for cmd, port in (("ws-serve", ws_port), ("grpc-serve", grpc_port)):
+        p = subprocess.Popen(["ip", "netns", "exec", topo.peer, sys.executable, L7APPS, cmd,
+                              str(port)], stdout=subprocess.PIPE, text=True)
+        topo.procs.append(p)
+        assert p.stdout.readline().strip() == "ready"
+    peer = topo.ip4[topo.peer]
+    for cmd, target in (("ws-client", f"ws://{peer}:{ws_port}/"),
+                        ("grpc-client", f"{peer}:{grpc_port}")):
+        outs = []
+        for cg in (topo.mesh.outside, topo.mesh.workload):
+            before = topo.mesh.stat("http.outbound_http.downstream_rq_total")
+            r = topo.run(topo.host, sys.executable, L7APPS, cmd, target, cgroup=cg)
+            assert r.returncode == 0, (cg, r.stderr[-600:])
+            outs.append(json.loads(r.stdout))
+            counted = topo.mesh.stat("http.outbound_http.downstream_rq_total") - before
+            assert (counted > 0) == (cg == topo.mesh.workload), cmd
+        assert outs[1] == outs[0]
+    assert outs[0]["error"] == ["PERMISSION_DENIED", "not you"]
+    assert outs[0]["stream"] == ["x0", "x1", "x2"]
+
+
+# Envoy's own defaults cut a quiet TCP connection after 1 h and a quiet HTTP
+# stream after 5 min; meshd turns both off. The short form here checks a quiet
+# spell passes; MESHD_TEST_IDLE_SECONDS=330 runs it past Envoy's 5 minutes.
+IDLE = float(os.environ.get("MESHD_TEST_IDLE_SECONDS", "3"))
+
+
+def test_quiet_connections_are_not_cut(topo):
+    poll = port_of(topo.peer_base, "longpoll")
+    topo.start(f'protocols = {{ {poll} = "http" }}\n')
+    path = Path(topo, "egress", 4)
+    d, m = path.both("echo", "--send", b"ping".hex(), "--idle", str(IDLE), "--half-close")
+    assert d["received"] == "pingping" and d["end"] == "EOF"
+    same(d, m)
+    before = topo.mesh.stat("http.outbound_http.downstream_rq_total")
+    r = topo.run(topo.host, "curl", "-sS", "--max-time", str(IDLE + 30),
+                 f"http://{topo.ip4[topo.peer]}:{poll}/sleep/{IDLE}", cgroup=topo.mesh.workload,
+                 timeout=IDLE + 40)
+    assert (r.returncode, r.stdout) == (0, "late"), r.stderr
+    assert topo.mesh.stat("http.outbound_http.downstream_rq_total") == before + 1
