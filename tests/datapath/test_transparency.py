@@ -77,7 +77,8 @@ class Topology:
         return subprocess.run(full, capture_output=True, text=True, timeout=20, **kw)
 
     def probe(self, ns, host, port, *args, cgroup=None) -> dict:
-        r = self.run(ns, sys.executable, PROBE, "probe", host, port, *args, cgroup=cgroup)
+        r = self.run(ns, sys.executable, PROBE, "probe", host, port, *args, cgroup=cgroup,
+                     timeout=30 + IDLE)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
