@@ -15,7 +15,7 @@ import os
 import signal
 import time
 
-from . import __version__, cgroups, envoy, envoy_systemd, notify, routing, sources
+from . import __version__, cgroups, envoy, envoy_systemd, maplayout, notify, routing, sources
 from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, WORKLOAD_HOOKS, Datapath, DatapathError
 from .fsutil import atomic_write as _atomic_write
@@ -204,12 +204,12 @@ class Daemon:
     def _id_for(self, name: str) -> int:
         if name not in self.ids:
             used = set(self.ids.values())
-            free = next((i for i in range(1, 256) if i not in used), None)
+            free = next((i for i in range(1, maplayout.MAX_WORKLOADS) if i not in used), None)
             if free is None:  # recycle ids of workloads no longer configured
                 live = {w.name for w in self.config.workloads}
                 self.ids = {k: v for k, v in self.ids.items() if k in live}
                 used = set(self.ids.values())
-                free = next(i for i in range(1, 256) if i not in used)
+                free = next(i for i in range(1, maplayout.MAX_WORKLOADS) if i not in used)
             self.ids[name] = free
             _atomic_write(self._ids_path(), json.dumps(self.ids, indent=1, sort_keys=True))
         return self.ids[name]

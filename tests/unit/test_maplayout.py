@@ -107,8 +107,14 @@ def test_envoy_config_uses_the_same_addresses():
     # Envoy's per-workload chains match the source connect4 binds, and sk_lookup
     # passes Envoy's own source: both sides must name the same addresses.
     from meshd import envoy_config as ec
-    assert ec.workload_source(9) == ml.workload_source4(9)
-    assert ec.INBOUND_SOURCE_V4 == str(ml.ENVOY_INBOUND_SOURCE4)
+    files = ec.render(15001, 15006, "/run/meshd", ipv6=False, workload_ports={9: []})
+    (outbound, _) = files["lds.json"]["resources"]
+    chain = next(c for c in outbound["filter_chains"] if c["name"] == "outbound_wl9")
+    assert chain["filter_chain_match"]["source_prefix_ranges"][0]["address_prefix"] == \
+        ml.workload_source4(9)
+    inbound = next(c for c in files["cds.json"]["resources"] if c["name"] == "meshd_inbound")
+    assert inbound["upstream_bind_config"]["source_address"]["address"] == \
+        str(ml.ENVOY_INBOUND_SOURCE4)
 
 
 def test_cidr_keys_hold_the_workload_then_the_network_in_network_order():
