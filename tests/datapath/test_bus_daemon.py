@@ -18,7 +18,7 @@ def on_bus(mesh, server, monkeypatch):
     bus = PrivateBus().start()
     try:
         monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)   # inherited by meshd
-        mesh.configure()
+        mesh.configure(protocols={HTTP_PORT: "http"})   # so Envoy counts requests
         mesh.start()
         wait_for(lambda: "io.meshd.Mesh1" in bus.busctl("list", "--acquired").stdout,
                  what="meshd on the bus")
