@@ -81,7 +81,7 @@ class WorkloadStatus:
 
     @property
     def state(self) -> str:
-        """"enrolled", or why not."""
+        """What `meshd status` and the bus show: "enrolled", or why not."""
         return "enrolled" if self.enrolled_since else (self.error or "waiting")
 
 
