@@ -15,9 +15,10 @@ import os
 import signal
 import time
 
-from . import __version__, cgroups, envoy, envoy_systemd, notify, routing, sources
+from . import __version__, cgroups, envoy, envoy_systemd, maplayout, notify, routing, sources
 from .config import Config, ConfigError, ConfigInvalid, load_config
-from .datapath import COUNTERS, ENVOY_HOOKS, WORKLOAD_HOOKS, Datapath, DatapathError
+from .datapath import ENVOY_HOOKS, WORKLOAD_HOOKS, Datapath, DatapathError
+from .fsutil import atomic_write as _atomic_write
 from .inotify import Inotify
 from .status import (DatapathStatus, EnvoyStatus, MeshSettings, Status, WorkloadEnvoy,
                      WorkloadStatus, status_path)
@@ -44,13 +45,6 @@ class WorkloadState:
     enrolled_since: float = 0.0     # 0 = waiting for its cgroup to appear
     error: str = ""
     other_programs: dict = dataclasses.field(default_factory=dict)  # hook -> foreign prog ids
-
-
-def _atomic_write(path: str, data: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(data)
-    os.rename(tmp, path)
 
 
 def pid_path(state_dir: str) -> str:
@@ -208,12 +202,12 @@ class Daemon:
     def _id_for(self, name: str) -> int:
         if name not in self.ids:
             used = set(self.ids.values())
-            free = next((i for i in range(1, 256) if i not in used), None)
+            free = next((i for i in range(1, maplayout.MAX_WORKLOADS) if i not in used), None)
             if free is None:  # recycle ids of workloads no longer configured
                 live = {w.name for w in self.config.workloads}
                 self.ids = {k: v for k, v in self.ids.items() if k in live}
                 used = set(self.ids.values())
-                free = next(i for i in range(1, 256) if i not in used)
+                free = next(i for i in range(1, maplayout.MAX_WORKLOADS) if i not in used)
             self.ids[name] = free
             _atomic_write(self._ids_path(), json.dumps(self.ids, indent=1, sort_keys=True))
         return self.ids[name]
@@ -493,7 +487,7 @@ class Daemon:
         counters = self.dp.counters(ids) if live else {}
 
         def row(wid: int) -> dict[str, int]:  # every name, zeros included
-            return {name: counters.get(wid, {}).get(name, 0) for name in COUNTERS}
+            return {name: counters.get(wid, {}).get(name, 0) for name in maplayout.COUNTERS}
         stats = self._envoy_stats()
         inbound = self.dp.inbound_ports() if live else {}
         mesh = self.config.mesh

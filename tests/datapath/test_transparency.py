@@ -14,6 +14,7 @@ namespace behind a veth pair holds the egress servers and the ingress clients.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -76,7 +77,8 @@ class Topology:
         return subprocess.run(full, capture_output=True, text=True, timeout=20, **kw)
 
     def probe(self, ns, host, port, *args, cgroup=None) -> dict:
-        r = self.run(ns, sys.executable, PROBE, "probe", host, port, *args, cgroup=cgroup)
+        r = self.run(ns, sys.executable, PROBE, "probe", host, port, *args, cgroup=cgroup,
+                     timeout=30 + IDLE)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
@@ -328,3 +330,24 @@ def test_websocket_and_grpc_on_declared_ports(topo):
         assert outs[1] == outs[0]
     assert outs[0]["error"] == ["PERMISSION_DENIED", "not you"]
     assert outs[0]["stream"] == ["x0", "x1", "x2"]
+
+
+# Envoy's own defaults cut a quiet TCP connection after 1 h and a quiet HTTP
+# stream after 5 min; meshd turns both off. The short form here checks a quiet
+# spell passes; MESHD_TEST_IDLE_SECONDS=330 runs it past Envoy's 5 minutes.
+IDLE = float(os.environ.get("MESHD_TEST_IDLE_SECONDS", "3"))
+
+
+def test_quiet_connections_are_not_cut(topo):
+    poll = port_of(topo.peer_base, "longpoll")
+    topo.start(f'protocols = {{ {poll} = "http" }}\n')
+    path = Path(topo, "egress", 4)
+    d, m = path.both("echo", "--send", b"ping".hex(), "--idle", str(IDLE), "--half-close")
+    assert d["received"] == "pingping" and d["end"] == "EOF"
+    same(d, m)
+    before = topo.mesh.stat("http.outbound_http.downstream_rq_total")
+    r = topo.run(topo.host, "curl", "-sS", "--max-time", str(IDLE + 30),
+                 f"http://{topo.ip4[topo.peer]}:{poll}/sleep/{IDLE}", cgroup=topo.mesh.workload,
+                 timeout=IDLE + 40)
+    assert (r.returncode, r.stdout) == (0, "late"), r.stderr
+    assert topo.mesh.stat("http.outbound_http.downstream_rq_total") == before + 1
