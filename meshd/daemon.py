@@ -25,6 +25,8 @@ from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, WORKLOAD_HOOKS, Datapath, DatapathError
 from .fsutil import atomic_write as _atomic_write
 from .inotify import Inotify
+from .status import (DatapathStatus, EnvoyStatus, MeshSettings, Status, WorkloadEnvoy,
+                     WorkloadStatus, status_path)
 
 log = logging.getLogger("meshd")
 
@@ -50,15 +52,11 @@ class WorkloadState:
     other_programs: dict = dataclasses.field(default_factory=dict)  # hook -> foreign prog ids
 
 
-def status_path(state_dir: str) -> str:
-    return os.path.join(state_dir, "status.json")
-
-
 def pid_path(state_dir: str) -> str:
     return os.path.join(state_dir, "meshd.pid")
 
 
-def workload_envoy_stats(stats: dict[str, int], wid: int) -> dict[str, int]:
+def workload_envoy_stats(stats: dict[str, int], wid: int) -> WorkloadEnvoy:
     """A workload's numbers from its own filter chains (envoy_config.py names
     them <direction>_<http|tcp>_<id>). Bytes are from the workload's side:
     sent = what it wrote (outbound requests, inbound responses)."""
@@ -72,7 +70,7 @@ def workload_envoy_stats(stats: dict[str, int], wid: int) -> dict[str, int]:
                 p + "downstream_cx_tx_bytes_total", 0)
             out["bytes_sent"] += rx if d == "outbound" else tx
             out["bytes_received"] += tx if d == "outbound" else rx
-    return out
+    return WorkloadEnvoy(**out)
 
 
 def enter_netns(path: str) -> None:
@@ -487,40 +485,43 @@ class Daemon:
         return line
 
     # -- status ---------------------------------------------------------------
-    def status(self) -> dict:
+    def status(self) -> Status:
+        """What this meshd knows now, as the status model (meshd/status.py)."""
+        live = bool(self.dp.maps)   # the maps are closed once meshd is stopping
         ids = [0] + [w.id for w in self.workloads.values()]
-        counters = self.dp.counters(ids) if self.dp.maps else {}
+        counters = self.dp.counters(ids) if live else {}
+
+        def row(wid: int) -> dict[str, int]:  # every name, zeros included
+            return {name: counters.get(wid, {}).get(name, 0) for name in maplayout.COUNTERS}
         stats = self._envoy_stats()
-        inbound = self.dp.inbound_ports() if self.dp.maps else {}
+        inbound = self.dp.inbound_ports() if live else {}
         mesh = self.config.mesh
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "state": self.state,
-            "updated": time.time(),
-            "started": self.started,
-            "config_dir": self.config_dir,
-            "config_files": list(self.config.files),
-            "config_errors": [dataclasses.asdict(e) for e in self.config_errors],
-            "mesh": {"outbound_port": mesh.outbound_port, "inbound_port": mesh.inbound_port,
-                     "exclude_outbound_ports": list(mesh.exclude_outbound_ports),
-                     "exclude_outbound_cidrs": [str(c) for c in mesh.exclude_outbound_cidrs],
-                     "bpffs_dir": mesh.bpffs_dir, "state_dir": mesh.state_dir,
-                     "cgroup_root": mesh.cgroup_root},
-            "envoy": {"state": self.envoy.state, "pid": self.envoy.pid,
-                      "adopted": self.envoy.adopted, "restarts": self.envoy.restarts,
-                      "admin_socket": envoy_config.admin_socket_path(mesh.state_dir),
-                      "listeners": self.dp.envoy_listening() if self.dp.maps else {}},
-            "datapath": {"pins": self.dp.root, "adopted": self.dp.adopted,
-                         "links": self.dp.pinned_links() if self.dp.maps else [],
-                         "tracked_connections":
-                             self.dp.tracked_connections() if self.dp.maps else 0},
-            "counters": counters.get(0, {}),
-            "workloads": [dict(dataclasses.asdict(w), counters=counters.get(w.id, {}),
-                               inbound_ports=inbound.get(w.id, []),
-                               envoy=workload_envoy_stats(stats, w.id))
-                          for w in self.workloads.values()],
-        }
+        return Status(
+            version=__version__, pid=os.getpid(), state=self.state, updated=time.time(),
+            started=self.started, config_dir=self.config_dir,
+            config_files=tuple(self.config.files), config_errors=tuple(self.config_errors),
+            mesh=MeshSettings(
+                outbound_port=mesh.outbound_port, inbound_port=mesh.inbound_port,
+                exclude_outbound_ports=tuple(mesh.exclude_outbound_ports),
+                exclude_outbound_cidrs=tuple(str(c) for c in mesh.exclude_outbound_cidrs),
+                bpffs_dir=mesh.bpffs_dir, state_dir=mesh.state_dir,
+                cgroup_root=mesh.cgroup_root),
+            envoy=EnvoyStatus(
+                state=self.envoy.state, pid=self.envoy.pid, adopted=self.envoy.adopted,
+                restarts=self.envoy.restarts,
+                admin_socket=envoy_config.admin_socket_path(mesh.state_dir),
+                listeners=self.dp.envoy_listening() if live else {}),
+            datapath=DatapathStatus(
+                pins=self.dp.root, adopted=self.dp.adopted,
+                links=tuple(self.dp.pinned_links()) if live else (),
+                tracked_connections=self.dp.tracked_connections() if live else 0),
+            counters=row(0),
+            workloads=tuple(WorkloadStatus(
+                name=w.name, id=w.id, cgroup=w.cgroup, cgroup_id=w.cgroup_id,
+                enrolled_since=w.enrolled_since, error=w.error,
+                other_programs={h: tuple(ids) for h, ids in w.other_programs.items()},
+                counters=row(w.id), inbound_ports=tuple(inbound.get(w.id, ())),
+                envoy=workload_envoy_stats(stats, w.id)) for w in self.workloads.values()))
 
     def _envoy_stats(self) -> dict[str, int]:
         if self.envoy.state != ENVOY_RUNNING:
@@ -533,10 +534,10 @@ class Daemon:
             return {}
 
     def write_status(self) -> None:
+        """status.json and the D-Bus properties, from one Status."""
         st = self.status()
         try:
-            _atomic_write(status_path(self.config.mesh.state_dir),
-                          json.dumps(st, indent=1, sort_keys=True))
+            _atomic_write(status_path(self.config.mesh.state_dir), st.to_json())
         except OSError as e:
             log.warning("cannot write status: %s", e)
         if self.bus is not None:
