@@ -131,6 +131,14 @@ def server(prefix):
         s.stop()
 
 
+def toml_value(v) -> str:
+    """A TOML value: JSON's scalars and arrays are TOML too; a dict becomes an
+    inline table, e.g. protocols={8080: "http"} -> { 8080 = "http" }."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)
+
+
 class Mesh:
     """One meshd instance with its own config dir, pins, state dir, cgroups and ports."""
 
@@ -157,7 +165,7 @@ class Mesh:
                  f'state_dir = "{self.state_dir}"', f'cgroup_root = "{self.cgroup_root}"']
         if self.netns:
             lines.append(f'netns = "/run/netns/{self.netns}"')
-        lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in extra.items()]
         return "\n".join(lines) + "\n"
 
     def write(self, name: str, text: str) -> str:

