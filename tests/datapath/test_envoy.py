@@ -1,7 +1,9 @@
-"""Real Envoy: config validation and the supervisor (spawn, cgroup, restart, adopt, stop)."""
+"""Real Envoy: config validation and the supervisor (spawn, cgroup, restart, adopt, stop).
+
+Each test runs in the network namespace the `netns` fixture made (the test's thread
+enters it, so Envoy and every socket the test opens live there, never in the host's)."""
 
 import os
-import random
 import shutil
 import signal
 import socket
@@ -9,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
 import pytest
 
@@ -27,29 +28,7 @@ except envoy.EnvoyNotFound as e:
 
 GLib = pytest.importorskip("gi.repository.GLib")
 
-
-def cgroup2_mount() -> str:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1] == "cgroup2":
-                return fields[4]
-    pytest.skip("no cgroup2 mount")
-
-
-def free_port() -> int:
-    """A random high port free on both 127.0.0.1 and ::1."""
-    for _ in range(100):
-        port = random.randint(20000, 40000)
-        try:
-            for fam, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-                with socket.socket(fam, socket.SOCK_STREAM) as s:
-                    s.bind((addr, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port")
+from helpers.common import cgroup2_root, free_port, inside_netns  # noqa: E402
 
 
 def ipv6_loopback() -> bool:
@@ -82,9 +61,9 @@ def alive(pid) -> bool:
 
 
 class Env:
-    def __init__(self):
-        self.state_dir = tempfile.mkdtemp(prefix="meshd-envoy-")
-        self.cgroup = os.path.join(cgroup2_mount(), f"meshdtest-envoy-{uuid.uuid4().hex[:8]}")
+    def __init__(self, prefix: str, name: str = ""):
+        self.state_dir = tempfile.mkdtemp(prefix=f"{prefix}{name}-")
+        self.cgroup = os.path.join(cgroup2_root(), f"{prefix}-envoy{name}")
         os.mkdir(self.cgroup)
         self.port = free_port()
         self.ipv6 = ipv6_loopback()
@@ -134,8 +113,14 @@ class Env:
 
 
 @pytest.fixture
-def env():
-    e = Env()
+def in_netns(netns):
+    with inside_netns(netns):
+        yield netns
+
+
+@pytest.fixture
+def env(in_netns, prefix):
+    e = Env(prefix)
     try:
         yield e
     finally:
@@ -178,7 +163,7 @@ def test_supervisor_lifecycle(env):
         assert int(f.read()) == pid1
 
     # in its own cgroup, its own session
-    want_cgroup = "/" + os.path.relpath(env.cgroup, cgroup2_mount())
+    want_cgroup = "/" + os.path.relpath(env.cgroup, cgroup2_root())
     assert cgroup_of(pid1) == want_cgroup
     assert os.getsid(pid1) == pid1
 
@@ -267,9 +252,9 @@ def test_stale_pidfile_is_not_adopted(env):
     assert envoy.stop_from_pidfile(env.state_dir) is False
 
 
-def test_two_envoys_coexist():
+def test_two_envoys_coexist(in_netns, prefix):
     """--disable-hot-restart lets several Envoys run on one host."""
-    a, b = Env(), Env()
+    a, b = Env(prefix, "a"), Env(prefix, "b")
     try:
         sa, sb = a.supervisor(), b.supervisor()
         sa.start()
