@@ -103,6 +103,22 @@ struct cidr6_key {
 	__u32 addr[4];
 };
 
+/* Source address selection (getsockname.c): destination prefix -> the
+ * address the kernel would use as source. Addresses in network order. */
+struct route4_key {
+	__u32 prefixlen;
+	__u32 addr;
+};
+
+struct route6_key {
+	__u32 prefixlen;
+	__u32 addr[4];
+};
+
+struct route6_src {
+	__u32 addr[4];
+};
+
 /* BCC's BPF_SOCKMAP() offers no lookup and BPF_TABLE("sockmap") no
  * sock_map_update; this declares a SOCKMAP with both (same shape as BCC's). */
 #define MESHD_SOCKMAP(_name, _max_entries) \
@@ -146,6 +162,8 @@ BPF_HASH(excluded_in_ports, struct port_key, __u8, 4096);
  * client's address; daddr = app): sk_lookup must let these through instead of
  * steering them back into Envoy (a loop). */
 BPF_TABLE("lru_hash", struct conn_tuple, __u8, envoy_upstreams, MESHD_MAX_CONNS);
+BPF_LPM_TRIE(route_src4, struct route4_key, __u32, 4096);
+BPF_LPM_TRIE(route_src6, struct route6_key, struct route6_src, 4096);
 BPF_PERCPU_ARRAY(counters, __u64, MESHD_MAX_WORKLOADS * MESHD_NR_COUNTERS);
 
 static __always_inline void count(__u32 workload, __u32 slot)

@@ -54,6 +54,11 @@ class MeshConfig:
     # inbound: the application sees the client's address (original_src + policy
     # routing) instead of Envoy's 127.0.0.6
     preserve_client_address: bool = True
+    # destination port -> application protocol, for every connection on this host;
+    # a port not listed is "tcp": its bytes pass untouched (see PROTOCOLS)
+    protocols: tuple[tuple[int, str], ...] = ()
+    # inbound HTTP: append the client's address to X-Forwarded-For
+    http_forwarded_for: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class Workload:
     source: str  # "file:line" where the table was declared
     # inbound ports steered through Envoy: None = every TCP port it listens on
     inbound_ports: tuple[int, ...] | None = None
+    # protocols of the ports this workload serves, over [mesh] protocols
+    protocols: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,31 @@ def _list_of(convert: Callable[[Any], Any], what: str, sort_key: Callable | None
 
 
 _ports = _list_of(_port, "integers")
+
+# What Envoy does with a port's connections. "tcp" forwards bytes untouched, with
+# TCP's own semantics (half-close, resets, no timeouts); the HTTP family runs
+# Envoy's HTTP connection manager (per-request numbers; Envoy's HTTP handling
+# shows, see README "Transparency"). The names are the ones Istio and Consul use.
+PROTOCOLS = ("tcp", "http", "http2", "grpc")
+
+
+def _protocols(v: Any) -> tuple[tuple[int, str], ...]:
+    """A table of port = "protocol", e.g. { 8080 = "http", 50051 = "grpc" }."""
+    bad, good = [], {}
+    for key, proto in _expect(v, dict, 'table of port = "protocol"').items():
+        try:
+            port = int(key) if key.isdigit() else None
+            if port is None or not 1 <= port <= 65535:
+                raise ValueError(f"key {key!r} is not a port number 1..65535")
+            if not isinstance(proto, str) or proto not in PROTOCOLS:
+                raise ValueError(f"port {key}: expected one of {', '.join(PROTOCOLS)}, "
+                                 f"got {_describe(proto)}")
+            good[port] = proto
+        except ValueError as e:
+            bad.append(str(e))
+    if bad:
+        raise ValueError("; ".join(bad))
+    return tuple(sorted(good.items()))
 _cidrs = _list_of(_cidr, "CIDR strings", sort_key=lambda n: (n.version, n.network_address, n.prefixlen))
 
 # key -> (converter, default)
@@ -184,6 +216,8 @@ _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "cgroup_root": (_cgroup, "/meshd.slice"),
     "netns": (lambda v: _abs_path(v, allow_empty=True), ""),
     "preserve_client_address": (_bool, True),
+    "protocols": (_protocols, ()),
+    "http_forwarded_for": (_bool, False),
 }
 _WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "cgroup": (_cgroup, None),
@@ -192,6 +226,7 @@ _WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "exclude_outbound_cidrs": (_cidrs, ()),
     "exclude_inbound_ports": (_ports, ()),
     "inbound_ports": (_ports, None),
+    "protocols": (_protocols, ()),
 }
 # The dataclass defaults document the API; the schema must agree with them.
 assert {k: d for k, (_, d) in _MESH_SCHEMA.items()} == vars(MeshConfig())

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 
-from . import __version__, cgroups, envoy, envoy_systemd, notify, routing
+from . import __version__, cgroups, envoy, envoy_systemd, notify, routing, sources
 from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, WORKLOAD_HOOKS, Datapath, DatapathError
 from .inotify import Inotify
@@ -110,6 +110,7 @@ class Daemon:
         self._timers: dict[str, int] = {}
         self._mark = 0
         self._rendered_ports: dict[int, list[int]] = {}
+        self._route_sources: dict = {}
         self._cgroup_watches: dict[str, int] = {}
         self.bus = None  # meshd.bus.BusService once the main loop runs
 
@@ -228,7 +229,16 @@ class Daemon:
         else:
             routing.remove(mesh.state_dir)    # switched off, or left by an earlier run
         self.dp.set_settings(mesh.outbound_port, mesh.inbound_port)
+        self._update_route_sources()
         self.reconcile()
+
+    def _update_route_sources(self) -> None:
+        """The source addresses getsockname shows steered sockets follow the
+        namespace's routes (checked every status tick)."""
+        table = sources.route_sources()
+        if table != self._route_sources:
+            self.dp.set_route_sources(table)
+            self._route_sources = table
 
     def _render_envoy(self, ports: dict[int, list[int]] | None = None) -> None:
         """Envoy's files from the config and the enrolled workloads (each gets
@@ -238,8 +248,11 @@ class Daemon:
         if ports is None:
             ports = self.dp.inbound_ports()
         wl_ports = {s.id: ports.get(s.id, []) for s in self.workloads.values() if s.enrolled_since}
+        wl_protocols = {self.workloads[w.name].id: dict(w.protocols)
+                        for w in self.config.workloads if w.name in self.workloads}
         files = envoy.render(mesh.outbound_port, mesh.inbound_port, mesh.state_dir,
-                             ipv6_loopback(), self._mark, wl_ports)
+                             ipv6_loopback(), self._mark, wl_ports, dict(mesh.protocols),
+                             wl_protocols, mesh.http_forwarded_for)
         changed = envoy.write_config(mesh.state_dir, files)
         if changed:
             log.info("Envoy configuration updated: %s", ", ".join(changed))
@@ -430,6 +443,7 @@ class Daemon:
         ports = self.dp.inbound_ports()   # workloads opened or closed listeners
         if {i: ports.get(i, []) for i in self._rendered_ports} != self._rendered_ports:
             self._render_envoy(ports)
+        self._update_route_sources()
         self._check_ready()
         self.write_status()
         return True

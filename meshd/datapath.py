@@ -20,10 +20,12 @@ from . import bpfsys
 log = logging.getLogger("meshd.datapath")
 
 LAYOUT = "v1"  # bump when a map's layout or a pin name changes
-SOURCES = ("connect.c", "sockops.c", "getsockopt.c", "getpeername.c", "sk_lookup.c")
+SOURCES = ("connect.c", "sockops.c", "getsockopt.c", "getpeername.c", "getsockname.c",
+           "sk_lookup.c")
 MAPS = ("settings", "workload_ids", "excluded_ports", "excluded_cidr4", "excluded_cidr6",
         "cookie_dst", "tuple_dst", "envoy_listeners", "counters", "meta",
-        "inbound_ports", "workload_flags", "excluded_in_ports", "envoy_upstreams")
+        "inbound_ports", "workload_flags", "excluded_in_ports", "envoy_upstreams",
+        "route_src4", "route_src6")
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,17 @@ HOOKS = {
                          bpfsys.CGROUP_INET4_GETPEERNAME),
     "getpeername6": Hook("meshd_getpeername6", bpfsys.PROG_CGROUP_SOCK_ADDR,
                          bpfsys.CGROUP_INET6_GETPEERNAME),
+    "getsockname4": Hook("meshd_getsockname4", bpfsys.PROG_CGROUP_SOCK_ADDR,
+                         bpfsys.CGROUP_INET4_GETSOCKNAME),
+    "getsockname6": Hook("meshd_getsockname6", bpfsys.PROG_CGROUP_SOCK_ADDR,
+                         bpfsys.CGROUP_INET6_GETSOCKNAME),
     "sockops": Hook("meshd_sockops", bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
     "envoy_sockops": Hook("meshd_envoy_sockops", bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
     "getsockopt": Hook("meshd_getsockopt", bpfsys.PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_GETSOCKOPT),
     "sk_lookup": Hook("meshd_sk_lookup", bpfsys.PROG_SK_LOOKUP, bpfsys.SK_LOOKUP),
 }
-WORKLOAD_HOOKS = ("connect4", "connect6", "getpeername4", "getpeername6", "sockops")
+WORKLOAD_HOOKS = ("connect4", "connect6", "getpeername4", "getpeername6", "getsockname4",
+                  "getsockname6", "sockops")
 ENVOY_HOOKS = ("envoy_sockops", "getsockopt")
 
 # Must match enum meshd_counter in bpf/meshd.h.
@@ -369,6 +376,23 @@ class Datapath:
                 bpfsys.map_delete(fd, k)
         for k in want_ex:
             bpfsys.map_update(fd, k, b"\x01")
+
+    def set_route_sources(self, sources: dict) -> None:
+        """Destination network -> the source address the kernel would pick for
+        it (meshd.sources), for getsockname on steered sockets."""
+        want4, want6 = {}, {}
+        for net, src in sources.items():
+            if net.version == 4:
+                want4[struct.pack("<I", net.prefixlen) + net.network_address.packed] = src.packed
+            else:
+                want6[struct.pack("<I", net.prefixlen) + net.network_address.packed] = src.packed
+        for name, want, ksize in (("route_src4", want4, 8), ("route_src6", want6, 20)):
+            fd = self.maps[name]
+            for k in bpfsys.map_keys(fd, ksize):
+                if k not in want:
+                    bpfsys.map_delete(fd, k)
+            for k, v in want.items():
+                bpfsys.map_update(fd, k, v)
 
     def inbound_ports(self) -> dict[int, list[int]]:
         """Meshed inbound ports by workload id."""

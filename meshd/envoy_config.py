@@ -17,10 +17,11 @@ _T = "type.googleapis.com/"
 T_LISTENER = _T + "envoy.config.listener.v3.Listener"
 T_CLUSTER = _T + "envoy.config.cluster.v3.Cluster"
 T_ORIGINAL_DST = _T + "envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
-T_HTTP_INSPECTOR = _T + "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"
 T_TCP_PROXY = _T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 T_HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 T_ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
+T_PRESERVE_CASE = (
+    _T + "envoy.extensions.http.header_formatters.preserve_case.v3.PreserveCaseFormatterConfig")
 T_HTTP_PROTOCOL_OPTIONS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 T_DOWNSTREAM_CONNECTIONS = (
     _T + "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
@@ -125,68 +126,75 @@ def _access_log(path: str) -> list[dict]:
 
 
 def _tcp_proxy(stat_prefix: str, cluster: str, access_log: str = "") -> dict:
-    cfg = {"@type": T_TCP_PROXY, "stat_prefix": stat_prefix, "cluster": cluster}
+    cfg = {"@type": T_TCP_PROXY, "stat_prefix": stat_prefix, "cluster": cluster,
+           # No idle timeout of our own (Envoy's default is 1 h): a quiet
+           # connection lives as long as the kernel and the peers let it.
+           "idle_timeout": "0s"}
     if access_log:
         cfg["access_log"] = _access_log(access_log)
     return {"name": "envoy.filters.network.tcp_proxy", "typed_config": cfg}
 
 
-def _http_connection_manager(stat_prefix: str = "outbound_http",
-                             cluster: str = CLUSTER_ORIGINAL_DST, access_log: str = "") -> dict:
+# HTTP/1 as the peers wrote it: header names keep their case, and the upstream's
+# reason phrase ("200 Fine Thanks") reaches the client.
+_PRESERVE_CASE = {
+    "header_key_format": {"stateful_formatter": {
+        "name": "preserve_case",
+        "typed_config": {"@type": T_PRESERVE_CASE, "forward_reason_phrase": True}}},
+}
+# No idle timeouts shorter than the kernel's; headers as large and many as a
+# server may accept (Envoy's maximum).
+_HTTP_COMMON = {"idle_timeout": "0s", "max_headers_count": 10000}
+
+
+def _http_connection_manager(stat_prefix: str, cluster: str, access_log: str = "",
+                             forwarded_for: bool = False) -> dict:
+    """Envoy's HTTP handling, set to change as little as Envoy allows (README
+    "Transparency" lists what it still changes)."""
     hcm = {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": T_HCM,
-            "stat_prefix": stat_prefix,
-            "codec_type": "AUTO",
-            # Inbound, the peer is the real client: append it to X-Forwarded-For so an
-            # HTTP application can see who called even though Envoy connects to it.
-            "use_remote_address": stat_prefix.startswith("inbound"),
-            # Transparent: keep the upstream's Server header instead of writing "envoy".
-            "server_header_transformation": "PASS_THROUGH",
-            # Unconfigured upgrades are refused by Envoy; a transparent proxy must pass them.
-            "upgrade_configs": [{"upgrade_type": "websocket"}],
-            "route_config": {
-                "name": f"meshd_{stat_prefix}",
-                "virtual_hosts": [
-                    {
-                        "name": "original_dst",
-                        "domains": ["*"],
-                        "routes": [
-                            {
-                                "match": {"prefix": "/"},
-                                # 0s: no per-route timeout, so streaming responses work.
-                                "route": {"cluster": cluster, "timeout": "0s"},
-                            }
-                        ],
-                    }
+        "@type": T_HCM,
+        "stat_prefix": stat_prefix,
+        "codec_type": "AUTO",   # HTTP/1.x, and h2c with prior knowledge
+        "generate_request_id": False,
+        # X-Forwarded-For only when the operator asks for it (inbound).
+        "use_remote_address": False,
+        "skip_xff_append": not forwarded_for,
+        "server_header_transformation": "PASS_THROUGH",
+        "proxy_100_continue": True,   # the server answers Expect: 100-continue
+        "stream_idle_timeout": "0s",  # long polls and quiet streams (default 5 min)
+        "max_request_headers_kb": 8192,
+        "common_http_protocol_options": _HTTP_COMMON,
+        "http_protocol_options": dict(_PRESERVE_CASE, accept_http_10=True,
+                                      allow_chunked_length=True),
+        # Upgrades and CONNECT pass to the server, which answers them.
+        "upgrade_configs": [{"upgrade_type": "websocket"}, {"upgrade_type": "CONNECT"}],
+        "route_config": {
+            "name": f"meshd_{stat_prefix}",
+            "virtual_hosts": [{
+                "name": "original_dst",
+                "domains": ["*"],
+                "routes": [
+                    {"match": {"connect_matcher": {}},
+                     "route": {"cluster": cluster, "timeout": "0s",
+                               "upgrade_configs": [{"upgrade_type": "CONNECT"}]}},
+                    # 0s: no per-route timeout, so streaming responses work.
+                    {"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}},
                 ],
-            },
-            "http_filters": [
-                {"name": "envoy.filters.http.router", "typed_config": {"@type": T_ROUTER}}
-            ],
+            }],
         },
+        "http_filters": [{"name": "envoy.filters.http.router",
+                          "typed_config": {"@type": T_ROUTER, "suppress_envoy_headers": True}}],
     }
     if access_log:
-        hcm["typed_config"]["access_log"] = _access_log(access_log)
-    return hcm
+        hcm["access_log"] = _access_log(access_log)
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
 
 
-def _listener_filters() -> dict:
-    return {
-        "listener_filters": [
-            {"name": "envoy.filters.listener.original_dst",
-             "typed_config": {"@type": T_ORIGINAL_DST}},
-            {"name": "envoy.filters.listener.http_inspector",
-             "typed_config": {"@type": T_HTTP_INSPECTOR}},
-        ],
-        # Server-first protocols (SMTP, MySQL, ...) send nothing: don't stall them long.
-        "listener_filters_timeout": "1s",
-        "continue_on_listener_filters_timeout": True,
-    }
-
-
-HTTP_PROTOCOLS = ["http/1.1", "h2c"]
+def _original_dst_filter() -> dict:
+    # The only listener filter that always runs: it reads no bytes, so nothing
+    # waits for the client to speak (no protocol sniffing: ports are declared).
+    return {"name": "envoy.filters.listener.original_dst",
+            "typed_config": {"@type": T_ORIGINAL_DST}}
 
 
 WORKLOAD_NET4 = "127.77.0."  # + workload id: the source bpf/connect.c binds (meshd.h)
@@ -196,61 +204,71 @@ def workload_source(wid: int) -> str:
     return f"{WORKLOAD_NET4}{wid}"
 
 
-def _workload_chains(direction: str, wid: int, match: dict, cluster: str,
-                     access_log: str = "", tag: str = "") -> list[dict]:
-    """HTTP and TCP chains for one workload, with stat prefixes
-    <direction>_http_<id> / <direction>_tcp_<id>: Envoy's per-workload numbers."""
-    return [
-        {"name": f"{direction}_http_{wid}{tag}",
-         "filter_chain_match": dict(match, application_protocols=HTTP_PROTOCOLS),
-         "filters": [_http_connection_manager(f"{direction}_http_{wid}", cluster, access_log)]},
-        {"name": f"{direction}_tcp_{wid}{tag}",
-         "filter_chain_match": dict(match),
-         "filters": [_tcp_proxy(f"{direction}_tcp_{wid}", cluster, access_log)]},
-    ]
+def is_http(protocol: str) -> bool:
+    return protocol != "tcp"
+
+
+def _chain(name: str, match: dict, protocol: str, stat: str, cluster: str,
+           access_log: str = "", forwarded_for: bool = False) -> dict:
+    """One filter chain; its stat prefix is <stat's direction>_<http|tcp><stat's suffix>,
+    e.g. outbound_http_3: the numbers status reads per workload."""
+    direction, _, suffix = stat.partition("_")
+    kind = "http" if is_http(protocol) else "tcp"
+    prefix = f"{direction}_{kind}{'_' + suffix if suffix else ''}"
+    filt = (_http_connection_manager(prefix, cluster, access_log, forwarded_for)
+            if kind == "http" else _tcp_proxy(prefix, cluster, access_log))
+    chain = {"name": name, "filters": [filt]}
+    if match:
+        chain["filter_chain_match"] = match
+    return chain
 
 
 def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str,
                             client_mark: int = 0,
-                            workload_ports: dict[int, list[int]] | None = None) -> dict:
+                            workload_ports: dict[int, list[int]] | None = None,
+                            protocols: dict[int, str] | None = None,
+                            workload_protocols: dict[int, dict[int, str]] | None = None,
+                            forwarded_for: bool = False) -> dict:
     """sk_lookup hands connections for workload ports to this listener's socket;
     they keep their real addresses, so the local address is the destination.
 
     client_mark != 0: connect to the application from the client's own address
     (original_src), with that SO_MARK so policy routing brings replies back.
-    workload_ports: workload id -> its meshed ports, for per-workload chains."""
+    workload_ports: workload id -> its meshed ports, for per-workload chains.
+    protocols: port -> protocol for every port; workload_protocols: a workload's
+    own declarations for the ports it serves, over those."""
+    protocols, workload_protocols = protocols or {}, workload_protocols or {}
+    log = dict(access_log=access_log, forwarded_for=forwarded_for)
+    chains = [{
+        # Somebody connected to the inbound port itself: nothing to forward to.
+        "name": "inbound_miss",
+        "filter_chain_match": {"destination_port": inbound_port},
+        "filters": [_tcp_proxy("inbound_miss", CLUSTER_BLACKHOLE)],
+    }]
+    served = set()
+    for wid, ports in sorted((workload_ports or {}).items()):
+        for port in sorted(set(ports) - {inbound_port} - served):
+            served.add(port)  # one chain per port: Envoy refuses duplicate matches
+            proto = workload_protocols.get(wid, {}).get(port, protocols.get(port, "tcp"))
+            chains.append(_chain(f"inbound_wl{wid}_port{port}", {"destination_port": port}, proto,
+                                 f"inbound_{wid}", CLUSTER_INBOUND, **log))
+    for port, proto in sorted(protocols.items()):
+        if is_http(proto) and port not in served and port != inbound_port:
+            chains.append(_chain(f"inbound_port{port}", {"destination_port": port}, proto,
+                                 "inbound", CLUSTER_INBOUND, **log))
     listener = {
         "name": LISTENER_INBOUND,
         "address": _addr("127.0.0.1", inbound_port),
         # Measured: without it the ORIGINAL_DST cluster answers 503 for sk_lookup'ed
         # connections (their local address is not the listener's).
         "transparent": True,
-        **_listener_filters(),
-        "filter_chains": [
-            {
-                # Somebody connected to the inbound port itself: nothing to forward to.
-                "name": "inbound_miss",
-                "filter_chain_match": {"destination_port": inbound_port},
-                "filters": [_tcp_proxy("inbound_miss", CLUSTER_BLACKHOLE)],
-            },
-            {
-                "name": "inbound_http",
-                "filter_chain_match": {"application_protocols": HTTP_PROTOCOLS},
-                "filters": [_http_connection_manager("inbound_http", CLUSTER_INBOUND, access_log)],
-            },
-        ],
-        "default_filter_chain": {
-            "name": "inbound_tcp",
-            "filters": [_tcp_proxy("inbound_tcp", CLUSTER_INBOUND, access_log)],
-        },
+        "listener_filters": [_original_dst_filter()],
+        "filter_chains": chains,
+        "default_filter_chain": _chain("inbound_tcp", {}, "tcp", "inbound", CLUSTER_INBOUND,
+                                       access_log),
     }
-    for wid, ports in sorted((workload_ports or {}).items()):
-        for port in sorted(set(ports) - {inbound_port}):
-            listener["filter_chains"] += _workload_chains(
-                "inbound", wid, {"destination_port": port}, CLUSTER_INBOUND, access_log,
-                tag=f"_{port}")
-    if client_mark:  # before http_inspector: a filter timeout skips the filters after it
-        listener["listener_filters"].insert(1,
+    if client_mark:
+        listener["listener_filters"].append(
             {"name": "envoy.filters.listener.original_src",
              "typed_config": {"@type": T_ORIGINAL_SRC, "mark": client_mark}})
     if ipv6:
@@ -258,36 +276,47 @@ def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str,
     return listener
 
 
-def render_listeners(outbound_port: int, ipv6: bool, workload_ids=()) -> list[dict]:
+def render_listeners(outbound_port: int, ipv6: bool, workload_ids=(),
+                     protocols: dict[int, str] | None = None) -> list[dict]:
+    """The outbound listener. A connection's chain is chosen by its original
+    destination port (protocols) and its workload (source 127.77.0.<id>).
+    Envoy matches the destination port before the source, so each workload
+    gets a chain for every declared port, next to its catch-all TCP chain."""
+    declared = sorted((protocols or {}).items())
+    chains = [{
+        # Original destination not restored: the connection would loop back to us.
+        # Fail it loudly and count it (tcp.outbound_miss.*).
+        "name": "outbound_miss",
+        "filter_chain_match": {"destination_port": outbound_port},
+        "filters": [_tcp_proxy("outbound_miss", CLUSTER_BLACKHOLE)],
+    }]
+    for wid in sorted(workload_ids):
+        src = {"source_prefix_ranges": [{"address_prefix": workload_source(wid), "prefix_len": 32}]}
+        for port, proto in declared:
+            chains.append(_chain(f"outbound_wl{wid}_port{port}", dict(src, destination_port=port),
+                                 proto, f"outbound_{wid}", CLUSTER_ORIGINAL_DST))
+        chains.append(_chain(f"outbound_wl{wid}", src, "tcp", f"outbound_{wid}",
+                             CLUSTER_ORIGINAL_DST))
+    for port, proto in declared:   # connections no workload address tells apart (IPv6)
+        chains.append(_chain(f"outbound_port{port}", {"destination_port": port}, proto,
+                             "outbound", CLUSTER_ORIGINAL_DST))
+    default = _chain("outbound_tcp", {}, "tcp", "outbound", CLUSTER_ORIGINAL_DST)
     listener: dict = {
         "name": LISTENER_OUTBOUND,
         "address": _addr("127.0.0.1", outbound_port),
-        **_listener_filters(),
-        "filter_chains": [
-            {
-                # Original destination not restored: the connection would loop back to us.
-                # Fail it loudly and count it (tcp.outbound_miss.*).
-                "name": "outbound_miss",
-                "filter_chain_match": {"destination_port": outbound_port},
-                "filters": [_tcp_proxy("outbound_miss", CLUSTER_BLACKHOLE)],
-            },
-            {
-                "name": "outbound_http",
-                "filter_chain_match": {"application_protocols": HTTP_PROTOCOLS},
-                "filters": [_http_connection_manager()],
-            },
-        ],
-        "default_filter_chain": {
-            "name": "outbound_tcp",
-            "filters": [_tcp_proxy("outbound_tcp", CLUSTER_ORIGINAL_DST)],
-        },
+        "listener_filters": [_original_dst_filter()],
+        "filter_chains": chains,
+        "default_filter_chain": default,
     }
-    for wid in sorted(workload_ids):
-        src = {"source_prefix_ranges": [{"address_prefix": workload_source(wid), "prefix_len": 32}]}
-        listener["filter_chains"] += _workload_chains("outbound", wid, src, CLUSTER_ORIGINAL_DST)
     if ipv6:
         listener["additional_addresses"] = [{"address": _addr("::1", outbound_port)}]
     return [listener]
+
+
+# A destination that never answers: the kernel gives up on a SYN after about
+# 127 s (tcp_syn_retries = 6); Envoy must not give up sooner than the
+# application's own connect() would have.
+CONNECT_TIMEOUT = "130s"
 
 
 def _original_dst_cluster(name: str) -> dict:
@@ -295,13 +324,16 @@ def _original_dst_cluster(name: str) -> dict:
         "name": name,
         "type": "ORIGINAL_DST",
         "lb_policy": "CLUSTER_PROVIDED",
-        "connect_timeout": "5s",
+        "connect_timeout": CONNECT_TIMEOUT,
         "original_dst_lb_config": {"use_http_header": False},
+        # A server connection serves one client connection, as without the mesh.
+        "connection_pool_per_downstream_connection": True,
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": T_HTTP_PROTOCOL_OPTIONS,
+                "common_http_protocol_options": _HTTP_COMMON,
                 "use_downstream_protocol_config": {
-                    "http_protocol_options": {},
+                    "http_protocol_options": _PRESERVE_CASE,
                     "http2_protocol_options": {},
                 },
             }
@@ -331,19 +363,25 @@ def render_clusters(ipv6: bool = True, client_mark: int = 0) -> list[dict]:
 
 def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
            client_mark: int = 0,
-           workload_ports: dict[int, list[int]] | None = None) -> dict[str, dict]:
+           workload_ports: dict[int, list[int]] | None = None,
+           protocols: dict[int, str] | None = None,
+           workload_protocols: dict[int, dict[int, str]] | None = None,
+           forwarded_for: bool = False) -> dict[str, dict]:
     """Return {"bootstrap.json": ..., "lds.json": ..., "cds.json": ...}.
 
     workload_ports: enrolled workload id -> its meshed inbound ports; each
-    workload gets its own filter chains, so Envoy counts it separately."""
+    workload gets its own filter chains, so Envoy counts it separately.
+    protocols / workload_protocols: see render_inbound_listener."""
     for name, port in (("outbound_port", outbound_port), ("inbound_port", inbound_port)):
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError(f"{name}: invalid port {port!r}")
     return {
         BOOTSTRAP: render_bootstrap(state_dir),
         LDS: _discovery_response(T_LISTENER, render_listeners(
-            outbound_port, ipv6, (workload_ports or {}).keys()) + [render_inbound_listener(
-                inbound_port, ipv6, access_log_path(state_dir), client_mark, workload_ports)]),
+            outbound_port, ipv6, (workload_ports or {}).keys(), protocols) + [
+                render_inbound_listener(inbound_port, ipv6, access_log_path(state_dir),
+                                        client_mark, workload_ports, protocols,
+                                        workload_protocols, forwarded_for)]),
         CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6, client_mark)),
     }
 

@@ -164,6 +164,14 @@ def server(prefix, netns):
         s.stop()
 
 
+def toml_value(v) -> str:
+    """A TOML value: JSON's scalars and arrays are TOML too; a dict becomes an
+    inline table, e.g. protocols={8080: "http"} -> { 8080 = "http" }."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)
+
+
 class Mesh:
     """One meshd instance with its own config dir, pins, state dir, cgroups and ports,
     serving a network namespace of the test: `netns` (an `ip netns` name), or, when
@@ -193,7 +201,7 @@ class Mesh:
                  f"inbound_port = {self.inbound_port}", f'bpffs_dir = "{self.bpffs_dir}"',
                  f'state_dir = "{self.state_dir}"', f'cgroup_root = "{self.cgroup_root}"',
                  f'netns = "{netns_path(self.netns)}"']
-        lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in extra.items()]
         return "\n".join(lines) + "\n"
 
     def write(self, name: str, text: str) -> str:

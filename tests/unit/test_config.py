@@ -277,3 +277,26 @@ def test_locator_is_not_fooled_by_multiline_values():
     errors = errors_of({"a.toml": text})
     assert errors[0].startswith("a.toml:2: mesh.exclude_outbound_cidrs: element 2")
     assert errors[1].startswith("a.toml:9: mesh.state_dir: must be an absolute path")
+
+
+# ---------------------------------------------------------------- protocols
+
+def test_protocols_global_and_per_workload():
+    c = parse_files({"a.toml": '[mesh]\nprotocols = { 8080 = "http", 50051 = "grpc" }\n'
+                                '[workload.w]\ncgroup = "/w"\n'
+                                '[workload.w.protocols]\n9000 = "http2"\n80 = "tcp"\n'})
+    assert c.mesh.protocols == ((8080, "http"), (50051, "grpc"))
+    assert c.workloads[0].protocols == ((80, "tcp"), (9000, "http2"))
+    assert MeshConfig().protocols == () and MeshConfig().http_forwarded_for is False
+
+
+def test_protocols_errors_name_every_bad_entry():
+    with pytest.raises(ConfigInvalid) as e:
+        parse_files({"a.toml": '[mesh]\nprotocols = { 8080 = "htp", x = "tcp", 70000 = "http" }\n'})
+    (err,) = e.value.errors
+    assert (err.line, err.key) == (2, "mesh.protocols")
+    assert "port 8080: expected one of tcp, http, http2, grpc, got string 'htp'" in err.message
+    assert "key 'x' is not a port number" in err.message and "'70000'" in err.message
+    with pytest.raises(ConfigInvalid) as e:
+        parse_files({"a.toml": '[mesh]\nprotocols = ["http"]\n'})
+    assert e.value.errors[0].message == 'expected table of port = "protocol", got array'

@@ -98,50 +98,62 @@ def test_listener_addresses(files):
     assert "additional_addresses" not in v4only
 
 
-def test_listener_filters(files):
-    listener = _listener(files)
-    assert [f["name"] for f in listener["listener_filters"]] == [
-        "envoy.filters.listener.original_dst",
-        "envoy.filters.listener.http_inspector",
-    ]
-    assert [f["typed_config"]["@type"] for f in listener["listener_filters"]] == [
-        "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
-        "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector",
-    ]
-    assert listener["listener_filters_timeout"] == "1s"
-    assert listener["continue_on_listener_filters_timeout"] is True
+def test_listener_filters_read_no_bytes(files):
+    """Only original_dst: nothing sniffs the protocol, so no connection waits
+    for its client to speak (server-first protocols, a write without newline)."""
+    for name in ("meshd_outbound", "meshd_inbound"):
+        listener = _listener(files, name)
+        assert [f["name"] for f in listener["listener_filters"]][0] == \
+            "envoy.filters.listener.original_dst"
+        assert "envoy.filters.listener.http_inspector" not in json.dumps(listener)
+        assert "listener_filters_timeout" not in listener
 
 
 def test_filter_chains(files):
     listener = _listener(files)
-    miss, http = listener["filter_chains"]
+    (miss,) = listener["filter_chains"]   # no ports declared: everything is TCP
     # (a) original dst not restored -> blackhole, counted as outbound_miss
     assert miss["filter_chain_match"] == {"destination_port": 15001}
     (f,) = miss["filters"]
     assert f["name"] == "envoy.filters.network.tcp_proxy"
     assert f["typed_config"]["cluster"] == "meshd_blackhole"
     assert f["typed_config"]["stat_prefix"] == "outbound_miss"
-    # (b) HTTP -> HCM
-    assert http["filter_chain_match"] == {"application_protocols": ["http/1.1", "h2c"]}
-    (hcm,) = http["filters"]
-    tc = hcm["typed_config"]
-    assert tc["@type"].endswith("http_connection_manager.v3.HttpConnectionManager")
-    assert tc["stat_prefix"] == "outbound_http"
-    assert tc["codec_type"] == "AUTO"
-    assert tc["use_remote_address"] is False
-    assert "access_log" not in tc
-    (vh,) = tc["route_config"]["virtual_hosts"]
-    assert vh["domains"] == ["*"]
-    (route,) = vh["routes"]
-    assert route["match"] == {"prefix": "/"}
-    assert route["route"] == {"cluster": "meshd_original_dst", "timeout": "0s"}
-    assert [h["name"] for h in tc["http_filters"]] == ["envoy.filters.http.router"]
-    # (c) everything else -> plain TCP to the original destination
+    # (b) everything else -> plain TCP to the original destination, no idle timeout
     dflt = listener["default_filter_chain"]
     assert "filter_chain_match" not in dflt
     (f,) = dflt["filters"]
     assert f["typed_config"]["cluster"] == "meshd_original_dst"
     assert f["typed_config"]["stat_prefix"] == "outbound_tcp"
+    assert f["typed_config"]["idle_timeout"] == "0s"
+
+
+def test_declared_http_port_gets_a_transparent_connection_manager():
+    files = ec.render(15001, 15006, STATE, ipv6=False, protocols={8080: "http", 50051: "grpc"})
+    chains = {c["name"]: c for c in _listener(files)["filter_chains"]}
+    http = chains["outbound_port8080"]
+    assert http["filter_chain_match"] == {"destination_port": 8080}
+    tc = http["filters"][0]["typed_config"]
+    assert tc["@type"].endswith("http_connection_manager.v3.HttpConnectionManager")
+    assert tc["stat_prefix"] == "outbound_http"
+    assert tc["codec_type"] == "AUTO"
+    # nothing added that the operator did not ask for; no timeouts of Envoy's own
+    assert tc["generate_request_id"] is False and tc["skip_xff_append"] is True
+    assert tc["use_remote_address"] is False
+    assert tc["stream_idle_timeout"] == "0s"
+    assert tc["common_http_protocol_options"]["idle_timeout"] == "0s"
+    assert tc["proxy_100_continue"] is True
+    opts = tc["http_protocol_options"]
+    assert opts["accept_http_10"] is True
+    fmt = opts["header_key_format"]["stateful_formatter"]["typed_config"]
+    assert fmt["forward_reason_phrase"] is True
+    router = tc["http_filters"][0]["typed_config"]
+    assert router["suppress_envoy_headers"] is True
+    (vh,) = tc["route_config"]["virtual_hosts"]
+    connect, rest = vh["routes"]
+    assert connect["match"] == {"connect_matcher": {}}
+    assert rest["route"] == {"cluster": "meshd_original_dst", "timeout": "0s"}
+    assert chains["outbound_port50051"]["filters"][0]["typed_config"]["stat_prefix"] == \
+        "outbound_http"
 
 
 def test_miss_chain_follows_port(files):
@@ -155,7 +167,8 @@ def test_clusters(files):
     od = cl["meshd_original_dst"]
     assert od["type"] == "ORIGINAL_DST"
     assert od["lb_policy"] == "CLUSTER_PROVIDED"
-    assert od["connect_timeout"] == "5s"
+    assert od["connect_timeout"] == "130s"   # never sooner than the kernel's own SYN timeout
+    assert od["connection_pool_per_downstream_connection"] is True
     assert od["original_dst_lb_config"] == {"use_http_header": False}
     assert "load_assignment" not in od
     bh = cl["meshd_blackhole"]
@@ -211,15 +224,30 @@ def test_inbound_listener(files):
     assert li["additional_addresses"][0]["address"]["socket_address"]["address"] == "::1"
     assert li["transparent"] is True   # sk_lookup'ed connections keep their own local address
     names = [f["name"] for f in li["listener_filters"]]
-    assert names == ["envoy.filters.listener.original_dst", "envoy.filters.listener.http_inspector"]
-    miss, http = li["filter_chains"]
+    assert names == ["envoy.filters.listener.original_dst"]
+    (miss,) = li["filter_chains"]
     assert miss["filter_chain_match"] == {"destination_port": 15006}
     assert miss["filters"][0]["typed_config"]["cluster"] == "meshd_blackhole"
-    hcm = http["filters"][0]["typed_config"]
-    assert hcm["stat_prefix"] == "inbound_http" and hcm["use_remote_address"] is True
-    assert hcm["access_log"][0]["typed_config"]["path"] == "/run/meshd/access.log"
     tcp = li["default_filter_chain"]["filters"][0]["typed_config"]
     assert tcp["stat_prefix"] == "inbound_tcp" and tcp["cluster"] == "meshd_inbound"
+    assert tcp["access_log"][0]["typed_config"]["path"] == "/run/meshd/access.log"
+
+
+def test_inbound_protocols_per_workload_over_global():
+    files = ec.render(15001, 15006, STATE, ipv6=False, client_mark=0x4d53,
+                      workload_ports={3: [8080, 9000], 4: [80]},
+                      protocols={8080: "http", 80: "http", 443: "http2"},
+                      workload_protocols={3: {9000: "grpc"}, 4: {80: "tcp"}},
+                      forwarded_for=True)
+    li = _listener(files, "meshd_inbound")
+    assert [f["name"] for f in li["listener_filters"]] == [
+        "envoy.filters.listener.original_dst", "envoy.filters.listener.original_src"]
+    chains = {c["name"]: c["filters"][0]["typed_config"] for c in li["filter_chains"]}
+    assert chains["inbound_wl3_port8080"]["stat_prefix"] == "inbound_http_3"   # global
+    assert chains["inbound_wl3_port9000"]["stat_prefix"] == "inbound_http_3"   # its own
+    assert chains["inbound_wl4_port80"]["stat_prefix"] == "inbound_tcp_4"      # overrides
+    assert chains["inbound_port443"]["stat_prefix"] == "inbound_http"          # nobody's
+    assert chains["inbound_wl3_port8080"]["skip_xff_append"] is False          # asked for
 
 
 def test_inbound_cluster_binds_the_bypass_source(files):
@@ -233,18 +261,21 @@ def test_dechunk():
 
 
 def test_per_workload_chains():
-    files = ec.render(15001, 15006, STATE, ipv6=True, workload_ports={3: [8080], 7: []})
+    files = ec.render(15001, 15006, STATE, ipv6=True, workload_ports={3: [8080], 7: []},
+                      protocols={8080: "http"})
     out = _listener(files)
     chains = {c["name"]: c for c in out["filter_chains"]}
-    http3 = chains["outbound_http_3"]
-    assert http3["filter_chain_match"] == {
-        "source_prefix_ranges": [{"address_prefix": "127.77.0.3", "prefix_len": 32}],
-        "application_protocols": ["http/1.1", "h2c"]}
+    src3 = [{"address_prefix": "127.77.0.3", "prefix_len": 32}]
+    # Envoy matches the destination port before the source: every workload gets
+    # its own chain for each declared port, and a catch-all TCP chain.
+    http3 = chains["outbound_wl3_port8080"]
+    assert http3["filter_chain_match"] == {"source_prefix_ranges": src3, "destination_port": 8080}
     assert http3["filters"][0]["typed_config"]["stat_prefix"] == "outbound_http_3"
-    assert chains["outbound_tcp_7"]["filters"][0]["typed_config"]["stat_prefix"] == "outbound_tcp_7"
+    assert chains["outbound_wl3"]["filter_chain_match"] == {"source_prefix_ranges": src3}
+    assert chains["outbound_wl7"]["filters"][0]["typed_config"]["stat_prefix"] == "outbound_tcp_7"
     inbound = {c["name"]: c for c in _listener(files, "meshd_inbound")["filter_chains"]}
-    assert inbound["inbound_tcp_3_8080"]["filter_chain_match"] == {"destination_port": 8080}
-    assert not any(n.startswith("inbound_http_7") for n in inbound)   # no ports, no chains
+    assert inbound["inbound_wl3_port8080"]["filter_chain_match"] == {"destination_port": 8080}
+    assert not any(n.startswith("inbound_wl7") for n in inbound)   # no ports, no chains
 
 
 def test_total_sums_per_workload_prefixes():
