@@ -27,6 +27,9 @@ VENV_BIN = Path(sys.executable).parent
 MESHD = [str(VENV_BIN / "meshd")]
 ECHO_SERVER = REPO / "tests" / "helpers" / "echo_server.py"
 HTTP_PORT, EXCLUDED_PORT, TCP_PORT, SSH_PORT = 8080, 2222, 9000, 22
+# The header Envoy's HTTP handling adds to every request on a port declared "http"
+# (meshd adds no other): a request the server saw it on went through Envoy.
+VIA_ENVOY = "x-forwarded-proto"
 
 from helpers.common import (cgroup2_root, free_port, host_netns_footprint,  # noqa: F401,E402
                             kill_cgroup, netns_add, netns_del, netns_path, preexec, reap,
@@ -212,8 +215,17 @@ class Mesh:
         os.rename(tmp, path)
         return path
 
-    def configure(self, workload_extra: str = "", **mesh_extra):
+    def configure_mesh(self, http_ports=(), **mesh_extra):
+        """00-mesh.toml as the HTTP tests want it: the server's HTTP ports (HTTP_PORT,
+        EXCLUDED_PORT, SSH_PORT) and `http_ports` declared "http", so Envoy counts
+        their requests and marks them (VIA_ENVOY). A test passing `protocols` decides."""
+        mesh_extra.setdefault("protocols", {p: "http" for p in sorted(
+            {HTTP_PORT, EXCLUDED_PORT, SSH_PORT, *map(int, http_ports)})})
         self.write("00-mesh.toml", self.mesh_toml(**mesh_extra))
+
+    def configure(self, workload_extra: str = "", http_ports=(), **mesh_extra):
+        """configure_mesh(), and the `wl` workload on self.workload."""
+        self.configure_mesh(http_ports, **mesh_extra)
         self.write("10-workloads.toml",
                    f'[workload.wl]\ncgroup = "{self.workload}"\n{workload_extra}')
 

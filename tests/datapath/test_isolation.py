@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import HTTP_PORT, host_netns_footprint, netns_path, sh
+from conftest import HTTP_PORT, VIA_ENVOY, host_netns_footprint, netns_path, sh
 from meshd import bpfsys
 
 
@@ -46,4 +46,4 @@ def test_everything_runs_in_the_tests_namespace(meshed, prefix):
 
     # and the mesh works in there
     r = mesh.curl(f"http://{server.ip4}:{HTTP_PORT}/echo")
-    assert r.returncode == 0 and b"x-request-id" in r.stdout, r.stderr
+    assert r.returncode == 0 and VIA_ENVOY.encode() in r.stdout, r.stderr

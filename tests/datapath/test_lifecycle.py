@@ -3,7 +3,8 @@ dying, meshd dying, `meshd cleanup`, and living next to other cgroup programs.
 
 Each test asserts what an operator would check: the status, `meshd status`,
 Envoy's own counters, and where a workload's requests really went (Envoy adds
-an x-request-id header that a direct request never has)."""
+the x-forwarded-proto header Envoy adds to requests on a port declared HTTP, which a
+direct request never has)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import EXCLUDED_PORT, HTTP_PORT, TCP_PORT, reap, wait_for
+from conftest import EXCLUDED_PORT, HTTP_PORT, TCP_PORT, VIA_ENVOY, reap, wait_for
 from meshd import bpfsys
 from meshd.datapath import ENVOY_HOOKS, HOOKS, WORKLOAD_HOOKS
 
@@ -51,7 +52,7 @@ while time.time() < end:
         r = c.getresponse()
         body = json.loads(r.read())
         c.close()
-        rec.update(status=r.status, envoy="x-request-id" in body["headers"],
+        rec.update(status=r.status, envoy="x-forwarded-proto" in body["headers"],
                    host=body["headers"].get("host"))
     except Exception as e:
         rec["error"] = repr(e)
@@ -83,7 +84,7 @@ def echo(mesh, server, port=HTTP_PORT, cgroup=None) -> dict:
 
 
 def via_envoy(mesh, server, port=HTTP_PORT) -> bool:
-    return "x-request-id" in echo(mesh, server, port)["headers"]
+    return VIA_ENVOY in echo(mesh, server, port)["headers"]
 
 
 
@@ -204,8 +205,7 @@ def test_config_change_applies_live_keeping_envoy_and_connections(meshed):
         client.stdin.write("before\n")
         client.stdin.flush()
         assert client.stdout.readline().strip() == "before"
-        # the connection really is held by Envoy (a server-first protocol: Envoy waits
-        # its 1 s listener-filter timeout before it picks the TCP proxy)
+        # the connection really is held by Envoy (a plain TCP port)
         assert mesh.stat("tcp.outbound_tcp.downstream_cx_total") == 1
         rx = mesh.stat("tcp.outbound_tcp.downstream_cx_rx_bytes_total")
         assert rx == len("before\n")
@@ -253,7 +253,7 @@ def test_envoy_killed_fails_open_then_recovers(meshed):
 
         # (curl gives up after 10 s; a dead Envoy port would refuse the connection)
         body = echo(mesh, server)
-        assert "x-request-id" not in body["headers"]           # direct: failed open
+        assert VIA_ENVOY not in body["headers"]           # direct: failed open
         assert body["client"] == server.host_ip4
         assert proc_state(old_pid) in (None, "Z")              # Envoy still down
         assert not envoy_listener_up(mesh)
@@ -364,7 +364,7 @@ def test_cleanup_leaves_no_pin_link_process_or_cgroup(meshed):
     assert r.returncode == 3 and "not running" in r.stdout, r.stdout
 
     body = echo(mesh, server)
-    assert "x-request-id" not in body["headers"] and body["client"] == server.host_ip4
+    assert VIA_ENVOY not in body["headers"] and body["client"] == server.host_ip4
 
 
 # -- 6. somebody else's program on the same cgroup ---------------------------------------
