@@ -142,7 +142,9 @@ class MeshdInstance:
     which a meshd installed there may already serve."""
 
     def __init__(self, base: "BenchBase", name: str, workload_cgroup: str, netns: str,
-                 workload_extra: str = "", mesh_extra: str = ""):
+                 workload_extra: str = "", mesh_extra: str = "", http_ports=()):
+        """http_ports: declared "http" (per-request numbers: the path check counts
+        requests); every other port is plain TCP."""
         self.base, self.name, self.netns = base, name, netns
         self.workload_cgroup = workload_cgroup
         self.outbound_port, self.inbound_port = free_port(), free_port()
@@ -153,6 +155,9 @@ class MeshdInstance:
         self.envoy_cg = f"{self.cg_root}/envoy"
         self.admin = os.path.join(self.state_dir, "envoy-admin.sock")
         self.workload_extra, self.mesh_extra = workload_extra, mesh_extra
+        if http_ports:
+            self.mesh_extra = "protocols = { " + ", ".join(
+                f'{p} = "http"' for p in sorted(http_ports)) + " }\n" + mesh_extra
         self.proc: subprocess.Popen | None = None
         self.log = None
 

@@ -71,7 +71,8 @@ class Bench(BenchBase):
                 raise SystemExit(f"{tool} not found: run scripts/setup.sh")
         self.cg = {m: self.cg_make(m) for m in ("direct", "iptables", "wl", "server")}
         self.cg["meshd"] = self.cg["wl"]
-        self.mesh = MeshdInstance(self, "", self.cg["wl"], netns=self.ns_c)
+        self.mesh = MeshdInstance(self, "", self.cg["wl"], netns=self.ns_c,
+                                  http_ports=[HTTP_PORT])
         self.meshds.append(self.mesh)
         self.outbound_port = self.mesh.outbound_port
         log(f"prefix {self.prefix}: netns {self.ns_c} ({self.host_ip}) -> {self.ns} ({self.ip}), "

@@ -72,8 +72,9 @@ class Inbound(BenchBase):
                 raise SystemExit(f"{tool} not found: run scripts/setup.sh")
         self.cg = {m: self.cg_make(m) for m in ("client", "awl", "bwl")}
         excluded = sorted({p for m in ("direct", "in-iptables") for p in PORTS[m]})
-        self.mesh_a = MeshdInstance(self, "a", self.cg["awl"], netns=self.ns_c)
-        self.mesh_b = MeshdInstance(self, "b", self.cg["bwl"], netns=self.ns_s,
+        http = sorted({PORTS[m][0] for m in MODES})
+        self.mesh_a = MeshdInstance(self, "a", self.cg["awl"], netns=self.ns_c, http_ports=http)
+        self.mesh_b = MeshdInstance(self, "b", self.cg["bwl"], netns=self.ns_s, http_ports=http,
                                     workload_extra=f"exclude_inbound_ports = {excluded}\n")
         self.meshds += [self.mesh_a, self.mesh_b]
         log(f"prefix {self.prefix}: netns {self.ns_c} ({self.ip_c}) -> {self.ns_s} ({self.ip_s}), "
