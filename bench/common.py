@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from meshd import __version__ as MESHD_VERSION  # noqa: E402
 from meshd.cgroups import cgroup2_mount  # noqa: E402
-from meshd.envoy import find_envoy, stats as envoy_stats, total  # noqa: E402
+from meshd.envoy.admin import stats as envoy_stats, total  # noqa: E402
+from meshd.envoy.process import find_envoy  # noqa: E402
 
 # reap, free_port, kill_cgroup and wait_for are the test suite's own (tests/helpers/common.py)
 sys.path.insert(0, str(REPO / "tests"))

@@ -2,12 +2,22 @@
  *
  * All hook files are compiled together into one BCC module, so each map below
  * exists once and every program sees the same instance. The daemon pins the
- * maps under <bpffs_dir>/v1/maps/ and talks to them by name: keep names and
- * struct layouts in step with meshd/datapath.py (and bump the pin layout
- * version there when a layout changes).
+ * maps under <bpffs_dir>/v1/maps/ and talks to them by name.
+ *
+ * meshd/maplayout.py declares what C and Python share: it generates the
+ * constants and enums this file uses but does not define (MESHD_MAX_WORKLOADS,
+ * WORKLOAD_NET4, MESHD_ENVOY_INBOUND_SOURCE4, WL_EXPLICIT_PORTS,
+ * enum meshd_counter, enum listener_slot) and checks every struct here against
+ * its Python twin at compile time. A struct or map changed here must change
+ * there too: a struct that differs fails the compilation, a map whose key or
+ * value size differs is refused when meshd opens it.
  */
 #ifndef MESHD_H
 #define MESHD_H
+
+#ifndef MESHD_LAYOUT_PRELUDE
+#error "compile bpf/*.c through meshd (meshd/maplayout.py generates the shared constants)"
+#endif
 
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
@@ -22,8 +32,6 @@
 #define MESHD_SOL_IP 0
 #define MESHD_SOL_IPV6 41
 
-#define MESHD_MAX_WORKLOADS 256   /* workload ids 1..255; 0 = "global" */
-#define WORKLOAD_NET4 0x7f4d0000  /* 127.77.0.<id>: a workload's source towards Envoy */
 #define MESHD_MAX_CGROUP_DEPTH 32
 #define MESHD_MAX_CONNS 65536
 
@@ -38,21 +46,6 @@
 #define meshd_ntohl(x) (x)
 #define meshd_htonl(x) (x)
 #endif
-
-/* Counter slots, per workload id (index = wl * MESHD_NR_COUNTERS + slot). */
-enum meshd_counter {
-	C_REDIRECTED = 0,  /* connect4/6 sent the connection to Envoy */
-	C_EXCLUDED = 1,    /* bypassed: excluded port or CIDR */
-	C_FAIL_OPEN = 2,   /* bypassed: Envoy's listener is not up */
-	C_ANSWERED = 3,    /* getsockopt answered SO_ORIGINAL_DST from the map */
-	C_MISS = 4,        /* getsockopt found no original destination */
-	C_PEERNAME = 5,    /* getpeername showed the original destination */
-	C_CLOSED = 6,      /* entries deleted because the connection closed */
-	C_INBOUND = 7,     /* sk_lookup steered an inbound connection to Envoy */
-	C_IN_EXCLUDED = 8, /* inbound: excluded port */
-	C_IN_FAIL_OPEN = 9,/* inbound: Envoy's inbound listener is not up */
-	MESHD_NR_COUNTERS = 12,
-};
 
 /* Live settings the daemon writes; index 0 only. */
 struct mesh_settings {
@@ -81,9 +74,6 @@ struct conn_tuple {
 	__u32 saddr[4];
 	__u32 daddr[4];
 };
-
-enum listener_slot { OUT_V4 = 0, OUT_V6 = 1, IN_V4 = 2, IN_V6 = 3 };
-#define WL_EXPLICIT_PORTS 1
 
 struct port_key {
 	__u32 workload;        /* 0 = applies to every workload */

@@ -12,7 +12,7 @@
 static __always_inline int from_envoy(struct bpf_sk_lookup *ctx)
 {
 	if (ctx->family == MESHD_AF_INET)
-		return ctx->remote_ip4 == meshd_htonl(0x7f000006);
+		return ctx->remote_ip4 == meshd_htonl(MESHD_ENVOY_INBOUND_SOURCE4);
 	return ctx->remote_ip6[0] == 0 && ctx->remote_ip6[1] == 0 &&
 	       ctx->remote_ip6[2] == 0 && ctx->remote_ip6[3] == meshd_htonl(1);
 }
@@ -57,22 +57,22 @@ int meshd_sk_lookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	struct port_key k = {.workload = 0, .port = port};
 	if (excluded_in_ports.lookup(&k)) {
-		count(wl, C_IN_EXCLUDED);
+		count(wl, C_INBOUND_EXCLUDED);
 		return SK_PASS;
 	}
 	k.workload = wl;
 	if (excluded_in_ports.lookup(&k)) {
-		count(wl, C_IN_EXCLUDED);
+		count(wl, C_INBOUND_EXCLUDED);
 		return SK_PASS;
 	}
 	__u32 slot = ctx->family == MESHD_AF_INET6 ? IN_V6 : IN_V4;
 	struct bpf_sock *sk = (struct bpf_sock *)envoy_listeners.lookup(&slot);
 	if (!sk) {
-		count(wl, C_IN_FAIL_OPEN);
+		count(wl, C_INBOUND_FAIL_OPEN);
 		return SK_PASS;
 	}
 	long err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
-	count(wl, err == 0 ? C_INBOUND : C_IN_FAIL_OPEN);
+	count(wl, err == 0 ? C_INBOUND : C_INBOUND_FAIL_OPEN);
 	return SK_PASS;
 }

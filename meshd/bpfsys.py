@@ -112,19 +112,31 @@ class _LinkInfo(ctypes.Structure):
                 ("_rest", ctypes.c_uint8 * 100)]
 
 
-def link_info(link_fd: int) -> _LinkInfo:
-    info = _LinkInfo()
+class MapInfo(ctypes.Structure):
+    # the head of struct bpf_map_info; the kernel fills as much as we offer
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("name", ctypes.c_char * 16)]
+
+
+def _obj_info(fd: int, info, what: str):
     size = ctypes.c_uint32(ctypes.sizeof(info))
-    _check(lib().bpf_obj_get_info_by_fd(link_fd, ctypes.byref(info), ctypes.byref(size)),
-           "link info")
+    _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), what)
     return info
+
+
+def link_info(link_fd: int) -> _LinkInfo:
+    return _obj_info(link_fd, _LinkInfo(), "link info")
+
+
+def map_info(map_fd: int) -> MapInfo:
+    """A map's type and key/value sizes, as the kernel has them."""
+    return _obj_info(map_fd, MapInfo(), "map info")
 
 
 def _prog_info(prog_fd: int):
-    info = (ctypes.c_uint32 * 64)()
-    size = ctypes.c_uint32(ctypes.sizeof(info))
-    _check(lib().bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(size)), "program info")
-    return info
+    return _obj_info(prog_fd, (ctypes.c_uint32 * 64)(), "program info")
 
 
 def prog_id(prog_fd: int) -> int:

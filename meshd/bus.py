@@ -1,4 +1,4 @@
-"""meshd on D-Bus: a thin, read-mostly view of Daemon.status() plus Reload().
+"""meshd on D-Bus: a thin, read-mostly view of the status model plus Reload().
 
 Bus name io.meshd.Mesh1 on the system bus; the manager object /io/meshd/Mesh1
 (io.meshd.Mesh1.Manager) and one object per configured workload under
@@ -6,10 +6,13 @@ Bus name io.meshd.Mesh1 on the system bus; the manager object /io/meshd/Mesh1
 docs/dbus-api.md is the reference; etc/dbus-1/io.meshd.Mesh1.conf the policy.
 
 No decision lives here (firewalld's split): the daemon calls update(status)
-after every status change, this module turns the dict into property values,
-emits PropertiesChanged for the values that changed and WorkloadAdded/Removed
-for objects that come and go. Get/GetAll are answered from that snapshot, so a
-busy client never makes the daemon read the BPF maps.
+with its meshd.status.Status after every status change; one property table
+(MANAGER_PROPERTIES, WORKLOAD_PROPERTIES) turns the model into property values,
+and this module emits PropertiesChanged for the values that changed and
+WorkloadAdded/Removed for objects that come and go. Get/GetAll are answered
+from that snapshot, so a busy client never makes the daemon read the BPF maps.
+read_status() decodes the properties back into the model through the same
+table.
 
 The service side talks to Gio directly rather than through pydbus's publish():
 pydbus names every error "unknown.<ExceptionClass>" (so no
@@ -24,8 +27,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Any, Callable
 
-from .datapath import COUNTERS
+from .status import Status, WorkloadStatus
 
 log = logging.getLogger("meshd.bus")
 
@@ -39,53 +43,6 @@ ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 FAILED = "org.freedesktop.DBus.Error.Failed"
 RECONNECT_INTERVAL = 10.0  # seconds between attempts to get back on the bus
 CALL_TIMEOUT_MS = 5000
-
-# The interfaces, as introspection shows them. Add, never change: a signature
-# that changes breaks every client; a new need gets a new member.
-_MANAGER_PROPS = (
-    ("State", "s"), ("Version", "s", "const"), ("PID", "u", "const"), ("StartedAt", "t", "const"),
-    ("ConfigDirectory", "s", "const"), ("ConfigFiles", "as"), ("ConfigErrors", "a(siss)"),
-    ("EnvoyState", "s"), ("EnvoyPID", "u"), ("EnvoyRestarts", "u"), ("EnvoyAdopted", "b"),
-    ("EnvoyAdminSocket", "s"), ("EnvoyListeners", "a{sb}"),
-    ("OutboundPort", "q"), ("InboundPort", "q"),
-    ("ExcludeOutboundPorts", "aq"), ("ExcludeOutboundCIDRs", "as"),
-    # restart-only settings: a reload keeps the running values
-    ("BpffsDirectory", "s", "const"), ("StateDirectory", "s", "const"),
-    ("CgroupRoot", "s", "const"), ("DataPathPins", "s", "const"),
-    ("DataPathAdopted", "b"), ("DataPathLinks", "as"), ("TrackedConnections", "t"),
-    ("Counters", "a{st}"), ("UnattributedCounters", "a{st}"),
-)
-_WORKLOAD_PROPS = (
-    ("Name", "s", "const"), ("Id", "u"), ("Cgroup", "s"), ("CgroupId", "t"), ("State", "s"),
-    ("EnrolledSince", "t"), ("InboundPorts", "aq"), ("OtherPrograms", "a{sau}"),
-    ("Counters", "a{st}"),
-    # from Envoy's per-workload filter chains
-    ("Connections", "t"), ("Requests", "t"), ("BytesSent", "t"), ("BytesReceived", "t"),
-)
-
-
-def _props_xml(props) -> str:
-    """(name, signature[, "const"]): PropertiesChanged is emitted for all but
-    the "const" ones, which cannot change while this meshd runs."""
-    return "".join(f'<property name="{p[0]}" type="{p[1]}" access="read">'
-                   '<annotation name="org.freedesktop.DBus.Property.EmitsChangedSignal" '
-                   f'value="{p[2] if len(p) > 2 else "true"}"/></property>' for p in props)
-
-
-INTROSPECTION_XML = f"""<node>
- <interface name="{MANAGER_IFACE}">
-  {_props_xml(_MANAGER_PROPS)}
-  <method name="Reload"><arg name="accepted" type="b" direction="out"/></method>
-  <method name="ListWorkloads"><arg name="workloads" type="a(so)" direction="out"/></method>
-  <signal name="ConfigRejected"><arg name="errors" type="a(siss)"/></signal>
-  <signal name="WorkloadAdded"><arg name="name" type="s"/><arg name="path" type="o"/></signal>
-  <signal name="WorkloadRemoved"><arg name="name" type="s"/><arg name="path" type="o"/></signal>
- </interface>
- <interface name="{WORKLOAD_IFACE}">
-  {_props_xml(_WORKLOAD_PROPS)}
- </interface>
-</node>"""
-
 
 # -- object paths ---------------------------------------------------------------
 def escape_label(name: str) -> str:
@@ -123,74 +80,170 @@ def workload_path(name: str) -> str:
     return f"{WORKLOAD_PREFIX}/{escape_label(name)}"
 
 
-# -- status dict -> property values -----------------------------------------------
-def _counters(c: dict | None) -> dict[str, int]:
-    """Every known counter, zeros included, so the key set never changes."""
-    out = {k: 0 for k in COUNTERS}
-    for k, v in (c or {}).items():
-        out[str(k)] = int(v)
-    return out
+# -- the property table -----------------------------------------------------------
+# Each D-Bus property is declared once, tying it to the status model as
+# systemd's SD_BUS_PROPERTY() lines do: name, signature, where it lives in the
+# model (a dotted path through the dataclasses, which is also its key path in
+# status.json), how a model value becomes a bus value and back, and whether it
+# emits PropertiesChanged. The table makes the introspection XML, the values
+# Get/GetAll answer, the change signals and the client's decoding.
+#
+# Add, never change: a signature that changes breaks every client; a new need
+# gets a new member.
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    """A model value -> its bus value, and a bus value -> its status.json value."""
+    to_bus: Callable[[Any], Any]
+    from_bus: Callable[[Any], Any] = lambda v: v
 
 
-def _errors(errors) -> list[tuple]:
-    out = []
-    for e in errors or []:
-        if dataclasses.is_dataclass(e):
-            e = dataclasses.asdict(e)
-        out.append((str(e.get("file", "")), int(e.get("line", 0) or 0),
-                    str(e.get("key", "")), str(e.get("message", ""))))
-    return out
-
-
-def _us(seconds) -> int:
+def _usec_to_bus(seconds) -> int:
     return int(round(float(seconds or 0) * 1_000_000))
 
 
-def manager_values(st: dict) -> dict:
-    mesh, ev, dp = st.get("mesh", {}), st.get("envoy", {}), st.get("datapath", {})
-    unattributed = _counters(st.get("counters"))
-    total = dict(unattributed)
-    for w in st.get("workloads", []):
-        for k, v in _counters(w.get("counters")).items():
-            total[k] = total.get(k, 0) + v
-    return {
-        "State": st.get("state", ""), "Version": st.get("version", ""),
-        "PID": int(st.get("pid") or 0), "StartedAt": _us(st.get("started")),
-        "ConfigDirectory": st.get("config_dir", ""),
-        "ConfigFiles": [str(f) for f in st.get("config_files", [])],
-        "ConfigErrors": _errors(st.get("config_errors")),
-        "EnvoyState": ev.get("state", ""), "EnvoyPID": int(ev.get("pid") or 0),
-        "EnvoyRestarts": int(ev.get("restarts") or 0), "EnvoyAdopted": bool(ev.get("adopted")),
-        "EnvoyAdminSocket": ev.get("admin_socket", "") or "",
-        "EnvoyListeners": {str(k): bool(v) for k, v in (ev.get("listeners") or {}).items()},
-        "OutboundPort": int(mesh.get("outbound_port") or 0),
-        "InboundPort": int(mesh.get("inbound_port") or 0),
-        "ExcludeOutboundPorts": [int(p) for p in mesh.get("exclude_outbound_ports", [])],
-        "ExcludeOutboundCIDRs": [str(c) for c in mesh.get("exclude_outbound_cidrs", [])],
-        "BpffsDirectory": mesh.get("bpffs_dir", ""), "StateDirectory": mesh.get("state_dir", ""),
-        "CgroupRoot": mesh.get("cgroup_root", ""),
-        "DataPathPins": dp.get("pins", "") or "", "DataPathAdopted": bool(dp.get("adopted")),
-        "DataPathLinks": [str(l) for l in dp.get("links", [])],
-        "TrackedConnections": int(dp.get("tracked_connections") or 0),
-        "Counters": total, "UnattributedCounters": unattributed,
-    }
+_PLAIN = {"s": Codec(lambda v: str(v or "")), "b": Codec(bool),
+          **{t: Codec(lambda v: int(v or 0)) for t in "yqutnix"}}
+_LIST = Codec(list)
+_DICT = Codec(dict)
+USEC = Codec(_usec_to_bus, lambda us: us / 1e6)           # time: s (model) <-> µs (bus)
+ZERO_IS_NONE = Codec(lambda v: int(v or 0), lambda v: v or None)
+EMPTY_IS_NONE = Codec(lambda v: v or "", lambda v: v or None)
+CONFIG_ERRORS = Codec(lambda errs: [(e.file, e.line, e.key, e.message) for e in errs],
+                      lambda v: [dict(file=f, line=n, key=k, message=m) for f, n, k, m in v])
+PROGRAM_IDS = Codec(lambda d: {h: list(ids) for h, ids in d.items()})
+# A workload's State: "enrolled" or why not; decodes to the model's error.
+WORKLOAD_STATE = Codec(str, lambda v: "" if v == "enrolled" else v)
 
 
-def workload_values(w: dict) -> dict:
-    enrolled = bool(w.get("enrolled_since"))
-    return {
-        "Name": w["name"], "Id": int(w.get("id") or 0), "Cgroup": w.get("cgroup") or "",
-        "CgroupId": int(w.get("cgroup_id") or 0),
-        "State": "enrolled" if enrolled else (w.get("error") or "waiting"),
-        "EnrolledSince": _us(w.get("enrolled_since")) if enrolled else 0,
-        "InboundPorts": [int(p) for p in w.get("inbound_ports", [])],
-        "OtherPrograms": {str(h): [int(i) for i in ids]
-                          for h, ids in (w.get("other_programs") or {}).items()},
-        "Counters": _counters(w.get("counters")),
-        **{name: int((w.get("envoy") or {}).get(key, 0)) for name, key in (
-            ("Connections", "connections"), ("Requests", "requests"),
-            ("BytesSent", "bytes_sent"), ("BytesReceived", "bytes_received"))},
-    }
+@dataclasses.dataclass(frozen=True)
+class Prop:
+    name: str
+    signature: str
+    field: str | None           # dotted path in the model; None: derived, not decoded
+    codec: Codec | None = None  # default: by signature (s, b, integers, arrays, dicts)
+    get: Callable | None = None  # model object -> value to encode; default: the field
+    emits: str = "true"          # EmitsChangedSignal: "true", "const", "invalidates"
+
+    def value(self, obj):
+        """The bus value of this property of obj (the Status or a WorkloadStatus)."""
+        if self.get is not None:
+            v = self.get(obj)
+        else:
+            v = obj
+            for part in self.field.split("."):
+                v = getattr(v, part)
+        return self._codec().to_bus(v)
+
+    def decode(self, value, into: dict) -> None:
+        """Put a bus value where it belongs in a status.json-shaped dict."""
+        if self.field is None:
+            return
+        *parents, last = self.field.split(".")
+        for part in parents:
+            into = into.setdefault(part, {})
+        into[last] = self._codec().from_bus(value)
+
+    def _codec(self) -> Codec:
+        if self.codec is not None:
+            return self.codec
+        return _PLAIN.get(self.signature) or (_DICT if self.signature.startswith("a{") else _LIST)
+
+    def xml(self) -> str:
+        return (f'<property name="{self.name}" type="{self.signature}" access="read">'
+                '<annotation name="org.freedesktop.DBus.Property.EmitsChangedSignal" '
+                f'value="{self.emits}"/></property>')
+
+
+MANAGER_PROPERTIES = (
+    Prop("State", "s", "state"),
+    Prop("Version", "s", "version", emits="const"),
+    Prop("PID", "u", "pid", emits="const"),
+    Prop("StartedAt", "t", "started", USEC, emits="const"),
+    Prop("ConfigDirectory", "s", "config_dir", emits="const"),
+    Prop("ConfigFiles", "as", "config_files"),
+    Prop("ConfigErrors", "a(siss)", "config_errors", CONFIG_ERRORS),
+    Prop("EnvoyState", "s", "envoy.state"),
+    Prop("EnvoyPID", "u", "envoy.pid", ZERO_IS_NONE),
+    Prop("EnvoyRestarts", "u", "envoy.restarts"),
+    Prop("EnvoyAdopted", "b", "envoy.adopted"),
+    Prop("EnvoyAdminSocket", "s", "envoy.admin_socket"),
+    Prop("EnvoyListeners", "a{sb}", "envoy.listeners"),
+    Prop("OutboundPort", "q", "mesh.outbound_port"),
+    Prop("InboundPort", "q", "mesh.inbound_port"),
+    Prop("ExcludeOutboundPorts", "aq", "mesh.exclude_outbound_ports"),
+    Prop("ExcludeOutboundCIDRs", "as", "mesh.exclude_outbound_cidrs"),
+    # restart-only settings: a reload keeps the running values
+    Prop("BpffsDirectory", "s", "mesh.bpffs_dir", emits="const"),
+    Prop("StateDirectory", "s", "mesh.state_dir", emits="const"),
+    Prop("CgroupRoot", "s", "mesh.cgroup_root", emits="const"),
+    Prop("DataPathPins", "s", "datapath.pins", emits="const"),
+    Prop("DataPathAdopted", "b", "datapath.adopted"),
+    Prop("DataPathLinks", "as", "datapath.links"),
+    Prop("TrackedConnections", "t", "datapath.tracked_connections"),
+    Prop("Counters", "a{st}", None, get=Status.host_counters),
+    Prop("UnattributedCounters", "a{st}", "counters"),
+)
+WORKLOAD_PROPERTIES = (
+    Prop("Name", "s", "name", emits="const"),
+    Prop("Id", "u", "id"),
+    Prop("Cgroup", "s", "cgroup", EMPTY_IS_NONE),
+    Prop("CgroupId", "t", "cgroup_id"),
+    Prop("State", "s", "error", WORKLOAD_STATE, get=lambda w: w.state),
+    Prop("EnrolledSince", "t", "enrolled_since", USEC),
+    Prop("InboundPorts", "aq", "inbound_ports"),
+    Prop("OtherPrograms", "a{sau}", "other_programs", PROGRAM_IDS),
+    Prop("Counters", "a{st}", "counters"),
+    # from Envoy's per-workload filter chains
+    Prop("Connections", "t", "envoy.connections"),
+    Prop("Requests", "t", "envoy.requests"),
+    Prop("BytesSent", "t", "envoy.bytes_sent"),
+    Prop("BytesReceived", "t", "envoy.bytes_received"),
+)
+PROPERTIES = {MANAGER_IFACE: {p.name: p for p in MANAGER_PROPERTIES},
+              WORKLOAD_IFACE: {p.name: p for p in WORKLOAD_PROPERTIES}}
+
+
+def _props_xml(props) -> str:
+    return "".join(p.xml() for p in props)
+
+
+INTROSPECTION_XML = f"""<node>
+ <interface name="{MANAGER_IFACE}">
+  {_props_xml(MANAGER_PROPERTIES)}
+  <method name="Reload"><arg name="accepted" type="b" direction="out"/></method>
+  <method name="ListWorkloads"><arg name="workloads" type="a(so)" direction="out"/></method>
+  <signal name="ConfigRejected"><arg name="errors" type="a(siss)"/></signal>
+  <signal name="WorkloadAdded"><arg name="name" type="s"/><arg name="path" type="o"/></signal>
+  <signal name="WorkloadRemoved"><arg name="name" type="s"/><arg name="path" type="o"/></signal>
+ </interface>
+ <interface name="{WORKLOAD_IFACE}">
+  {_props_xml(WORKLOAD_PROPERTIES)}
+ </interface>
+</node>"""
+
+
+def values(props, obj) -> dict:
+    """Every property's bus value for a model object."""
+    return {p.name: p.value(obj) for p in props}
+
+
+def manager_values(st: Status) -> dict:
+    return values(MANAGER_PROPERTIES, st)
+
+
+def workload_values(w: WorkloadStatus) -> dict:
+    return values(WORKLOAD_PROPERTIES, w)
+
+
+def decode(props, got: dict) -> dict:
+    """GetAll's answer -> the status.json-shaped dict it came from (fields the
+    bus does not carry are left out: the model's defaults)."""
+    out: dict = {}
+    for p in props:
+        if p.name in got:
+            p.decode(got[p.name], out)
+    return out
 
 
 # -- the service --------------------------------------------------------------------
@@ -324,7 +377,7 @@ class BusService:
             self.con.unregister_object(rid)
 
     # -- the view --
-    def update(self, status: dict) -> None:
+    def update(self, status: Status) -> None:
         """Take the daemon's latest status; publish only what changed."""
         try:
             if self._want and self.con is None and time.monotonic() >= self._next_try:
@@ -333,7 +386,7 @@ class BusService:
         except Exception:  # never into the daemon's tick
             log.exception("D-Bus: update failed")
 
-    def _set_snapshot(self, status: dict) -> None:
+    def _set_snapshot(self, status: Status) -> None:
         new = manager_values(status)
         first = not self.manager  # the first snapshot is not a change
         changed = {k: v for k, v in new.items() if self.manager.get(k) != v}
@@ -341,9 +394,7 @@ class BusService:
         if changed and not first:
             self._properties_changed(MANAGER_PATH, MANAGER_IFACE, changed)
 
-        seen = {}
-        for w in status.get("workloads", []):
-            seen[w["name"]] = workload_values(w)
+        seen = {w.name: workload_values(w) for w in status.workloads}
         for name in [n for n in self.workloads if n not in seen]:
             del self.workloads[name]
             path = workload_path(name)
@@ -362,22 +413,30 @@ class BusService:
                 if diff:
                     self._properties_changed(path, WORKLOAD_IFACE, diff)
 
-    def config_rejected(self, errors: list) -> None:
+    def config_rejected(self, errors) -> None:
         """The daemon refused a new config: tell subscribers why (file, line, key, message)."""
-        self._emit(MANAGER_PATH, MANAGER_IFACE, "ConfigRejected", "(a(siss))", (_errors(errors),))
+        self._emit(MANAGER_PATH, MANAGER_IFACE, "ConfigRejected", "(a(siss))",
+                   (CONFIG_ERRORS.to_bus(errors),))
 
     # -- wire helpers --
-    def _variant(self, iface: str, prop: str, value):
+    @staticmethod
+    def _variant(iface: str, prop: str, value):
         from gi.repository import GLib
-        return GLib.Variant(self._iface[iface].lookup_property(prop).signature, value)
+        return GLib.Variant(PROPERTIES[iface][prop].signature, value)
 
     def _properties_changed(self, path: str, iface: str, changed: dict) -> None:
+        """PropertiesChanged as each property's table line says: the new value,
+        only its name ("invalidates"), or nothing ("const", "false")."""
         from gi.repository import GLib
         if self.con is None:
             return
-        body = GLib.Variant("(sa{sv}as)", (iface, {k: self._variant(iface, k, v)
-                                                   for k, v in changed.items()}, []))
-        self._emit_raw(path, PROPERTIES_IFACE, "PropertiesChanged", body)
+        table = PROPERTIES[iface]
+        new = {k: self._variant(iface, k, v) for k, v in changed.items()
+               if table[k].emits == "true"}
+        invalidated = [k for k in changed if table[k].emits == "invalidates"]
+        if new or invalidated:
+            body = GLib.Variant("(sa{sv}as)", (iface, new, invalidated))
+            self._emit_raw(path, PROPERTIES_IFACE, "PropertiesChanged", body)
 
     def _emit(self, path, iface, signal, signature, args) -> None:
         from gi.repository import GLib
@@ -464,18 +523,18 @@ def _call(con, path, iface, method, args=None, reply="(a{sv})", dest=BUS_NAME):
                          Gio.DBusCallFlags.NONE, CALL_TIMEOUT_MS, None).unpack()[0]
 
 
-def read_status(bus=None) -> dict | None:
-    """The running daemon's status over D-Bus, shaped like Daemon.status() (so
-    cli.format_status prints it), or None when io.meshd.Mesh1 is not on the bus
-    (or there is no bus). Keys the bus does not carry: "updated" is now."""
+def read_status(bus=None) -> Status | None:
+    """The running daemon's status over D-Bus, decoded into the model by the
+    property table, or None when io.meshd.Mesh1 is not on the bus (or there is
+    no bus). What the bus does not carry: "updated" is now."""
     from gi.repository import GLib
     try:
         con = _connection(bus)
         if not _call(con, "/org/freedesktop/DBus", "org.freedesktop.DBus", "NameHasOwner",
                      GLib.Variant("(s)", (BUS_NAME,)), "(b)", dest="org.freedesktop.DBus"):
             return None
-        m = _call(con, MANAGER_PATH, PROPERTIES_IFACE, "GetAll",
-                  GLib.Variant("(s)", (MANAGER_IFACE,)))
+        manager = _call(con, MANAGER_PATH, PROPERTIES_IFACE, "GetAll",
+                        GLib.Variant("(s)", (MANAGER_IFACE,)))
         listed = _call(con, MANAGER_PATH, MANAGER_IFACE, "ListWorkloads", None, "(a(so))")
     except GLib.Error as e:
         log.debug("read_status: %s", e.message)
@@ -483,34 +542,9 @@ def read_status(bus=None) -> dict | None:
     workloads = []
     for _name, path in listed:
         try:
-            w = _call(con, path, PROPERTIES_IFACE, "GetAll",
-                      GLib.Variant("(s)", (WORKLOAD_IFACE,)))
+            workloads.append(decode(WORKLOAD_PROPERTIES, _call(
+                con, path, PROPERTIES_IFACE, "GetAll", GLib.Variant("(s)", (WORKLOAD_IFACE,)))))
         except GLib.Error:
             continue  # removed between the list and now
-        enrolled = w["State"] == "enrolled"
-        workloads.append({
-            "name": w["Name"], "id": w["Id"], "cgroup": w["Cgroup"] or None,
-            "cgroup_id": w["CgroupId"], "enrolled_since": w["EnrolledSince"] / 1e6,
-            "error": "" if enrolled else w["State"], "other_programs": w["OtherPrograms"],
-            "counters": w["Counters"], "inbound_ports": w["InboundPorts"],
-            "envoy": {"connections": w["Connections"], "requests": w["Requests"],
-                      "bytes_sent": w["BytesSent"], "bytes_received": w["BytesReceived"]}})
-    return {
-        "version": m["Version"], "pid": m["PID"], "state": m["State"],
-        "updated": time.time(), "started": m["StartedAt"] / 1e6,
-        "config_dir": m["ConfigDirectory"], "config_files": m["ConfigFiles"],
-        "config_errors": [{"file": f, "line": l, "key": k, "message": msg}
-                          for f, l, k, msg in m["ConfigErrors"]],
-        "mesh": {"outbound_port": m["OutboundPort"], "inbound_port": m["InboundPort"],
-                 "exclude_outbound_ports": m["ExcludeOutboundPorts"],
-                 "exclude_outbound_cidrs": m["ExcludeOutboundCIDRs"],
-                 "bpffs_dir": m["BpffsDirectory"], "state_dir": m["StateDirectory"],
-                 "cgroup_root": m["CgroupRoot"]},
-        "envoy": {"state": m["EnvoyState"], "pid": m["EnvoyPID"] or None,
-                  "adopted": m["EnvoyAdopted"], "restarts": m["EnvoyRestarts"],
-                  "admin_socket": m["EnvoyAdminSocket"], "listeners": m["EnvoyListeners"]},
-        "datapath": {"pins": m["DataPathPins"], "adopted": m["DataPathAdopted"],
-                     "links": m["DataPathLinks"], "tracked_connections": m["TrackedConnections"]},
-        "counters": m["UnattributedCounters"],
-        "workloads": workloads,
-    }
+    return Status.from_dict(dict(decode(MANAGER_PROPERTIES, manager), updated=time.time(),
+                                 workloads=workloads))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from . import mounts
+
 UNIT_SUFFIXES = (".service", ".scope", ".slice", ".socket")
 
 
@@ -15,12 +17,10 @@ class CgroupError(Exception):
     pass
 
 
-def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str:
-    with open(mountinfo) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split(" ", 1)[0] == "cgroup2":
-                return left.split(" ")[4].replace("\\040", " ")
+def cgroup2_mount(mountinfo: str = mounts.MOUNTINFO) -> str:
+    point = mounts.first_of_type("cgroup2", mountinfo)
+    if point is not None:
+        return point
     raise CgroupError("no cgroup2 hierarchy is mounted (meshd needs cgroup v2: "
                       "mount -t cgroup2 none /sys/fs/cgroup)")
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -35,7 +34,8 @@ exit status:
 
 files:
   /etc/meshd/*.toml           configuration
-  <state_dir>/status.json     what `meshd status` reads (state_dir: /run/meshd)
+  <state_dir>/status.json     the status (`meshd status` reads it when meshd is not
+                              on D-Bus; state_dir: /run/meshd)
   <state_dir>/envoy/          generated Envoy bootstrap, listeners and clusters
   <bpffs_dir>/v1/             pinned maps, programs and links (/sys/fs/bpf/meshd)
 """
@@ -118,10 +118,10 @@ def cmd_check(args) -> int:
         for err in e.errors:
             print(err, file=sys.stderr)
         return 1
-    from . import envoy
+    from .envoy.process import EnvoyNotFound, find_envoy
     try:
-        binary = envoy.find_envoy(cfg.mesh.envoy_binary)
-    except envoy.EnvoyNotFound as e:
+        binary = find_envoy(cfg.mesh.envoy_binary)
+    except EnvoyNotFound as e:
         print(f"{args.config_dir}: mesh.envoy_binary: {e}", file=sys.stderr)
         return 1
     print(f"{args.config_dir}: ok ({len(cfg.files)} file(s), {len(cfg.workloads)} workload(s); "
@@ -177,78 +177,29 @@ def _mesh_or_lenient(config_dir: str):
 
 
 def cmd_status(args) -> int:
+    from . import status
+    from .bus import BUS_NAME, read_status
     state_dir = _mesh_or_lenient(args.config_dir).state_dir
     # The D-Bus API first; only one meshd can own the name, so check it is this
     # instance, else (another instance, no system bus) read its status file.
-    from .bus import read_status
     st = read_status()
-    if st is not None and st["config_dir"] == os.path.abspath(args.config_dir):
-        print(json.dumps(st, indent=1, sort_keys=True) if args.json else format_status(st, True))
-        return 0
-    from .daemon import status_path
-    try:
-        with open(status_path(state_dir)) as f:
-            st = json.load(f)
-    except (OSError, ValueError):
-        print(f"meshd is not running (no status in {state_dir})")
-        return 3
-    running = st.get("state") != "stopped" and _alive(st.get("pid"))
-    if args.json:
-        print(json.dumps(st, indent=1, sort_keys=True))
-        return 0 if running else 3
-    print(format_status(st, running))
+    if st is not None and st.config_dir == os.path.abspath(args.config_dir):
+        running, source = True, f"D-Bus ({BUS_NAME})"
+    else:
+        path = status.status_path(state_dir)
+        st = status.read_file(state_dir)
+        if st is None:
+            print(f"meshd is not running (no status in {state_dir})")
+            return 3
+        running, source = st.state != "stopped" and _alive(st.pid), f"status file {path}"
+    print(st.to_json() if args.json else status.format_text(st, running, source))
     return 0 if running else 3
-
-
-def format_status(st: dict, running: bool) -> str:
-    out = []
-    age = time.time() - st.get("updated", 0)
-    head = f"meshd {st['version']}: {st['state'] if running else 'NOT RUNNING'}"
-    out.append(head + (f" (pid {st['pid']})" if running else f" (last status {age:.0f}s ago)"))
-    out.append(f"  config:    {st['config_dir']} ({len(st['config_files'])} file(s))")
-    if st["config_errors"]:
-        out.append("  config:    LAST CHANGE REJECTED; the last good config stays in force:")
-        out += [f"    {e['file']}:{e['line']}: {e['key']}: {e['message']}" for e in st["config_errors"]]
-    ev = st["envoy"]
-    listeners = ", ".join(f"{k} {'up' if v else 'DOWN'}" for k, v in ev["listeners"].items())
-    out.append(f"  envoy:     {ev['state']} (pid {ev['pid']}, restarts {ev['restarts']}); "
-               f"outbound :{st['mesh']['outbound_port']}, inbound :{st['mesh']['inbound_port']}")
-    out.append(f"             listeners: {listeners}")
-    down = [k for k, v in ev["listeners"].items() if not v]
-    if down and ev["state"] == "running":
-        out.append(f"             not in the data path: {', '.join(down)} (those connections fail open)")
-    if ev["state"] != "running":
-        out.append("             workloads FAIL OPEN (connect directly) until Envoy is back")
-    dp = st["datapath"]
-    out.append(f"  datapath:  {dp['pins']} ({'adopted' if dp['adopted'] else 'loaded'}), "
-               f"{len(dp['links'])} links, {dp['tracked_connections']} tracked connections")
-    out.append(f"  excluded:  ports {st['mesh']['exclude_outbound_ports']} "
-               f"cidrs {st['mesh']['exclude_outbound_cidrs'] or '[]'}")
-    out.append(f"  workloads: {len(st['workloads'])}")
-    for w in st["workloads"]:
-        where = w["cgroup"] or "-"
-        state = "enrolled" if w["enrolled_since"] else w["error"]
-        out.append(f"    {w['name']:<16} {state:<10} {where}")
-        if w.get("inbound_ports"):
-            out.append(f"      inbound ports via Envoy: {w['inbound_ports']}")
-        for hook, ids in w.get("other_programs", {}).items():
-            out.append(f"      also attached on {hook} (not meshd's): program id(s) {ids}")
-        e = w.get("envoy") or {}
-        if any(e.values()):
-            out.append(f"      envoy: connections={e['connections']} requests={e['requests']} "
-                       f"bytes_sent={e['bytes_sent']} bytes_received={e['bytes_received']}")
-        c = w["counters"]
-        if c:
-            out.append("      " + " ".join(f"{k}={v}" for k, v in c.items()))
-    if st["counters"].get("miss"):
-        out.append(f"  misses:    {st['counters']['miss']} connections reached Envoy without an "
-                   "original destination (failed, not forwarded)")
-    return "\n".join(out)
 
 
 def cmd_cleanup(args) -> int:
     mesh = _mesh_or_lenient(args.config_dir)
-    from . import cgroups, envoy, envoy_systemd, routing
+    from . import cgroups, envoy_config, routing
+    from .envoy import process as envoy_process, systemd_unit
     from .daemon import enter_netns, pid_path
     from .datapath import Datapath
     try:
@@ -263,10 +214,10 @@ def cmd_cleanup(args) -> int:
                 break
             time.sleep(0.05)
         print(f"stopped meshd (pid {pid})")
-    unit = envoy_systemd.unit_name_for(mesh.state_dir)
-    if envoy_systemd.stop_unit(unit):   # False at once without systemd
+    unit = systemd_unit.unit_name_for(mesh.state_dir)
+    if systemd_unit.stop_unit(unit):   # False at once without systemd
         print(f"stopped Envoy ({unit})")
-    if envoy.stop_from_pidfile(mesh.state_dir):
+    if envoy_process.stop_from_pidfile(mesh.state_dir):
         print("stopped Envoy")
     if mesh.netns:
         enter_netns(mesh.netns)   # the routing below lives in the instance's namespace
@@ -302,7 +253,7 @@ def cmd_cleanup(args) -> int:
             os.unlink(os.path.join(mesh.state_dir, name))
         except FileNotFoundError:
             pass
-    shutil.rmtree(envoy.config_dir(mesh.state_dir), ignore_errors=True)
+    shutil.rmtree(envoy_config.config_dir(mesh.state_dir), ignore_errors=True)
     try:
         os.rmdir(mesh.state_dir)
     except OSError:

@@ -15,10 +15,18 @@ import os
 import signal
 import time
 
-from . import __version__, cgroups, envoy, envoy_systemd, notify, routing, sources
+from . import __version__, cgroups, envoy_config, maplayout, notify, routing, sources
+from .envoy import admin as envoy_admin
+from .envoy import systemd_manager, systemd_unit
+from .envoy.child import EnvoySupervisor
+from .envoy.process import EnvoyNotFound, find_envoy
+from .envoy.supervisor import RUNNING as ENVOY_RUNNING
 from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, WORKLOAD_HOOKS, Datapath, DatapathError
+from .fsutil import atomic_write as _atomic_write
 from .inotify import Inotify
+from .status import (DatapathStatus, EnvoyStatus, MeshSettings, Status, WorkloadEnvoy,
+                     WorkloadStatus, status_path)
 
 log = logging.getLogger("meshd")
 
@@ -44,22 +52,11 @@ class WorkloadState:
     other_programs: dict = dataclasses.field(default_factory=dict)  # hook -> foreign prog ids
 
 
-def _atomic_write(path: str, data: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(data)
-    os.rename(tmp, path)
-
-
-def status_path(state_dir: str) -> str:
-    return os.path.join(state_dir, "status.json")
-
-
 def pid_path(state_dir: str) -> str:
     return os.path.join(state_dir, "meshd.pid")
 
 
-def workload_envoy_stats(stats: dict[str, int], wid: int) -> dict[str, int]:
+def workload_envoy_stats(stats: dict[str, int], wid: int) -> WorkloadEnvoy:
     """A workload's numbers from its own filter chains (envoy_config.py names
     them <direction>_<http|tcp>_<id>). Bytes are from the workload's side:
     sent = what it wrote (outbound requests, inbound responses)."""
@@ -73,7 +70,7 @@ def workload_envoy_stats(stats: dict[str, int], wid: int) -> dict[str, int]:
                 p + "downstream_cx_tx_bytes_total", 0)
             out["bytes_sent"] += rx if d == "outbound" else tx
             out["bytes_received"] += tx if d == "outbound" else rx
-    return out
+    return WorkloadEnvoy(**out)
 
 
 def enter_netns(path: str) -> None:
@@ -127,8 +124,8 @@ class Daemon:
         os.makedirs(mesh.state_dir, mode=0o755, exist_ok=True)
         self._lock_instance(mesh.state_dir)
         try:
-            binary = envoy.find_envoy(mesh.envoy_binary)
-        except envoy.EnvoyNotFound as e:
+            binary = find_envoy(mesh.envoy_binary)
+        except EnvoyNotFound as e:
             raise StartupError(str(e)) from None
 
         self.dp = Datapath(mesh.bpffs_dir)
@@ -153,8 +150,8 @@ class Daemon:
         # Under systemd (PID 1, bus reachable, cgroup_root a slice such as
         # /meshd.slice) Envoy is the transient unit meshd-envoy.service in that
         # slice; otherwise a child process in <cgroup_root>/envoy.
-        slice_name = envoy_systemd.slice_for_cgroup_root(mesh.cgroup_root)
-        systemd = envoy_systemd.connect() if slice_name else None
+        slice_name = systemd_unit.slice_for_cgroup_root(mesh.cgroup_root)
+        systemd = systemd_manager.connect() if slice_name else None
         cgroups.ensure(own_root)
         self.dp.attach("envoy", own_root, ENVOY_HOOKS)
         self.envoy_cgroup = os.path.join(own_root, "envoy")
@@ -173,14 +170,14 @@ class Daemon:
             raise StartupError(f"{e} (or set mesh.preserve_client_address = false)") from None
 
         if systemd is not None:
-            self.envoy = envoy_systemd.SystemdEnvoySupervisor(
+            self.envoy = systemd_unit.SystemdEnvoySupervisor(
                 binary, mesh.state_dir, slice_name, mesh.envoy_log_level, self._on_envoy_state,
-                unit_name=envoy_systemd.unit_name_for(mesh.state_dir), netns=mesh.netns,
+                unit_name=systemd_unit.unit_name_for(mesh.state_dir), netns=mesh.netns,
                 manager=systemd)
             log.info("Envoy runs as %s in %s", self.envoy.unit_name, slice_name)
         else:
-            self.envoy = envoy.EnvoySupervisor(binary, mesh.state_dir, self.envoy_cgroup,
-                                               mesh.envoy_log_level, 0, self._on_envoy_state)
+            self.envoy = EnvoySupervisor(binary, mesh.state_dir, self.envoy_cgroup,
+                                         mesh.envoy_log_level, self._on_envoy_state)
         self.envoy.start()
 
     def _lock_instance(self, state_dir: str) -> None:
@@ -210,12 +207,12 @@ class Daemon:
     def _id_for(self, name: str) -> int:
         if name not in self.ids:
             used = set(self.ids.values())
-            free = next((i for i in range(1, 256) if i not in used), None)
+            free = next((i for i in range(1, maplayout.MAX_WORKLOADS) if i not in used), None)
             if free is None:  # recycle ids of workloads no longer configured
                 live = {w.name for w in self.config.workloads}
                 self.ids = {k: v for k, v in self.ids.items() if k in live}
                 used = set(self.ids.values())
-                free = next(i for i in range(1, 256) if i not in used)
+                free = next(i for i in range(1, maplayout.MAX_WORKLOADS) if i not in used)
             self.ids[name] = free
             _atomic_write(self._ids_path(), json.dumps(self.ids, indent=1, sort_keys=True))
         return self.ids[name]
@@ -250,10 +247,10 @@ class Daemon:
         wl_ports = {s.id: ports.get(s.id, []) for s in self.workloads.values() if s.enrolled_since}
         wl_protocols = {self.workloads[w.name].id: dict(w.protocols)
                         for w in self.config.workloads if w.name in self.workloads}
-        files = envoy.render(mesh.outbound_port, mesh.inbound_port, mesh.state_dir,
-                             ipv6_loopback(), self._mark, wl_ports, dict(mesh.protocols),
-                             wl_protocols, mesh.http_forwarded_for)
-        changed = envoy.write_config(mesh.state_dir, files)
+        files = envoy_config.render(mesh.outbound_port, mesh.inbound_port, mesh.state_dir,
+                                    ipv6_loopback(), self._mark, wl_ports, dict(mesh.protocols),
+                                    wl_protocols, mesh.http_forwarded_for)
+        changed = envoy_config.write_config(mesh.state_dir, files)
         if changed:
             log.info("Envoy configuration updated: %s", ", ".join(changed))
         self._rendered_ports = wl_ports
@@ -471,7 +468,7 @@ class Daemon:
         self.write_status()
 
     def _check_ready(self) -> None:
-        up = self.envoy.state == envoy.RUNNING and self.dp.envoy_listening()["ipv4"]
+        up = self.envoy.state == ENVOY_RUNNING and self.dp.envoy_listening()["ipv4"]
         self.state = "running" if up else "degraded"
         if up and not self.ready:
             self.ready = True
@@ -481,62 +478,66 @@ class Daemon:
     def _status_line(self) -> str:
         n = sum(1 for w in self.workloads.values() if w.enrolled_since)
         line = f"{n}/{len(self.workloads)} workloads enrolled; Envoy {self.envoy.state}"
-        if self.envoy.state != envoy.RUNNING:
+        if self.envoy.state != ENVOY_RUNNING:
             line += " (workloads fail open: direct connections)"
         if self.config_errors:
             line += f"; config REJECTED ({len(self.config_errors)} errors), last good config in force"
         return line
 
     # -- status ---------------------------------------------------------------
-    def status(self) -> dict:
+    def status(self) -> Status:
+        """What this meshd knows now, as the status model (meshd/status.py)."""
+        live = bool(self.dp.maps)   # the maps are closed once meshd is stopping
         ids = [0] + [w.id for w in self.workloads.values()]
-        counters = self.dp.counters(ids) if self.dp.maps else {}
+        counters = self.dp.counters(ids) if live else {}
+
+        def row(wid: int) -> dict[str, int]:  # every name, zeros included
+            return {name: counters.get(wid, {}).get(name, 0) for name in maplayout.COUNTERS}
         stats = self._envoy_stats()
-        inbound = self.dp.inbound_ports() if self.dp.maps else {}
+        inbound = self.dp.inbound_ports() if live else {}
         mesh = self.config.mesh
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "state": self.state,
-            "updated": time.time(),
-            "started": self.started,
-            "config_dir": self.config_dir,
-            "config_files": list(self.config.files),
-            "config_errors": [dataclasses.asdict(e) for e in self.config_errors],
-            "mesh": {"outbound_port": mesh.outbound_port, "inbound_port": mesh.inbound_port,
-                     "exclude_outbound_ports": list(mesh.exclude_outbound_ports),
-                     "exclude_outbound_cidrs": [str(c) for c in mesh.exclude_outbound_cidrs],
-                     "bpffs_dir": mesh.bpffs_dir, "state_dir": mesh.state_dir,
-                     "cgroup_root": mesh.cgroup_root},
-            "envoy": {"state": self.envoy.state, "pid": self.envoy.pid,
-                      "adopted": self.envoy.adopted, "restarts": self.envoy.restarts,
-                      "admin_socket": envoy.admin_socket_path(mesh.state_dir),
-                      "listeners": self.dp.envoy_listening() if self.dp.maps else {}},
-            "datapath": {"pins": self.dp.root, "adopted": self.dp.adopted,
-                         "links": self.dp.pinned_links() if self.dp.maps else [],
-                         "tracked_connections":
-                             self.dp.tracked_connections() if self.dp.maps else 0},
-            "counters": counters.get(0, {}),
-            "workloads": [dict(dataclasses.asdict(w), counters=counters.get(w.id, {}),
-                               inbound_ports=inbound.get(w.id, []),
-                               envoy=workload_envoy_stats(stats, w.id))
-                          for w in self.workloads.values()],
-        }
+        return Status(
+            version=__version__, pid=os.getpid(), state=self.state, updated=time.time(),
+            started=self.started, config_dir=self.config_dir,
+            config_files=tuple(self.config.files), config_errors=tuple(self.config_errors),
+            mesh=MeshSettings(
+                outbound_port=mesh.outbound_port, inbound_port=mesh.inbound_port,
+                exclude_outbound_ports=tuple(mesh.exclude_outbound_ports),
+                exclude_outbound_cidrs=tuple(str(c) for c in mesh.exclude_outbound_cidrs),
+                bpffs_dir=mesh.bpffs_dir, state_dir=mesh.state_dir,
+                cgroup_root=mesh.cgroup_root),
+            envoy=EnvoyStatus(
+                state=self.envoy.state, pid=self.envoy.pid, adopted=self.envoy.adopted,
+                restarts=self.envoy.restarts,
+                admin_socket=envoy_config.admin_socket_path(mesh.state_dir),
+                listeners=self.dp.envoy_listening() if live else {}),
+            datapath=DatapathStatus(
+                pins=self.dp.root, adopted=self.dp.adopted,
+                links=tuple(self.dp.pinned_links()) if live else (),
+                tracked_connections=self.dp.tracked_connections() if live else 0),
+            counters=row(0),
+            workloads=tuple(WorkloadStatus(
+                name=w.name, id=w.id, cgroup=w.cgroup, cgroup_id=w.cgroup_id,
+                enrolled_since=w.enrolled_since, error=w.error,
+                other_programs={h: tuple(ids) for h, ids in w.other_programs.items()},
+                counters=row(w.id), inbound_ports=tuple(inbound.get(w.id, ())),
+                envoy=workload_envoy_stats(stats, w.id)) for w in self.workloads.values()))
 
     def _envoy_stats(self) -> dict[str, int]:
-        if self.envoy.state != envoy.RUNNING:
+        if self.envoy.state != ENVOY_RUNNING:
             return {}
         try:
-            return envoy.stats(envoy.admin_socket_path(self.config.mesh.state_dir), timeout=0.5)
+            return envoy_admin.stats(envoy_config.admin_socket_path(self.config.mesh.state_dir),
+                                     timeout=0.5)
         except (OSError, ValueError) as e:
             log.debug("Envoy stats: %s", e)
             return {}
 
     def write_status(self) -> None:
+        """status.json and the D-Bus properties, from one Status."""
         st = self.status()
         try:
-            _atomic_write(status_path(self.config.mesh.state_dir),
-                          json.dumps(st, indent=1, sort_keys=True))
+            _atomic_write(status_path(self.config.mesh.state_dir), st.to_json())
         except OSError as e:
             log.warning("cannot write status: %s", e)
         if self.bus is not None:

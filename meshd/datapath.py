@@ -8,24 +8,21 @@ Only cleanup() removes them.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import os
 import shutil
-import struct
 from dataclasses import dataclass
 
-from . import bpfsys
+from . import bpfsys, maplayout, mounts
+from .bpfmap import Map, sync
+from .maplayout import COUNTERS, MAX_WORKLOADS, NR_COUNTERS
 
 log = logging.getLogger("meshd.datapath")
 
 LAYOUT = "v1"  # bump when a map's layout or a pin name changes
 SOURCES = ("connect.c", "sockops.c", "getsockopt.c", "getpeername.c", "getsockname.c",
            "sk_lookup.c")
-MAPS = ("settings", "workload_ids", "excluded_ports", "excluded_cidr4", "excluded_cidr6",
-        "cookie_dst", "tuple_dst", "envoy_listeners", "counters", "meta",
-        "inbound_ports", "workload_flags", "excluded_in_ports", "envoy_upstreams",
-        "route_src4", "route_src6")
+MAPS = tuple(maplayout.MAPS)
 
 
 @dataclass(frozen=True)
@@ -55,12 +52,6 @@ WORKLOAD_HOOKS = ("connect4", "connect6", "getpeername4", "getpeername6", "getso
                   "getsockname6", "sockops")
 ENVOY_HOOKS = ("envoy_sockops", "getsockopt")
 
-# Must match enum meshd_counter in bpf/meshd.h.
-COUNTERS = ("redirected", "excluded", "fail_open", "answered", "miss", "peername", "closed",
-            "inbound", "inbound_excluded", "inbound_fail_open")
-NR_COUNTERS = 12
-MAX_WORKLOADS = 256
-
 
 class DatapathError(Exception):
     pass
@@ -76,12 +67,13 @@ def default_bpf_dir() -> str:
 
 
 def program_text(bpf_dir: str) -> str:
-    """One compilation unit: the header once, then every hook file.
+    """One compilation unit: the shared constants, the header once with the
+    layout checks after it, then every hook file.
 
     BCC only rewrites map calls (m.lookup() ...) in the main file, not in
     included headers, so the header is inlined instead of #included."""
     with open(os.path.join(bpf_dir, "meshd.h")) as f:
-        parts = [f.read()]
+        parts = [maplayout.c_prelude(), f.read(), maplayout.c_asserts()]
     for name in SOURCES:
         with open(os.path.join(bpf_dir, name)) as f:
             parts.append(f"/* ---- {name} ---- */\n" + f.read().replace('#include "meshd.h"', ""))
@@ -106,14 +98,7 @@ def is_bpffs(path: str) -> bool:
     probe = path
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    with open("/proc/self/mountinfo") as f:
-        best = ("", "")
-        for line in f:
-            left, _, right = line.partition(" - ")
-            mnt = left.split(" ")[4]
-            if (probe == mnt or probe.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
-                best = (mnt, right.split(" ", 1)[0])
-    return best[1] == "bpf"
+    return mounts.fstype_at(probe) == "bpf"
 
 
 def _link_name(owner: str, hook: str) -> str:
@@ -143,12 +128,29 @@ class Datapath:
         text = program_text(self.bpf_dir)
         if self._try_adopt(source_hash(text)):
             self.adopted = True
-            return "adopted"
-        self._load(text)
-        return "loaded"
+            how = "adopted"
+        else:
+            self._load(text)
+            how = "loaded"
+        self._check_maps()
+        return how
 
     def _pin(self, kind: str, name: str) -> str:
         return os.path.join(self.root, kind, name)
+
+    def _map(self, name: str) -> Map:
+        return Map(self.maps[name], maplayout.MAPS[name])
+
+    def _check_maps(self) -> None:
+        """Every map's key and value sizes are what maplayout declares (the
+        structs themselves are checked when the programs are compiled)."""
+        for name, spec in maplayout.MAPS.items():
+            m, info = self._map(name), bpfsys.map_info(self.maps[name])
+            single = m.value_size // bpfsys.possible_cpus() if spec.percpu else m.value_size
+            if (info.key_size, info.value_size) != (m.key_size, single):
+                raise DatapathError(
+                    f"map {name}: key/value sizes {info.key_size}/{info.value_size} in the "
+                    f"kernel, {m.key_size}/{single} in meshd/maplayout.py")
 
     def _try_adopt(self, want_hash: int) -> bool:
         paths = [self._pin("maps", m) for m in MAPS] + [self._pin("progs", h) for h in HOOKS]
@@ -157,8 +159,7 @@ class Datapath:
                 log.warning("pins under %s are incomplete; loading the programs afresh", self.root)
             return False
         maps = {m: bpfsys.obj_get(self._pin("maps", m)) for m in MAPS}
-        got = bpfsys.map_lookup(maps["meta"], struct.pack("<I", 0), 8)
-        if got is None or struct.unpack("<Q", got)[0] != want_hash:
+        if Map(maps["meta"], maplayout.MAPS["meta"]).get(0) != want_hash:
             log.warning("pinned programs are from other BPF sources; loading afresh")
             for fd in maps.values():
                 os.close(fd)
@@ -197,8 +198,7 @@ class Datapath:
                 raise DatapathError(f"the kernel refused {hook.prog}: {e}") from e
             bpfsys.obj_pin(fn.fd, self._pin("progs", name))
             self.progs[name] = os.dup(fn.fd)
-        bpfsys.map_update(self.maps["meta"], struct.pack("<I", 0),
-                          struct.pack("<Q", source_hash(text)))
+        self._map("meta").set(0, source_hash(text))
         # The BPF object may now go: pins and our dup'ed fds hold everything.
         b.cleanup()
 
@@ -284,16 +284,6 @@ class Datapath:
             os.close(fd)
         os.unlink(pin)
 
-    def link_cgroup_ids(self) -> dict[str, int]:
-        out = {}
-        for name in self.pinned_links():
-            fd = bpfsys.obj_get(self._pin("links", name))
-            try:
-                out[name] = bpfsys.link_info(fd).cgroup_id
-            finally:
-                os.close(fd)
-        return out
-
     def foreign_programs(self, cgroup_path: str, hooks) -> dict[str, list[int]]:
         """Programs someone else attached to a cgroup on our hooks (a CNI, say):
         they keep running beside ours; status shows them."""
@@ -311,109 +301,64 @@ class Datapath:
 
     # -- map contents ---------------------------------------------------------
     def set_settings(self, outbound_port: int, inbound_port: int) -> None:
-        bpfsys.map_update(self.maps["settings"], struct.pack("<I", 0),
-                          struct.pack("<HHI", outbound_port, inbound_port, 0))
+        self._map("settings").set(0, maplayout.MeshSettings(outbound_port=outbound_port,
+                                                            inbound_port=inbound_port))
 
     def set_workload_ids(self, ids: dict[int, int]) -> None:
         """cgroup id -> workload id; entries not in `ids` are removed."""
-        fd = self.maps["workload_ids"]
-        want = {struct.pack("<Q", cg): struct.pack("<I", wl) for cg, wl in ids.items()}
-        for k in bpfsys.map_keys(fd, 8):
-            if k not in want:
-                bpfsys.map_delete(fd, k)
-        for k, v in want.items():
-            bpfsys.map_update(fd, k, v)
+        sync(self._map("workload_ids"), ids)
 
     def set_exclusions(self, ports: dict[int, set[int]], cidrs: dict[int, set]) -> None:
         """Exclusions by workload id (0 = every workload): ports and networks."""
-        want_ports = {struct.pack("<IHH", wl, p, 0) for wl, ps in ports.items() for p in ps}
-        want4, want6 = set(), set()
-        for wl, nets in cidrs.items():
-            for n in nets:
-                n = ipaddress.ip_network(n, strict=False)
-                wlb = struct.pack(">I", wl)
-                if n.version == 4:
-                    want4.add(struct.pack("<I", 32 + n.prefixlen) + wlb + n.network_address.packed)
-                else:
-                    want6.add(struct.pack("<I", 32 + n.prefixlen) + wlb + n.network_address.packed)
-        for name, want, ksize in (("excluded_ports", want_ports, 8),
-                                  ("excluded_cidr4", want4, 12),
-                                  ("excluded_cidr6", want6, 24)):
-            fd = self.maps[name]
-            for k in bpfsys.map_keys(fd, ksize):
-                if k not in want:
-                    bpfsys.map_delete(fd, k)
-            for k in want:
-                bpfsys.map_update(fd, k, b"\x01")
+        sync(self._map("excluded_ports"), _port_keys(ports))
+        self._sync_families(("excluded_cidr4", "excluded_cidr6"),
+                            {maplayout.cidr_key(wl, n): 1 for wl, nets in cidrs.items()
+                             for n in nets})
+
+    def _sync_families(self, names: tuple[str, str], want: dict) -> None:
+        """Sync a pair of maps (IPv4, IPv6) from one dict: each entry goes to the
+        map whose key type it has."""
+        for name in names:
+            key_type = maplayout.MAPS[name].key
+            sync(self._map(name), {k: v for k, v in want.items() if isinstance(k, key_type)})
 
     def set_inbound(self, explicit: dict[int, set[int]], auto: set[int],
                     excluded: dict[int, set[int]], discovered: dict[int, set[int]]) -> None:
         """Inbound ports by workload id. `explicit` workloads get exactly their listed
         ports; `auto` ones get whatever they listen on (sockops adds ports on listen(),
         `discovered` adds those that were already listening). `excluded`: 0 = all."""
-        flags_fd, ports_fd = self.maps["workload_flags"], self.maps["inbound_ports"]
-        for wl in range(1, MAX_WORKLOADS):
-            flag = 1 if wl in explicit else 0
-            cur = bpfsys.map_lookup(flags_fd, struct.pack("<I", wl), 4)
-            if cur is not None and struct.unpack("<I", cur)[0] != flag:
-                bpfsys.map_update(flags_fd, struct.pack("<I", wl), struct.pack("<I", flag))
+        sync(self._map("workload_flags"), {wl: maplayout.WL_EXPLICIT_PORTS for wl in explicit})
         want = {p: wl for wl, ports in explicit.items() for p in ports}
         for wl, ports in discovered.items():
             if wl in auto:
                 want.update({p: wl for p in ports})
-        for k in bpfsys.map_keys(ports_fd, 2):
-            v = bpfsys.map_lookup(ports_fd, k, 4)
-            wl = struct.unpack("<I", v)[0] if v else 0
-            port = struct.unpack("<H", k)[0]
-            if wl not in auto and want.get(port) != wl:
-                bpfsys.map_delete(ports_fd, k)   # workload gone, or explicit list changed
-        for port, wl in want.items():
-            bpfsys.map_update(ports_fd, struct.pack("<H", port), struct.pack("<I", wl))
-        want_ex = {struct.pack("<IHH", wl, p, 0) for wl, ps in excluded.items() for p in ps}
-        fd = self.maps["excluded_in_ports"]
-        for k in bpfsys.map_keys(fd, 8):
-            if k not in want_ex:
-                bpfsys.map_delete(fd, k)
-        for k in want_ex:
-            bpfsys.map_update(fd, k, b"\x01")
+        # a port an auto workload listens on stays (sockops put it there and
+        # removes it); one of a workload gone or of a changed explicit list goes
+        sync(self._map("inbound_ports"), want, keep=lambda port, wl: wl in auto)
+        sync(self._map("excluded_in_ports"), _port_keys(excluded))
 
     def set_route_sources(self, sources: dict) -> None:
         """Destination network -> the source address the kernel would pick for
         it (meshd.sources), for getsockname on steered sockets."""
-        want4, want6 = {}, {}
-        for net, src in sources.items():
-            if net.version == 4:
-                want4[struct.pack("<I", net.prefixlen) + net.network_address.packed] = src.packed
-            else:
-                want6[struct.pack("<I", net.prefixlen) + net.network_address.packed] = src.packed
-        for name, want, ksize in (("route_src4", want4, 8), ("route_src6", want6, 20)):
-            fd = self.maps[name]
-            for k in bpfsys.map_keys(fd, ksize):
-                if k not in want:
-                    bpfsys.map_delete(fd, k)
-            for k, v in want.items():
-                bpfsys.map_update(fd, k, v)
+        self._sync_families(("route_src4", "route_src6"),
+                            {maplayout.route_key(net): maplayout.route_source(src)
+                             for net, src in sources.items()})
 
     def inbound_ports(self) -> dict[int, list[int]]:
         """Meshed inbound ports by workload id."""
-        fd, out = self.maps["inbound_ports"], {}
-        for k in bpfsys.map_keys(fd, 2):
-            v = bpfsys.map_lookup(fd, k, 4)
-            if v:
-                out.setdefault(struct.unpack("<I", v)[0], []).append(struct.unpack("<H", k)[0])
+        out: dict[int, list[int]] = {}
+        for port, wl in self._map("inbound_ports").items():
+            out.setdefault(wl, []).append(port)
         return {wl: sorted(ps) for wl, ps in out.items()}
 
     def counters(self, workload_ids=range(MAX_WORKLOADS)) -> dict[int, dict[str, int]]:
         """Counter values summed over CPUs, by workload id (non-zero rows only).
         Pass the ids in use: each row costs one lookup per counter."""
-        fd = self.maps["counters"]
-        ncpu = bpfsys.possible_cpus()
+        m = self._map("counters")
         out: dict[int, dict[str, int]] = {}
         for wl in workload_ids:
-            row = {}
-            for slot, name in enumerate(COUNTERS):
-                raw = bpfsys.map_lookup(fd, struct.pack("<I", wl * NR_COUNTERS + slot), 8 * ncpu)
-                row[name] = sum(struct.unpack(f"<{ncpu}Q", raw)) if raw else 0
+            row = {name: sum(m.get(wl * NR_COUNTERS + slot) or ())
+                   for slot, name in enumerate(COUNTERS)}
             if any(row.values()):
                 out[wl] = row
         return out
@@ -422,12 +367,11 @@ class Datapath:
         """Which of Envoy's listeners are in the SOCKMAP (i.e. alive).
 
         A SOCKMAP lookup from user space returns the socket cookie."""
-        fd = self.maps["envoy_listeners"]
-        return {slot: bpfsys.map_lookup(fd, struct.pack("<I", i), 8) is not None
-                for i, slot in enumerate(("ipv4", "ipv6", "inbound_ipv4", "inbound_ipv6"))}
+        m = self._map("envoy_listeners")
+        return {name: m.get(i) is not None for i, (_, name) in enumerate(maplayout.LISTENER_SLOTS)}
 
     def tracked_connections(self) -> int:
-        return len(bpfsys.map_keys(self.maps["cookie_dst"], 8))
+        return len(self._map("cookie_dst").keys())
 
     # -- teardown -------------------------------------------------------------
     def close(self) -> None:
@@ -447,3 +391,8 @@ class Datapath:
             os.rmdir(parent)  # the instance's bpffs dir, if nothing else is in it
         except OSError:
             pass
+
+
+def _port_keys(ports: dict[int, set[int]]) -> dict:
+    """excluded_ports / excluded_in_ports entries: by workload id (0 = all)."""
+    return {maplayout.PortKey(workload=wl, port=p): 1 for wl, ps in ports.items() for p in ps}

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+
+from . import fsutil, maplayout
 
 # v3 type URLs ----------------------------------------------------------------------------
 _T = "type.googleapis.com/"
@@ -36,7 +37,7 @@ CLUSTER_BLACKHOLE = "meshd_blackhole"
 # Envoy's connections to the local application come from here; sk_lookup lets
 # them through instead of steering them back into Envoy (as Istio's 127.0.0.6;
 # for IPv6 ::1, since ::6 is not a local address and replies to it get lost).
-INBOUND_SOURCE_V4 = "127.0.0.6"
+INBOUND_SOURCE_V4 = str(maplayout.ENVOY_INBOUND_SOURCE4)
 INBOUND_SOURCE_V6 = "::1"
 T_ORIGINAL_SRC = _T + "envoy.extensions.filters.listener.original_src.v3.OriginalSrc"
 T_FILE_ACCESS_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
@@ -156,8 +157,9 @@ def _http_connection_manager(stat_prefix: str, cluster: str, access_log: str = "
         "stat_prefix": stat_prefix,
         "codec_type": "AUTO",   # HTTP/1.x, and h2c with prior knowledge
         "generate_request_id": False,
-        # X-Forwarded-For only when the operator asks for it (inbound).
-        "use_remote_address": False,
+        # X-Forwarded-For only when the operator asks for it (inbound): Envoy
+        # appends the peer only when it treats it as the remote address.
+        "use_remote_address": forwarded_for,
         "skip_xff_append": not forwarded_for,
         "server_header_transformation": "PASS_THROUGH",
         "proxy_100_continue": True,   # the server answers Expect: 100-continue
@@ -170,6 +172,9 @@ def _http_connection_manager(stat_prefix: str, cluster: str, access_log: str = "
         "upgrade_configs": [{"upgrade_type": "websocket"}, {"upgrade_type": "CONNECT"}],
         "route_config": {
             "name": f"meshd_{stat_prefix}",
+            # What use_remote_address adds besides X-Forwarded-For.
+            "request_headers_to_remove": (["x-envoy-external-address", "x-envoy-internal"]
+                                          if forwarded_for else []),
             "virtual_hosts": [{
                 "name": "original_dst",
                 "domains": ["*"],
@@ -195,13 +200,6 @@ def _original_dst_filter() -> dict:
     # waits for the client to speak (no protocol sniffing: ports are declared).
     return {"name": "envoy.filters.listener.original_dst",
             "typed_config": {"@type": T_ORIGINAL_DST}}
-
-
-WORKLOAD_NET4 = "127.77.0."  # + workload id: the source bpf/connect.c binds (meshd.h)
-
-
-def workload_source(wid: int) -> str:
-    return f"{WORKLOAD_NET4}{wid}"
 
 
 def is_http(protocol: str) -> bool:
@@ -291,7 +289,7 @@ def render_listeners(outbound_port: int, ipv6: bool, workload_ids=(),
         "filters": [_tcp_proxy("outbound_miss", CLUSTER_BLACKHOLE)],
     }]
     for wid in sorted(workload_ids):
-        src = {"source_prefix_ranges": [{"address_prefix": workload_source(wid), "prefix_len": 32}]}
+        src = {"source_prefix_ranges": [{"address_prefix": maplayout.workload_source4(wid), "prefix_len": 32}]}
         for port, proto in declared:
             chains.append(_chain(f"outbound_wl{wid}_port{port}", dict(src, destination_port=port),
                                  proto, f"outbound_{wid}", CLUSTER_ORIGINAL_DST))
@@ -391,26 +389,7 @@ def dumps(doc: dict) -> bytes:
 
 
 def _atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsutil.atomic_write(path, data, mode)
 
 
 def write_config(state_dir: str, files: dict[str, dict]) -> list[str]:

@@ -17,6 +17,8 @@ import logging
 import os
 import socket
 
+from . import fsutil
+
 log = logging.getLogger("meshd.routing")
 
 MARK = 0x4D53      # "MS"
@@ -41,8 +43,8 @@ def install(state_dir: str) -> None:
         old = f.read().strip()
     if old != "1":
         if not os.path.exists(_saved_path(state_dir)):
-            with open(_saved_path(state_dir), "w") as f:
-                f.write(old + "\n")
+            # a torn write here would lose the value cleanup must restore
+            fsutil.atomic_write(_saved_path(state_dir), old + "\n")
         with open(FWMARK_ACCEPT, "w") as f:
             f.write("1\n")
     with IPRoute() as ipr:

@@ -12,7 +12,8 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 # and what builds the .deb and boots the systemd test guest (nspawn, debootstrap).
 PKGS=(python3 python3-venv python3-bpfcc python3-gi python3-pydbus python3-systemd
       python3-pyroute2 libbpf1 linux-headers-amd64 iproute2 iptables curl dbus
-      procps psmisc wrk iperf3 nginx-light
+      procps psmisc wrk iperf3 nginx-light netcat-openbsd redis-server redis-tools
+      python3-websockets python3-grpcio
       dpkg-dev debhelper dh-python systemd-container debootstrap)
 missing=()
 for p in "${PKGS[@]}"; do
@@ -24,12 +25,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# nginx-light's package starts a server on :80; the benchmarks start their own.
-if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-  systemctl disable --now nginx >/dev/null 2>&1 || true
-else
-  pkill -x nginx 2>/dev/null || true
-fi
+# nginx-light's and redis-server's packages start servers when installed; the
+# tests and benchmarks start their own, in namespaces they make. Stop only what
+# this run installed: a server the operator runs is theirs.
+for svc in nginx redis-server; do
+  pkg=$svc; [ "$svc" = nginx ] && pkg=nginx-light
+  [[ " ${missing[*]:-} " == *" $pkg "* ]] || continue
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  else
+    pkill -x "$svc" 2>/dev/null || true
+  fi
+done
 
 # BCC compiles against /lib/modules/$(uname -r)/build. Without headers for the
 # running kernel, Debian's generic ones do: meshd's programs only use UAPI

@@ -1,6 +1,6 @@
 """meshd's D-Bus layer (meshd/bus.py) against a REAL dbus-daemon and the real busctl.
 
-A stand-in daemon (status() shaped like Daemon.status(), reload() flips a flag)
+A stand-in daemon (status() returns the same model as Daemon.status(), reload() flips a flag)
 sits behind a BusService on a private system-type bus that enforces the shipped
 policy (etc/dbus-1/io.meshd.Mesh1.conf). The GLib main loop runs in a thread;
 every call into the BusService is made on that thread, as in meshd.
@@ -8,6 +8,7 @@ every call into the BusService is made on that thread, as in meshd.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import queue
@@ -25,7 +26,8 @@ gi = pytest.importorskip("gi")
 from gi.repository import Gio, GLib  # noqa: E402
 
 from meshd import bus as mbus  # noqa: E402
-from meshd.cli import format_status  # noqa: E402
+from meshd.config import ConfigError  # noqa: E402
+from meshd.status import Status, format_text  # noqa: E402
 
 pytestmark = pytest.mark.root
 NOBODY = 65534
@@ -49,13 +51,14 @@ def workload(name, wid, enrolled=True, **kw):
          "cgroup_id": 1000 + wid if enrolled else 0,
          "enrolled_since": 1764150000.25 if enrolled else 0.0,
          "error": "" if enrolled else f"waiting for unit {name} to start",
-         "other_programs": {}, "counters": {}, "inbound_ports": []}
+         "other_programs": {}, "counters": counters(), "inbound_ports": []}
     w.update(kw)
     return w
 
 
 class FakeDaemon:
-    """What BusService needs from meshd.daemon.Daemon, with the same status shape."""
+    """What BusService needs from meshd.daemon.Daemon. The status is kept in its
+    JSON form (easy to change in a test) and handed out as the model."""
 
     def __init__(self):
         self.bus = None
@@ -77,7 +80,7 @@ class FakeDaemon:
             "datapath": {"pins": "/sys/fs/bpf/meshd/v1", "adopted": True,
                          "links": ["envoy:getsockopt", "workload:web:connect4"],
                          "tracked_connections": 3},
-            "counters": {"answered": 7, "miss": 1},
+            "counters": counters(answered=7, miss=1),
             "workloads": [
                 workload("web", 1, counters=counters(redirected=5, closed=2),
                          inbound_ports=[8080, 8443], other_programs={"connect4": [77]}),
@@ -85,19 +88,19 @@ class FakeDaemon:
             ],
         }
 
-    def status(self) -> dict:
+    def status(self) -> Status:
         st = copy.deepcopy(self.st)
         st["updated"] = time.time()
-        return st
+        return Status.from_dict(st)
 
     def reload(self, why: str) -> bool:
         self.reloads.append(why)
         if self.accept:
             self.st["config_errors"] = []
         else:  # what Daemon.reload() does on a rejected config, through the bus hooks
-            errs = [{"file": "/etc/meshd/10-web.toml", "line": 3, "key": "workload.web.cgroup",
-                     "message": "must start with /"}]
-            self.st["config_errors"] = errs
+            errs = [ConfigError("/etc/meshd/10-web.toml", 3, "workload.web.cgroup",
+                                "must start with /")]
+            self.st["config_errors"] = [dataclasses.asdict(e) for e in errs]
             self.bus.config_rejected(errs)
         self.bus.update(self.status())
         return self.accept
@@ -266,19 +269,18 @@ def test_introspect_properties_and_list(env):
     r = bus.busctl("set-property", NAME, PATH, MGR, "State", "s", "x")
     assert r.returncode != 0  # read-only
 
-    # `meshd status` over D-Bus: same shape as Daemon.status(), format_status prints it
+    # `meshd status` over D-Bus: the property table decodes the very model the
+    # daemon published (workloads in ListWorkloads' order; "updated" is not on the bus)
     st = mbus.read_status(bus.address)
     want = daemon.status()
-    for key in ("version", "pid", "state", "config_dir", "config_files", "config_errors",
-                "mesh", "datapath"):
-        assert st[key] == want[key], key
-    assert st["envoy"] == want["envoy"]
-    assert st["counters"] == mbus._counters(want["counters"])
-    assert [w["name"] for w in st["workloads"]] == ["my-app.service", "web"]
-    w = st["workloads"][1]
-    assert w["cgroup"] == "/system.slice/web" and w["enrolled_since"] == 1764150000.25
-    assert w["other_programs"] == {"connect4": [77]} and w["inbound_ports"] == [8080, 8443]
-    text = format_status(st, True)
+    assert st == dataclasses.replace(want, updated=st.updated, workloads=tuple(
+        sorted(want.workloads, key=lambda w: w.name)))
+    assert [w.name for w in st.workloads] == ["my-app.service", "web"]
+    w = st.workloads[1]
+    assert w.cgroup == "/system.slice/web" and w.enrolled_since == 1764150000.25
+    assert w.other_programs == {"connect4": (77,)} and w.inbound_ports == (8080, 8443)
+    assert st.workloads[0].cgroup is None and st.workloads[0].enrolled_since == 0
+    text = format_text(st, True, "D-Bus")
     assert "meshd 0.1.0: running" in text and "waiting for unit my-app.service" in text
 
 
@@ -441,7 +443,7 @@ def test_publish_never_raises(monkeypatch, caplog):
         assert loop.run(second.publish) is False
         assert "already owned" in caplog.text
         loop.run(second.close)
-        assert mbus.read_status(bus.address)["state"] == "running"  # the first one still serves
+        assert mbus.read_status(bus.address).state == "running"  # the first one still serves
         loop.run(first.close)
         assert mbus.read_status(bus.address) is None
     finally:

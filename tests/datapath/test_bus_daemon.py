@@ -18,7 +18,7 @@ def on_bus(mesh, server, monkeypatch):
     bus = PrivateBus().start()
     try:
         monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)   # inherited by meshd
-        mesh.configure()
+        mesh.configure(protocols={HTTP_PORT: "http"})   # so Envoy counts requests
         mesh.start()
         wait_for(lambda: "io.meshd.Mesh1" in bus.busctl("list", "--acquired").stdout,
                  what="meshd on the bus")
@@ -49,10 +49,42 @@ def test_busctl_reads_the_running_daemon(on_bus):
     wait_for(lambda: prop(bus, "Counters", wl).get("redirected", 0) >= 1, what="counters")
     wait_for(lambda: prop(bus, "Requests", wl) == 1, what="Envoy's per-workload requests")
     assert prop(bus, "BytesReceived", wl) > 0
-    # anyone may read; `meshd status` reads this API
+    # anyone may read
     assert prop(bus, "State", user=65534) == "running"
+
+
+def test_meshd_status_reads_the_bus(on_bus, monkeypatch):
+    """`meshd status` reads the D-Bus API and says so; without the bus it falls
+    back to the status file and says that instead. Both print the same model."""
+    mesh, server, bus = on_bus
+    assert mesh.curl(f"http://{server.ip4}:{HTTP_PORT}/echo").returncode == 0
+    wait_for(lambda: mesh.workload_counter("redirected") >= 1, what="counters")
+
     out = mesh.cli("status")
-    assert out.returncode == 0 and "wl" in out.stdout and "enrolled" in out.stdout
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "  source:    D-Bus (io.meshd.Mesh1)" in out.stdout, out.stdout
+    assert "wl" in out.stdout and "enrolled" in out.stdout and "redirected=" in out.stdout
+
+    # --json is the model's JSON: the same keys and values as status.json, live
+    # numbers included ("updated" is not on the bus; times travel in µs)
+    over_bus = json.loads(mesh.cli("status", "--json", check=True).stdout)
+    from_file = mesh.status()
+    assert set(over_bus) == set(from_file)
+    for key in ("version", "pid", "state", "config_dir", "config_files", "mesh"):
+        assert over_bus[key] == from_file[key], key
+    assert round(over_bus["started"] * 1e6) == round(from_file["started"] * 1e6)
+    assert over_bus["envoy"]["pid"] == mesh.envoy_pid()
+    (wl,) = over_bus["workloads"]
+    assert wl["name"] == "wl" and wl["cgroup"] == mesh.workload
+    assert wl["counters"]["redirected"] >= 1 and set(wl) == set(from_file["workloads"][0])
+
+    # no bus for the CLI: the status file, named as the source
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={bus.dir}/no-such-bus")
+    out = mesh.cli("status")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (f"  source:    status file {os.path.join(mesh.state_dir, 'status.json')}"
+            in out.stdout), out.stdout
+    assert "D-Bus" not in out.stdout and "enrolled" in out.stdout
 
 
 def test_reload_over_the_bus_root_only(on_bus):

@@ -85,14 +85,15 @@ def test_ships_the_program_units_bpf_sources_and_config(contents):
                  "/etc/meshd/meshd.toml",
                  "/usr/lib/python3/dist-packages/meshd/__init__.py",
                  "/usr/lib/python3/dist-packages/meshd/cli.py",
-                 "/usr/lib/python3/dist-packages/meshd/envoy_systemd.py"):
+                 "/usr/lib/python3/dist-packages/meshd/envoy/systemd_unit.py"):
         assert path in contents, path
     assert contents["/usr/bin/meshd"].startswith("-rwxr-xr-x")
 
 
 def test_every_module_and_bpf_source_is_shipped(contents):
-    for py in (REPO / "meshd").glob("*.py"):
-        assert f"/usr/lib/python3/dist-packages/meshd/{py.name}" in contents, py.name
+    for py in (REPO / "meshd").rglob("*.py"):
+        rel = py.relative_to(REPO / "meshd")
+        assert f"/usr/lib/python3/dist-packages/meshd/{rel}" in contents, str(rel)
     for src in (REPO / "bpf").iterdir():
         if src.suffix in (".c", ".h"):
             assert f"/usr/share/meshd/bpf/{src.name}" in contents, src.name

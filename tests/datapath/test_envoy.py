@@ -14,7 +14,10 @@ import time
 
 import pytest
 
-from meshd import envoy
+from helpers.envoy_validate import validate
+from meshd import envoy_config
+from meshd.envoy import admin, process, supervisor
+from meshd.envoy.child import EnvoySupervisor
 
 pytestmark = pytest.mark.root
 
@@ -22,8 +25,8 @@ if os.geteuid() != 0:
     pytest.skip("needs root (cgroups)", allow_module_level=True)
 
 try:
-    ENVOY = envoy.find_envoy("")
-except envoy.EnvoyNotFound as e:
+    ENVOY = process.find_envoy("")
+except process.EnvoyNotFound as e:
     pytest.skip(str(e), allow_module_level=True)
 
 GLib = pytest.importorskip("gi.repository.GLib")
@@ -68,16 +71,16 @@ class Env:
         self.port = free_port()
         self.ipv6 = ipv6_loopback()
         # one port declared HTTP, so the config has Envoy's HTTP handling too
-        files = envoy.render(self.port, free_port(), self.state_dir, self.ipv6,
-                             protocols={80: "http"})
-        envoy.write_config(self.state_dir, files)
-        self.bootstrap = envoy.bootstrap_path(self.state_dir)
-        self.admin = envoy.admin_socket_path(self.state_dir)
+        files = envoy_config.render(self.port, free_port(), self.state_dir, self.ipv6,
+                                    protocols={80: "http"})
+        envoy_config.write_config(self.state_dir, files)
+        self.bootstrap = envoy_config.bootstrap_path(self.state_dir)
+        self.admin = envoy_config.admin_socket_path(self.state_dir)
         self.sups = []
 
     def supervisor(self):
         states = []
-        sup = envoy.EnvoySupervisor(ENVOY, self.state_dir, self.cgroup, "info", 0, states.append)
+        sup = EnvoySupervisor(ENVOY, self.state_dir, self.cgroup, "info", states.append)
         sup.states = states
         self.sups.append(sup)
         return sup
@@ -138,17 +141,17 @@ def cgroup_of(pid) -> str:
 
 
 def test_rendered_config_validates(env):
-    ok, out = envoy.validate(ENVOY, env.bootstrap)
+    ok, out = validate(ENVOY, env.bootstrap)
     assert ok, out
 
 
 def test_validate_catches_bad_lds(env):
-    lds = os.path.join(envoy.config_dir(env.state_dir), "lds.json")
+    lds = os.path.join(envoy_config.config_dir(env.state_dir), "lds.json")
     with open(lds) as f:
         text = f.read()
     with open(lds, "w") as f:
         f.write(text.replace('"codec_type": "AUTO"', '"codec_type": "NOPE"'))
-    ok, out = envoy.validate(ENVOY, env.bootstrap)
+    ok, out = validate(ENVOY, env.bootstrap)
     assert not ok
     assert "NOPE" in out
 
@@ -161,7 +164,7 @@ def test_supervisor_lifecycle(env):
     pid1 = sup.pid
     assert pid1 and alive(pid1)
     assert not sup.adopted
-    with open(envoy.pid_file_path(env.state_dir)) as f:
+    with open(process.pid_file_path(env.state_dir)) as f:
         assert int(f.read()) == pid1
 
     # in its own cgroup, its own session
@@ -183,17 +186,17 @@ def test_supervisor_lifecycle(env):
             pass
 
     # admin over the UNIX socket
-    status, body = envoy.admin_get(env.admin, "/ready")
+    status, body = admin.get(env.admin, "/ready")
     assert (status, body.strip()) == (200, b"LIVE")
-    st = envoy.stats(env.admin)
+    st = admin.stats(env.admin)
     assert st["server.state"] == 0  # LIVE
     assert "cluster.meshd_original_dst.upstream_cx_total" in st
     # ... and it was counted as a miss (so was the IPv6 one: no listener filter waits
     # for data before a filter chain is chosen)
     misses = 1 + env.ipv6
-    assert run_until(lambda: envoy.stats(env.admin).get(
-        "tcp.outbound_miss.downstream_cx_total") == misses, 10), envoy.stats(env.admin)
-    st = envoy.stats(env.admin)
+    assert run_until(lambda: admin.stats(env.admin).get(
+        "tcp.outbound_miss.downstream_cx_total") == misses, 10), admin.stats(env.admin)
+    st = admin.stats(env.admin)
     assert st.get("cluster.meshd_blackhole.upstream_cx_none_healthy") == misses
     assert st.get("tcp.outbound_tcp.downstream_cx_total", 0) == 0
 
@@ -220,8 +223,8 @@ def test_supervisor_lifecycle(env):
 
     # filesystem xDS: an atomic rename of lds.json moves the listener, no restart
     new_port = free_port()
-    files = envoy.render(new_port, free_port(), env.state_dir, env.ipv6)
-    assert envoy.write_config(env.state_dir, files) == ["lds.json"]
+    files = envoy_config.render(new_port, free_port(), env.state_dir, env.ipv6)
+    assert envoy_config.write_config(env.state_dir, files) == ["lds.json"]
 
     def listening(port):
         try:
@@ -236,13 +239,13 @@ def test_supervisor_lifecycle(env):
     sup2.stop()
     assert sup2.states[-1] == "stopped"
     assert run_until(lambda: not alive(pid2), 5)
-    assert not os.path.exists(envoy.pid_file_path(env.state_dir))
+    assert not os.path.exists(process.pid_file_path(env.state_dir))
     assert sup2.pid is None
 
 
 def test_stale_pidfile_is_not_adopted(env):
     # a PID file naming a live process that is not our Envoy (ourselves) is ignored
-    with open(envoy.pid_file_path(env.state_dir), "w") as f:
+    with open(process.pid_file_path(env.state_dir), "w") as f:
         f.write(f"{os.getpid()}\n")
     sup = env.supervisor()
     sup.start()
@@ -252,10 +255,10 @@ def test_stale_pidfile_is_not_adopted(env):
     # stop_from_pidfile (meshd cleanup, no supervisor object) stops it
     pid = sup.pid
     sup.detach()
-    assert envoy.stop_from_pidfile(env.state_dir)
+    assert process.stop_from_pidfile(env.state_dir)
     assert not alive(pid)
-    assert not os.path.exists(envoy.pid_file_path(env.state_dir))
-    assert envoy.stop_from_pidfile(env.state_dir) is False
+    assert not os.path.exists(process.pid_file_path(env.state_dir))
+    assert process.stop_from_pidfile(env.state_dir) is False
 
 
 def test_two_envoys_coexist(in_netns, prefix):
@@ -277,18 +280,18 @@ def test_two_envoys_coexist(in_netns, prefix):
 def test_spawn_failure_backs_off(env, monkeypatch):
     """Envoy must never start outside its cgroup: a missing cgroup is a failed start,
     retried with exponential backoff."""
-    monkeypatch.setattr(envoy, "BACKOFF_INITIAL", 0.05)
+    monkeypatch.setattr(supervisor, "BACKOFF_INITIAL", 0.05)
     states = []
-    sup = envoy.EnvoySupervisor(ENVOY, env.state_dir, env.cgroup + "-missing", "info", 0,
-                                states.append)
+    sup = EnvoySupervisor(ENVOY, env.state_dir, env.cgroup + "-missing", "info",
+                          states.append)
     env.sups.append(sup)
-    sup._backoff = envoy.BACKOFF_INITIAL
+    sup._backoff = supervisor.BACKOFF_INITIAL
     sup.start()
     assert run_until(lambda: sup.restarts >= 3, 5), states
     assert sup.pid is None
     assert sup._backoff == pytest.approx(0.05 * 2 ** 3)
     assert states[:4] == ["starting", "restarting", "starting", "restarting"]
-    assert not os.path.exists(envoy.pid_file_path(env.state_dir))
+    assert not os.path.exists(process.pid_file_path(env.state_dir))
     sup.stop()
     assert states[-1] == "stopped"
     restarts = sup.restarts
@@ -298,13 +301,13 @@ def test_spawn_failure_backs_off(env, monkeypatch):
 DAEMON = """
 import sys
 from gi.repository import GLib
-from meshd import envoy
+from meshd.envoy.child import EnvoySupervisor
 binary, state_dir, cgroup = sys.argv[1:4]
 loop = GLib.MainLoop()
 def changed(state):
     if state == "running":
         print(sup.pid, flush=True)
-sup = envoy.EnvoySupervisor(binary, state_dir, cgroup, "info", 0, changed)
+sup = EnvoySupervisor(binary, state_dir, cgroup, "info", changed)
 sup.start()
 loop.run()
 """

@@ -113,9 +113,6 @@ def test_non_enrolled_server_is_untouched(inbound):
         other.wait()
 
 
-@pytest.mark.xfail(strict=True, reason="meshd/envoy_config.py sets skip_xff_append, which Envoy "
-                   "ignores while use_remote_address is false (fix: use_remote_address = "
-                   "forwarded_for); strict: remove this mark with the fix")
 def test_http_forwarded_for(mesh, server):
     """http_forwarded_for = true: inbound HTTP requests get the client's address in
     X-Forwarded-For (IPv4 and IPv6), also when the app sees Envoy's own address."""

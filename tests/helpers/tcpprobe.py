@@ -5,6 +5,7 @@ meshd can be compared field by field.
 
   tcpprobe.py serve BASE_PORT          modes on BASE_PORT + index (MODES), IPv4+IPv6
   tcpprobe.py probe HOST PORT [--send HEX] [--random N] [--half-close] [--read-first]
+                                 [--idle SECONDS]
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 
-MODES = ("eofreply", "banner", "echo", "rst", "rstread", "http", "whoami")
+MODES = ("eofreply", "banner", "echo", "rst", "rstread", "http", "whoami", "longpoll")
 
 
 def port_of(base: int, mode: str) -> int:
@@ -61,6 +62,12 @@ def handle(mode: str, c: socket.socket) -> None:
             body = head.split(b"\r\n\r\n")[0]
             c.sendall(b"HTTP/1.1 200 Fine Thanks\r\nX-Mixed-Case: yes\r\nContent-Length: %d\r\n"
                       b"Connection: close\r\n\r\n%s" % (len(body), body))
+        elif mode == "longpoll":    # GET /sleep/<seconds>: answers after that long
+            head = b""
+            while b"\r\n\r\n" not in head and (d := c.recv(65536)):
+                head += d
+            time.sleep(float(head.split(b" ")[1].rsplit(b"/", 1)[1]))
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nlate")
         elif mode == "whoami":
             host, port = c.getpeername()[:2]
             c.sendall(f"{host.removeprefix('::ffff:')} {port}\n".encode())
@@ -89,11 +96,12 @@ def serve(base: int) -> None:
     threading.Event().wait()
 
 
-def probe(host: str, port: int, send: bytes, half_close: bool, read_first: bool) -> dict:
+def probe(host: str, port: int, send: bytes, half_close: bool, read_first: bool,
+          idle: float = 0) -> dict:
     out: dict = {"connect": "ok", "received": "", "end": ""}
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     c = socket.socket(family)
-    c.settimeout(10)
+    c.settimeout(10 + idle)
     t0 = time.monotonic()
     try:
         c.connect((host, port))
@@ -108,6 +116,10 @@ def probe(host: str, port: int, send: bytes, half_close: bool, read_first: bool)
             received += c.recv(65536)
             out["first_byte_ms"] = round((time.monotonic() - t0) * 1000, 1)
         if send:
+            c.sendall(send)
+        if idle:   # an exchange, a quiet spell, then another
+            received += c.recv(65536)
+            time.sleep(idle)
             c.sendall(send)
         if half_close:
             c.shutdown(socket.SHUT_WR)
@@ -141,12 +153,13 @@ def main() -> None:
     p.add_argument("--random", type=int, default=0, help="send N deterministic random bytes")
     p.add_argument("--half-close", action="store_true")
     p.add_argument("--read-first", action="store_true")
+    p.add_argument("--idle", type=float, default=0, help="after one exchange, wait, send again")
     a = ap.parse_args()
     if a.cmd == "serve":
         serve(a.base)
     else:
         send = bytes.fromhex(a.send) + random_bytes(a.random)
-        json.dump(probe(a.host, a.port, send, a.half_close, a.read_first), sys.stdout)
+        json.dump(probe(a.host, a.port, send, a.half_close, a.read_first, a.idle), sys.stdout)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""The CLI's user-facing behaviour that needs no root: help, check, status formatting."""
+"""The CLI's user-facing behaviour that needs no root: help, check, status without a daemon.
+(The status text itself: tests/unit/test_status.py.)"""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from meshd.cli import build_parser, format_status
+from meshd.cli import build_parser
 
 MESHD = [sys.executable, "-m", "meshd.cli"]
 
@@ -16,8 +18,10 @@ def run(*args):
 
 def test_help_names_every_command():
     out = build_parser().format_help()
+    # each command on its own line of the command list, with its one-line help
+    # (a bare substring would also be found in "exit status" or the description)
     for cmd in ("run", "check", "status", "cleanup"):
-        assert cmd in out
+        assert re.search(rf"^ {{4}}{cmd} +\S", out, re.M), (cmd, out)
     assert "exit status" in out
 
 
@@ -45,25 +49,35 @@ def test_check_accepts_the_shipped_config():
     assert "ok" in r.stdout
 
 
-def test_status_format_shows_rejection_and_fail_open():
-    st = {"version": "0.1.0", "pid": 1, "state": "degraded", "updated": 0,
-          "config_dir": "/etc/meshd", "config_files": ["/etc/meshd/a.toml"],
-          "config_errors": [{"file": "/etc/meshd/b.toml", "line": 3, "key": "mesh.outbound_port",
-                             "message": "expected integer"}],
-          "mesh": {"outbound_port": 15001, "inbound_port": 15006, "exclude_outbound_ports": [22],
-                   "exclude_outbound_cidrs": []},
-          "envoy": {"state": "restarting", "pid": None, "restarts": 2,
-                    "listeners": {"ipv4": False, "ipv6": False}},
-          "datapath": {"pins": "/sys/fs/bpf/meshd/v1", "adopted": True, "links": [],
-                       "tracked_connections": 0},
-          "counters": {"miss": 2},
-          "workloads": [{"name": "web", "cgroup": "/web", "enrolled_since": 1.0, "error": "",
-                         "other_programs": {"connect4": [7]},
-                         "counters": {"redirected": 5}}]}
-    text = format_status(st, running=True)
-    assert "/etc/meshd/b.toml:3: mesh.outbound_port: expected integer" in text
-    assert "REJECTED" in text
-    assert "FAIL OPEN" in text
-    assert "redirected=5" in text
-    assert "not meshd's" in text
-    assert "2 connections reached Envoy without an original destination" in text
+def test_status_without_a_daemon_exits_3(tmp_path: Path, monkeypatch):
+    """No daemon on the bus and no status file: "not running", exit 3."""
+    state = tmp_path / "state"
+    (tmp_path / "meshd.toml").write_text(f'[mesh]\nstate_dir = "{state}"\n')
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus")
+    r = run("status", "--config-dir", str(tmp_path))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"meshd is not running (no status in {state})" in r.stdout
+
+
+def test_status_reads_the_status_file_and_says_so(tmp_path: Path, monkeypatch):
+    """Off the bus, `meshd status` prints the status file, names it as its
+    source, and (its pid gone) says NOT RUNNING; --json prints the model's JSON."""
+    from meshd.status import Status, WorkloadStatus
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "meshd.toml").write_text(f'[mesh]\nstate_dir = "{state}"\n')
+    no_such_pid = 4 * 1024 * 1024 + 1   # above the kernel's PID_MAX_LIMIT
+    st = Status(version="9.9", pid=no_such_pid, state="running", config_dir=str(tmp_path),
+                workloads=(WorkloadStatus(name="web", id=1, error="waiting for cgroup /w"),))
+    (state / "status.json").write_text(st.to_json())
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus")
+
+    r = run("status", "--config-dir", str(tmp_path))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert r.stdout.startswith("meshd 9.9: NOT RUNNING"), r.stdout
+    assert f"source:    status file {state / 'status.json'}" in r.stdout
+    assert "waiting for cgroup /w" in r.stdout
+
+    r = run("status", "--json", "--config-dir", str(tmp_path))
+    assert r.returncode == 3
+    assert Status.from_json(r.stdout) == st

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from meshd import envoy_config as ec
-from meshd.envoy import _dechunk, _static_equivalent
+from helpers.envoy_validate import static_equivalent
 
 STATE = "/run/meshd"
 
@@ -210,7 +210,7 @@ def test_static_equivalent_inlines_dynamic_files(tmp_path):
     state = str(tmp_path)
     files = ec.render(15001, 15006, state, ipv6=True)
     ec.write_config(state, files)
-    combined = _static_equivalent(files["bootstrap.json"])
+    combined = static_equivalent(files["bootstrap.json"])
     assert "dynamic_resources" not in combined
     assert [r["name"] for r in combined["static_resources"]["listeners"]] == [
         "meshd_outbound", "meshd_inbound"]
@@ -247,17 +247,16 @@ def test_inbound_protocols_per_workload_over_global():
     assert chains["inbound_wl3_port9000"]["stat_prefix"] == "inbound_http_3"   # its own
     assert chains["inbound_wl4_port80"]["stat_prefix"] == "inbound_tcp_4"      # overrides
     assert chains["inbound_port443"]["stat_prefix"] == "inbound_http"          # nobody's
-    assert chains["inbound_wl3_port8080"]["skip_xff_append"] is False          # asked for
+    asked = chains["inbound_wl3_port8080"]                                      # asked for
+    assert asked["skip_xff_append"] is False and asked["use_remote_address"] is True
+    assert asked["route_config"]["request_headers_to_remove"] == [
+        "x-envoy-external-address", "x-envoy-internal"]
 
 
 def test_inbound_cluster_binds_the_bypass_source(files):
     bind = _clusters(files)["meshd_inbound"]["upstream_bind_config"]
     assert bind["source_address"]["address"] == "127.0.0.6"   # sk_lookup lets this through
     assert bind["extra_source_addresses"][0]["address"]["address"] == "::1"
-
-
-def test_dechunk():
-    assert _dechunk(b"4\r\nLIVE\r\n1;x=y\r\n\n\r\n0\r\n\r\n") == b"LIVE\n"
 
 
 def test_per_workload_chains():
@@ -277,12 +276,3 @@ def test_per_workload_chains():
     assert inbound["inbound_wl3_port8080"]["filter_chain_match"] == {"destination_port": 8080}
     assert not any(n.startswith("inbound_wl7") for n in inbound)   # no ports, no chains
 
-
-def test_total_sums_per_workload_prefixes():
-    from meshd.envoy import total
-    stats = {"http.outbound_http.downstream_rq_total": 1,
-             "http.outbound_http_3.downstream_rq_total": 2,
-             "http.outbound_http_12.downstream_rq_total": 4,
-             "http.outbound_http_x.downstream_rq_total": 100,
-             "http.inbound_http_3.downstream_rq_total": 1000}
-    assert total(stats, "http.outbound_http.downstream_rq_total") == 7

@@ -5,15 +5,17 @@ tier runs the real thing."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
 
 import pytest
 
-from meshd import envoy_systemd as es
-from meshd.envoy import RESTARTING, STARTING, STOPPED, bootstrap_path
+from helpers import fake_envoy
+from meshd.envoy import process, systemd_manager
+from meshd.envoy import systemd_unit as es
+from meshd.envoy.supervisor import RESTARTING, STARTING, STOPPED
+from meshd.envoy_config import bootstrap_path
 
 # -- slice and unit names --------------------------------------------------------------
 
@@ -45,7 +47,7 @@ def test_default_instance_uses_the_plain_unit_name():
 
 def test_other_instances_get_their_own_stable_unit():
     a, b = es.unit_name_for("/run/meshd-a"), es.unit_name_for("/run/meshd-b")
-    assert a != b != "meshd-envoy.service"
+    assert len({a, b, "meshd-envoy.service"}) == 3
     assert a == es.unit_name_for("/run/meshd-a")
     for name in (a, b):
         assert name.startswith("meshd-envoy-") and name.endswith(".service")
@@ -116,34 +118,48 @@ def test_relative_state_dir_is_made_absolute():
     assert argv[2] == os.path.join(os.getcwd(), "run", "envoy", "bootstrap.json")
 
 
-def test_properties_build_a_valid_StartTransientUnit_call():
+# The D-Bus type systemd declares for each property it is sent (org.freedesktop.systemd1(5)):
+# StartTransientUnit refuses a property whose variant has another type.
+SYSTEMD_TYPES = {
+    "Description": "s", "ExecStart": "a(sasb)", "Type": "s", "Slice": "s", "Restart": "s",
+    "KillMode": "s", "TimeoutStopUSec": "t", "CollectMode": "s", "StandardOutput": "s",
+    "StandardError": "s", "SyslogIdentifier": "s", "LimitNOFILE": "t", "LimitNOFILESoft": "t",
+    "NoNewPrivileges": "b", "ProtectSystem": "s", "CapabilityBoundingSet": "t",
+    "NetworkNamespacePath": "s",
+}
+
+
+def test_start_transient_unit_call_carries_each_property_with_systemds_type():
     GLib = pytest.importorskip("gi.repository.GLib")
     out = es.unit_properties("/e/envoy", "/run/meshd", "info", "meshd.slice", netns="/run/netns/x")
     call = GLib.Variant("(ssa(sv)a(sa(sv)))",
-                        ("meshd-envoy.service", "replace", es.to_variants(out), []))
-    assert call.get_type_string() == "(ssa(sv)a(sa(sv)))"
-    unpacked = dict(call.unpack()[2])
-    assert unpacked["ExecStart"][0][0] == "/e/envoy"
-    assert unpacked["CollectMode"] == "inactive-or-failed"
-    for name, sig, _ in out:
-        assert GLib.VariantType.string_is_valid(sig), name
+                        ("meshd-envoy.service", "replace", systemd_manager.to_variants(out), []))
+    props = call.get_child_value(2)
+    sent = {}
+    for i in range(props.n_children()):
+        pair = props.get_child_value(i)   # (sv)
+        sent[pair.get_child_value(0).get_string()] = pair.get_child_value(1).get_variant()
+    assert {n: v.get_type_string() for n, v in sent.items()} == SYSTEMD_TYPES
+    assert sent["ExecStart"].unpack() == [
+        ("/e/envoy", ["/e/envoy", "-c", "/run/meshd/envoy/bootstrap.json", "-l", "info",
+                      "--disable-hot-restart"], False)]
 
 
 # -- the supervisor against a fake systemd ---------------------------------------------
 
 
-class FakeManager:
-    """Just enough of SystemdManager: units are real processes (a copy of `tail` named
-    envoy, following our bootstrap file, so meshd.envoy._is_our_envoy accepts them)."""
+class FakeManager(systemd_manager.SystemdManager):
+    """SystemdManager's D-Bus calls faked (stop_and_wait is the real one, on top of
+    them): units are real processes (a copy of `tail` named envoy, following our bootstrap
+    file, so process.is_our_envoy accepts them)."""
 
-    def __init__(self, fake_envoy: str):
+    def __init__(self, fake_envoy: str):   # no bus
         self.fake_envoy = fake_envoy
         self.units: dict[str, tuple[str, subprocess.Popen]] = {}
         self.calls: list[tuple] = []
 
     def run(self, name: str, argv: list[str]) -> subprocess.Popen:
-        p = subprocess.Popen([self.fake_envoy] + argv[1:], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+        p = fake_envoy.start([self.fake_envoy] + argv[1:])
         self.units[name] = ("active", p)
         return p
 
@@ -185,11 +201,7 @@ class FakeManager:
 @pytest.fixture
 def fake(tmp_path):
     GLib = pytest.importorskip("gi.repository.GLib")
-    tail = shutil.which("tail")
-    if tail is None:
-        pytest.skip("no tail")
-    binary = tmp_path / "envoy"
-    shutil.copy(tail, binary)
+    binary = fake_envoy.binary(tmp_path)
     state = tmp_path / "run"
     os.makedirs(os.path.dirname(bootstrap_path(str(state))))
     open(bootstrap_path(str(state)), "w").write("{}\n")
@@ -272,7 +284,28 @@ def test_detach_leaves_the_unit_running(fake):
     assert m.unit(sup.unit_name) == ("active", pid)
 
 
-def test_stop_unit_without_systemd_is_a_no_op(monkeypatch):
-    monkeypatch.setattr(es, "systemd_booted", lambda: False)
+def test_replaces_an_envoy_left_by_child_process_mode(fake):
+    """A meshd that ran without systemd left its Envoy (named by envoy.pid): the unit's
+    Envoy must not serve next to it."""
+    sup, m, states, GLib = fake
+    os.makedirs(sup.state_dir, exist_ok=True)
+    child = fake_envoy.start([m.fake_envoy, "-f", sup.bootstrap])
+    try:
+        process.write_pid_file(sup.state_dir, child.pid)
+        sup.start()
+        assert process.pidfd_open(child.pid) is None   # stopped and reaped
+        assert process.read_pid_file(sup.state_dir) is None
+        assert m.calls == [("start", sup.unit_name)]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_stop_unit_without_systemd_does_not_touch_the_bus(monkeypatch):
+    made = []
+    monkeypatch.setattr(systemd_manager, "systemd_booted", lambda: False)
+    monkeypatch.setattr(systemd_manager, "SystemdManager", lambda *a: made.append(a))
     assert es.stop_unit("meshd-envoy.service") is False
-    assert es.connect() is None
+    assert systemd_manager.connect() is None
+    assert made == []

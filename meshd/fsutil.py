@@ -1,0 +1,33 @@
+"""Writing a file atomically: readers see the old content or the new, never a part."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def atomic_write(path: str, data: bytes | str, mode: int = 0o644) -> None:
+    """Replace path with data: a temp file in the same directory (rename is only
+    atomic within one filesystem), fsync'ed, renamed over path, then the
+    directory fsync'ed so the rename itself survives a crash."""
+    if isinstance(data, str):
+        data = data.encode()
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,234 @@
+"""The BPF maps' layout as Python sees it, and the constants C and Python share.
+
+This is the one place these are declared. The C side gets them from
+c_prelude() (the shared constants and the counter enum, put before
+bpf/meshd.h) and c_asserts() (after it: the compiler checks every struct here
+against its C twin, field by field), both added by datapath.program_text().
+
+Why generated text rather than `-D` cflags: the text is what the daemon
+hashes to decide whether pinned programs can be adopted, so pins built with
+other constants or another counter list are never adopted; and a layout
+mismatch fails the compilation instead of corrupting a map. meshd.h refuses
+to compile without the prelude, so no stale default can hide in it.
+"""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+import sys
+from dataclasses import dataclass
+
+MAX_WORKLOADS = 256   # workload ids 1..255; 0 = "global" (applies to every workload)
+# connect4 binds a steered socket to WORKLOAD_NET4.<workload id>: Envoy tells
+# workloads apart by that source address.
+WORKLOAD_NET4 = ipaddress.IPv4Network("127.77.0.0/24")
+# Envoy's connections to local applications come from here (Istio's choice);
+# sk_lookup lets them through instead of steering them back into Envoy.
+ENVOY_INBOUND_SOURCE4 = ipaddress.IPv4Address("127.0.0.6")
+WL_EXPLICIT_PORTS = 1   # workload_flags: only meshd sets this workload's inbound ports
+
+# Counter slots per workload id (index = id * NR_COUNTERS + slot). The C enum is
+# generated from this list: C_<NAME> = slot.
+COUNTERS = (
+    "redirected",         # connect4/6 sent the connection to Envoy
+    "excluded",           # bypassed: excluded port or CIDR
+    "fail_open",          # bypassed: Envoy's listener is not up
+    "answered",           # getsockopt answered SO_ORIGINAL_DST from the map
+    "miss",               # getsockopt found no original destination
+    "peername",           # getpeername showed the original destination
+    "closed",             # entries deleted because the connection closed
+    "inbound",            # sk_lookup steered an inbound connection to Envoy
+    "inbound_excluded",   # inbound: excluded port
+    "inbound_fail_open",  # inbound: Envoy's inbound listener is not up
+)
+NR_COUNTERS = len(COUNTERS)
+
+# envoy_listeners slots: (C enum name, name in status), in slot order.
+LISTENER_SLOTS = (("OUT_V4", "ipv4"), ("OUT_V6", "ipv6"),
+                  ("IN_V4", "inbound_ipv4"), ("IN_V6", "inbound_ipv6"))
+
+
+def workload_source4(workload: int) -> str:
+    """The source address of a workload's steered IPv4 connections."""
+    return str(WORKLOAD_NET4[workload])
+
+
+# -- structs (mirrors of bpf/meshd.h; field names as in C) -----------------------
+class Struct(ctypes.Structure):
+    """A struct of meshd.h. Equal and hashed by its bytes, so map keys fit in
+    sets and dicts."""
+    C_NAME = ""
+
+    def __eq__(self, other):
+        return type(self) is type(other) and bytes(self) == bytes(other)
+
+    def __hash__(self):
+        return hash((type(self), bytes(self)))
+
+    def __repr__(self):
+        vals = ", ".join(f"{f[0]}={_plain(getattr(self, f[0]))}" for f in self._fields_)
+        return f"{type(self).__name__}({vals})"
+
+
+def _plain(v):
+    return list(v) if isinstance(v, ctypes.Array) else v
+
+
+_u8, _u16, _u32, _u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+_ADDR6 = _u32 * 4   # network order, as the kernel's address fields
+
+
+class MeshSettings(Struct):
+    """Live settings the daemon writes (settings[0]); ports in host order."""
+    C_NAME = "mesh_settings"
+    _fields_ = [("outbound_port", _u16), ("inbound_port", _u16), ("flags", _u32)]
+
+
+class OrigDst(Struct):
+    """An original destination: what the workload asked connect() for.
+    port and addr in network order; IPv4 in addr[0]."""
+    C_NAME = "orig_dst"
+    _fields_ = [("family", _u8), ("pad", _u8), ("port", _u16), ("workload", _u32),
+                ("addr", _ADDR6)]
+
+
+class ConnTuple(Struct):
+    """A connection from the workload's side; ports host order, addresses network order."""
+    C_NAME = "conn_tuple"
+    _fields_ = [("family", _u8), ("pad", _u8), ("sport", _u16), ("dport", _u16),
+                ("pad2", _u16), ("saddr", _ADDR6), ("daddr", _ADDR6)]
+
+
+class PortKey(Struct):
+    """An excluded port (host order) of one workload (0 = every workload)."""
+    C_NAME = "port_key"
+    _fields_ = [("workload", _u32), ("port", _u16), ("pad", _u16)]
+
+
+class Cidr4Key(Struct):
+    """LPM key: the workload id (network order, so the trie matches it bit by
+    bit) then the network; prefixlen counts both."""
+    C_NAME = "cidr4_key"
+    _fields_ = [("prefixlen", _u32), ("workload", _u32), ("addr", _u32)]
+
+
+class Cidr6Key(Struct):
+    C_NAME = "cidr6_key"
+    _fields_ = [("prefixlen", _u32), ("workload", _u32), ("addr", _ADDR6)]
+
+
+class Route4Key(Struct):
+    """LPM key of route_src4: a destination network (network order)."""
+    C_NAME = "route4_key"
+    _fields_ = [("prefixlen", _u32), ("addr", _u32)]
+
+
+class Route6Key(Struct):
+    C_NAME = "route6_key"
+    _fields_ = [("prefixlen", _u32), ("addr", _ADDR6)]
+
+
+class Route6Src(Struct):
+    """route_src6's value: the source address (network order)."""
+    C_NAME = "route6_src"
+    _fields_ = [("addr", _ADDR6)]
+
+
+STRUCTS = (MeshSettings, OrigDst, ConnTuple, PortKey, Cidr4Key, Cidr6Key,
+           Route4Key, Route6Key, Route6Src)
+
+
+def _with_addr(cls: type, addr, **fields):
+    """A struct whose `addr` holds an IP address's bytes as they are (network
+    order), whatever int type the C field has."""
+    s = cls(**fields)
+    ctypes.memmove(ctypes.addressof(s) + cls.addr.offset, addr.packed, cls.addr.size)
+    return s
+
+
+def cidr_key(workload: int, network) -> Cidr4Key | Cidr6Key:
+    """The excluded_cidr4/6 key for one workload's (0 = everyone's) network."""
+    net = ipaddress.ip_network(network, strict=False)
+    return _with_addr(Cidr4Key if net.version == 4 else Cidr6Key, net.network_address,
+                      prefixlen=32 + net.prefixlen, workload=socket.htonl(workload))
+
+
+def route_key(network) -> Route4Key | Route6Key:
+    """The route_src4/6 key for a destination network."""
+    net = ipaddress.ip_network(network, strict=False)
+    return _with_addr(Route4Key if net.version == 4 else Route6Key, net.network_address,
+                      prefixlen=net.prefixlen)
+
+
+def route_source(address) -> int | Route6Src:
+    """The route_src4/6 value for a source address: IPv4 is a bare __u32 in
+    network order, IPv6 a struct route6_src."""
+    addr = ipaddress.ip_address(address)
+    if addr.version == 4:
+        return int.from_bytes(addr.packed, sys.byteorder)
+    return _with_addr(Route6Src, addr)
+
+
+# -- maps ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MapSpec:
+    key: type
+    value: type
+    array: bool = False    # every slot exists; "deleting" one zeroes it
+    percpu: bool = False   # a lookup returns one value per possible CPU
+
+
+# Every map meshd pins, by its name in meshd.h.
+MAPS = {
+    "settings": MapSpec(_u32, MeshSettings, array=True),
+    "meta": MapSpec(_u32, _u64, array=True),   # [0] = hash of the program text
+    "workload_ids": MapSpec(_u64, _u32),       # cgroup id -> workload id
+    "excluded_ports": MapSpec(PortKey, _u8),
+    "excluded_cidr4": MapSpec(Cidr4Key, _u8),
+    "excluded_cidr6": MapSpec(Cidr6Key, _u8),
+    "cookie_dst": MapSpec(_u64, OrigDst),      # socket cookie -> original destination
+    "tuple_dst": MapSpec(ConnTuple, OrigDst),
+    "envoy_listeners": MapSpec(_u32, _u64),    # SOCKMAP; a lookup returns the cookie
+    "counters": MapSpec(_u32, _u64, array=True, percpu=True),
+    "inbound_ports": MapSpec(_u16, _u32),      # port -> workload id
+    "workload_flags": MapSpec(_u32, _u32, array=True),
+    "excluded_in_ports": MapSpec(PortKey, _u8),
+    "envoy_upstreams": MapSpec(ConnTuple, _u8),
+    "route_src4": MapSpec(Route4Key, _u32),    # destination network -> source address
+    "route_src6": MapSpec(Route6Key, Route6Src),
+}
+
+
+# -- the C side -------------------------------------------------------------------
+def c_prelude() -> str:
+    """#defines and enums for meshd.h, from the declarations above."""
+    counters = "".join(f"\tC_{name.upper()} = {i},\n" for i, name in enumerate(COUNTERS))
+    slots = ", ".join(f"{c} = {i}" for i, (c, _) in enumerate(LISTENER_SLOTS))
+    return (
+        "/* ---- generated by meshd/maplayout.py ---- */\n"
+        "#define MESHD_LAYOUT_PRELUDE 1\n"
+        f"#define MESHD_MAX_WORKLOADS {MAX_WORKLOADS}\n"
+        f"#define WORKLOAD_NET4 {int(WORKLOAD_NET4.network_address):#010x}\n"
+        f"#define MESHD_ENVOY_INBOUND_SOURCE4 {int(ENVOY_INBOUND_SOURCE4):#010x}\n"
+        f"#define WL_EXPLICIT_PORTS {WL_EXPLICIT_PORTS}\n"
+        f"enum meshd_counter {{\n{counters}\tMESHD_NR_COUNTERS = {NR_COUNTERS},\n}};\n"
+        f"enum listener_slot {{ {slots} }};\n"
+    )
+
+
+def c_asserts() -> str:
+    """Compile-time checks that each C struct has exactly the Python layout."""
+    out = ["/* ---- generated by meshd/maplayout.py: the layout checks ---- */"]
+    for cls in STRUCTS:
+        s = f"struct {cls.C_NAME}"
+        out.append(f'_Static_assert(sizeof({s}) == {ctypes.sizeof(cls)}, '
+                   f'"{s}: size differs from meshd/maplayout.py");')
+        out.append(f'_Static_assert(_Alignof({s}) == {ctypes.alignment(cls)}, '
+                   f'"{s}: alignment differs from meshd/maplayout.py");')
+        for name, _ in cls._fields_:
+            f = getattr(cls, name)
+            out.append(f'_Static_assert(__builtin_offsetof({s}, {name}) == {f.offset} && '
+                       f'sizeof((({s} *)0)->{name}) == {f.size}, '
+                       f'"{s}.{name}: differs from meshd/maplayout.py");')
+    return "\n".join(out) + "\n"
