@@ -155,51 +155,71 @@ class Prop:
                 f'value="{self.emits}"/></property>')
 
 
-MANAGER_PROPERTIES = (
-    Prop("State", "s", "state"),
-    Prop("Version", "s", "version", emits="const"),
-    Prop("PID", "u", "pid", emits="const"),
-    Prop("StartedAt", "t", "started", USEC, emits="const"),
-    Prop("ConfigDirectory", "s", "config_dir", emits="const"),
-    Prop("ConfigFiles", "as", "config_files"),
-    Prop("ConfigErrors", "a(siss)", "config_errors", CONFIG_ERRORS),
-    Prop("EnvoyState", "s", "envoy.state"),
-    Prop("EnvoyPID", "u", "envoy.pid", ZERO_IS_NONE),
-    Prop("EnvoyRestarts", "u", "envoy.restarts"),
-    Prop("EnvoyAdopted", "b", "envoy.adopted"),
-    Prop("EnvoyAdminSocket", "s", "envoy.admin_socket"),
-    Prop("EnvoyListeners", "a{sb}", "envoy.listeners"),
-    Prop("OutboundPort", "q", "mesh.outbound_port"),
-    Prop("InboundPort", "q", "mesh.inbound_port"),
-    Prop("ExcludeOutboundPorts", "aq", "mesh.exclude_outbound_ports"),
-    Prop("ExcludeOutboundCIDRs", "as", "mesh.exclude_outbound_cidrs"),
-    # restart-only settings: a reload keeps the running values
-    Prop("BpffsDirectory", "s", "mesh.bpffs_dir", emits="const"),
-    Prop("StateDirectory", "s", "mesh.state_dir", emits="const"),
-    Prop("CgroupRoot", "s", "mesh.cgroup_root", emits="const"),
-    Prop("DataPathPins", "s", "datapath.pins", emits="const"),
-    Prop("DataPathAdopted", "b", "datapath.adopted"),
-    Prop("DataPathLinks", "as", "datapath.links"),
-    Prop("TrackedConnections", "t", "datapath.tracked_connections"),
-    Prop("Counters", "a{st}", None, get=Status.host_counters),
-    Prop("UnattributedCounters", "a{st}", "counters"),
-)
-WORKLOAD_PROPERTIES = (
-    Prop("Name", "s", "name", emits="const"),
-    Prop("Id", "u", "id"),
-    Prop("Cgroup", "s", "cgroup", EMPTY_IS_NONE),
-    Prop("CgroupId", "t", "cgroup_id"),
-    Prop("State", "s", "error", WORKLOAD_STATE, get=lambda w: w.state),
-    Prop("EnrolledSince", "t", "enrolled_since", USEC),
-    Prop("InboundPorts", "aq", "inbound_ports"),
-    Prop("OtherPrograms", "a{sau}", "other_programs", PROGRAM_IDS),
-    Prop("Counters", "a{st}", "counters"),
-    # from Envoy's per-workload filter chains
-    Prop("Connections", "t", "envoy.connections"),
-    Prop("Requests", "t", "envoy.requests"),
-    Prop("BytesSent", "t", "envoy.bytes_sent"),
-    Prop("BytesReceived", "t", "envoy.bytes_received"),
-)
+# Derived values: a Prop's `get` by name.
+_GETTERS = {"host_counters": Status.host_counters, "workload_state": lambda w: w.state}
+_CODECS = {"USEC": USEC, "ZERO_IS_NONE": ZERO_IS_NONE, "EMPTY_IS_NONE": EMPTY_IS_NONE,
+           "CONFIG_ERRORS": CONFIG_ERRORS, "PROGRAM_IDS": PROGRAM_IDS,
+           "WORKLOAD_STATE": WORKLOAD_STATE}
+
+
+def _properties(table: str) -> tuple[Prop, ...]:
+    """One Prop per row: name, D-Bus signature, model field ("-": derived), codec
+    ("-": by signature), getter ("-": the field), EmitsChangedSignal ("-": true)."""
+    props = []
+    for row in table.strip().splitlines():
+        if row.startswith("#"):
+            continue
+        name, sig, field, codec, get, emits = (c if c != "-" else None for c in row.split())
+        props.append(Prop(name, sig, field, _CODECS[codec] if codec else None,
+                          _GETTERS[get] if get else None, emits or "true"))
+    return tuple(props)
+
+
+MANAGER_PROPERTIES = _properties("""
+State                 s        state                        -              -              -
+Version               s        version                      -              -              const
+PID                   u        pid                          -              -              const
+StartedAt             t        started                      USEC           -              const
+ConfigDirectory       s        config_dir                   -              -              const
+ConfigFiles           as       config_files                 -              -              -
+ConfigErrors          a(siss)  config_errors                CONFIG_ERRORS  -              -
+EnvoyState            s        envoy.state                  -              -              -
+EnvoyPID              u        envoy.pid                    ZERO_IS_NONE   -              -
+EnvoyRestarts         u        envoy.restarts               -              -              -
+EnvoyAdopted          b        envoy.adopted                -              -              -
+EnvoyAdminSocket      s        envoy.admin_socket           -              -              -
+EnvoyListeners        a{sb}    envoy.listeners              -              -              -
+OutboundPort          q        mesh.outbound_port           -              -              -
+InboundPort           q        mesh.inbound_port            -              -              -
+ExcludeOutboundPorts  aq       mesh.exclude_outbound_ports  -              -              -
+ExcludeOutboundCIDRs  as       mesh.exclude_outbound_cidrs  -              -              -
+# restart-only settings: a reload keeps the running values
+BpffsDirectory        s        mesh.bpffs_dir               -              -              const
+StateDirectory        s        mesh.state_dir               -              -              const
+CgroupRoot            s        mesh.cgroup_root             -              -              const
+DataPathPins          s        datapath.pins                -              -              const
+DataPathAdopted       b        datapath.adopted             -              -              -
+DataPathLinks         as       datapath.links               -              -              -
+TrackedConnections    t        datapath.tracked_connections -              -              -
+Counters              a{st}    -                            -              host_counters  -
+UnattributedCounters  a{st}    counters                     -              -              -
+""")
+WORKLOAD_PROPERTIES = _properties("""
+Name                  s        name                         -              -              const
+Id                    u        id                           -              -              -
+Cgroup                s        cgroup                       EMPTY_IS_NONE  -              -
+CgroupId              t        cgroup_id                    -              -              -
+State                 s        error                        WORKLOAD_STATE workload_state -
+EnrolledSince         t        enrolled_since               USEC           -              -
+InboundPorts          aq       inbound_ports                -              -              -
+OtherPrograms         a{sau}   other_programs               PROGRAM_IDS    -              -
+Counters              a{st}    counters                     -              -              -
+# from Envoy's per-workload filter chains
+Connections           t        envoy.connections            -              -              -
+Requests              t        envoy.requests               -              -              -
+BytesSent             t        envoy.bytes_sent             -              -              -
+BytesReceived         t        envoy.bytes_received         -              -              -
+""")
 PROPERTIES = {MANAGER_IFACE: {p.name: p for p in MANAGER_PROPERTIES},
               WORKLOAD_IFACE: {p.name: p for p in WORKLOAD_PROPERTIES}}
 
