@@ -74,7 +74,8 @@ class Topology:
         full = ["ip", "netns", "exec", ns, *map(str, cmd)]
         if cgroup:
             return self.mesh.cg.run(cgroup, *full, text=True, **kw)
-        return subprocess.run(full, capture_output=True, text=True, timeout=20, **kw)
+        kw.setdefault("timeout", 20)
+        return subprocess.run(full, capture_output=True, text=True, **kw)
 
     def probe(self, ns, host, port, *args, cgroup=None) -> dict:
         r = self.run(ns, sys.executable, PROBE, "probe", host, port, *args, cgroup=cgroup,
