@@ -157,8 +157,9 @@ def _http_connection_manager(stat_prefix: str, cluster: str, access_log: str = "
         "stat_prefix": stat_prefix,
         "codec_type": "AUTO",   # HTTP/1.x, and h2c with prior knowledge
         "generate_request_id": False,
-        # X-Forwarded-For only when the operator asks for it (inbound).
-        "use_remote_address": False,
+        # X-Forwarded-For only when the operator asks for it (inbound): Envoy
+        # appends the peer only when it treats it as the remote address.
+        "use_remote_address": forwarded_for,
         "skip_xff_append": not forwarded_for,
         "server_header_transformation": "PASS_THROUGH",
         "proxy_100_continue": True,   # the server answers Expect: 100-continue
@@ -171,6 +172,9 @@ def _http_connection_manager(stat_prefix: str, cluster: str, access_log: str = "
         "upgrade_configs": [{"upgrade_type": "websocket"}, {"upgrade_type": "CONNECT"}],
         "route_config": {
             "name": f"meshd_{stat_prefix}",
+            # What use_remote_address adds besides X-Forwarded-For.
+            "request_headers_to_remove": (["x-envoy-external-address", "x-envoy-internal"]
+                                          if forwarded_for else []),
             "virtual_hosts": [{
                 "name": "original_dst",
                 "domains": ["*"],

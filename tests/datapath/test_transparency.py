@@ -352,3 +352,16 @@ def test_quiet_connections_are_not_cut(topo):
                  timeout=IDLE + 40)
     assert (r.returncode, r.stdout) == (0, "late"), r.stderr
     assert topo.mesh.stat("http.outbound_http.downstream_rq_total") == before + 1
+
+
+def test_forwarded_for_is_an_operators_choice(topo):
+    """http_forwarded_for = true: an application behind a port declared http
+    gets X-Forwarded-For with the client's address, and nothing else of Envoy's."""
+    port = port_of(topo.wl_base, "http")
+    topo.start(f'protocols = {{ {port} = "http" }}\nhttp_forwarded_for = true\n')
+    before = topo.mesh.stat("http.inbound_http.downstream_rq_total")
+    r = topo.run(topo.peer, "curl", "-sS", "--max-time", "10", f"http://{topo.ip4[topo.host]}:{port}/")
+    assert r.returncode == 0, r.stderr
+    assert f"x-forwarded-for: {topo.ip4[topo.peer]}" in r.stdout.lower()
+    assert "x-envoy" not in r.stdout.lower() and "x-request-id" not in r.stdout.lower()
+    assert topo.mesh.stat("http.inbound_http.downstream_rq_total") == before + 1

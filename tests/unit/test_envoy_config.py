@@ -247,7 +247,10 @@ def test_inbound_protocols_per_workload_over_global():
     assert chains["inbound_wl3_port9000"]["stat_prefix"] == "inbound_http_3"   # its own
     assert chains["inbound_wl4_port80"]["stat_prefix"] == "inbound_tcp_4"      # overrides
     assert chains["inbound_port443"]["stat_prefix"] == "inbound_http"          # nobody's
-    assert chains["inbound_wl3_port8080"]["skip_xff_append"] is False          # asked for
+    asked = chains["inbound_wl3_port8080"]                                      # asked for
+    assert asked["skip_xff_append"] is False and asked["use_remote_address"] is True
+    assert asked["route_config"]["request_headers_to_remove"] == [
+        "x-envoy-external-address", "x-envoy-internal"]
 
 
 def test_inbound_cluster_binds_the_bypass_source(files):
