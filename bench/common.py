@@ -41,7 +41,8 @@ from meshd.envoy.process import find_envoy  # noqa: E402
 
 # reap, free_port, kill_cgroup and wait_for are the test suite's own (tests/helpers/common.py)
 sys.path.insert(0, str(REPO / "tests"))
-from helpers.common import free_port, kill_cgroup, reap, wait_for  # noqa: E402,F401
+from helpers.common import (free_port, kill_cgroup, netns_add, netns_del,  # noqa: E402,F401
+                            preexec, reap, wait_for)
 
 VENV_BIN = Path(sys.executable).parent
 MESHD = str(VENV_BIN / "meshd")
@@ -115,6 +116,15 @@ def median(xs):
 
 
 
+def drop_nat_table(netns: str) -> None:
+    """Remove the nat table from one of our namespaces between iptables measurements:
+    while it exists conntrack runs for every connection there, which the other modes
+    must not pay. Needs `nft` (iptables-nft cannot delete a table); without it the
+    table stays and the JSON says so (`nat_table_dropped_between_runs`)."""
+    if shutil.which("nft"):
+        sh("ip", "netns", "exec", netns, "nft", "delete", "table", "ip", "nat", check=False)
+
+
 def nginx_conf(tmp: str, listens: list[tuple[str, int]]) -> str:
     return NGINX_CONF.format(tmp=tmp, listen="\n".join(f"        listen {ip}:{port};"
                                                         for ip, port in listens))
@@ -128,11 +138,14 @@ def write_www(tmp: str) -> None:
 
 # -------------------------------------------------------------------- meshd instance
 class MeshdInstance:
-    """One `meshd run` with private ports, pins, state dir and cgroup root; optionally
-    serving another network namespace (`netns`, an `ip netns` name)."""
+    """One `meshd run` with private ports, pins, state dir and cgroup root, serving a
+    network namespace the bench made (`netns`, an `ip netns` name): never the host's,
+    which a meshd installed there may already serve."""
 
-    def __init__(self, base: "BenchBase", name: str, workload_cgroup: str, netns: str = "",
-                 workload_extra: str = "", mesh_extra: str = ""):
+    def __init__(self, base: "BenchBase", name: str, workload_cgroup: str, netns: str,
+                 workload_extra: str = "", mesh_extra: str = "", http_ports=()):
+        """http_ports: declared "http" (per-request numbers: the path check counts
+        requests); every other port is plain TCP."""
         self.base, self.name, self.netns = base, name, netns
         self.workload_cgroup = workload_cgroup
         self.outbound_port, self.inbound_port = free_port(), free_port()
@@ -143,6 +156,9 @@ class MeshdInstance:
         self.envoy_cg = f"{self.cg_root}/envoy"
         self.admin = os.path.join(self.state_dir, "envoy-admin.sock")
         self.workload_extra, self.mesh_extra = workload_extra, mesh_extra
+        if http_ports:
+            self.mesh_extra = "protocols = { " + ", ".join(
+                f'{p} = "http"' for p in sorted(http_ports)) + " }\n" + mesh_extra
         self.proc: subprocess.Popen | None = None
         self.log = None
 
@@ -155,13 +171,15 @@ class MeshdInstance:
             f'bpffs_dir = "{self.bpffs_dir}"\n'
             f'state_dir = "{self.state_dir}"\n'
             f'cgroup_root = "{self.cg_root}"\n'
-            + (f'netns = "/run/netns/{self.netns}"\n' if self.netns else "")
+            + f'netns = "/run/netns/{self.netns}"\n'
             + self.mesh_extra)
         Path(self.config_dir, "10-workloads.toml").write_text(
             f'[workload.bench]\ncgroup = "{self.workload_cgroup}"\n{self.workload_extra}')
         self.log = open(os.path.join(self.base.tmp, f"{self.name}meshd.log"), "a+")
+        # no system bus: a meshd on the host owns io.meshd.Mesh1 there
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=f"unix:path={self.base.tmp}/no-bus")
         self.proc = subprocess.Popen([MESHD, "run", "--config-dir", self.config_dir],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait_running(self, timeout: float = 90) -> dict:
         def running():
@@ -264,11 +282,13 @@ class BenchBase:
         os.makedirs(self.cg_path(rel), exist_ok=True)
         return rel
 
-    def preexec(self, rel: str, uid: int | None = None):
-        procs = os.path.join(self.cg_path(rel), "cgroup.procs")
+    def preexec(self, rel: str, uid: int | None = None, netns: str = ""):
+        """Join the cgroup, then the network namespace, then drop to uid (setns needs
+        root), all before exec."""
+        join = preexec(os.path.join(self.cg_path(rel), "cgroup.procs"), netns)
 
         def fn():
-            Path(procs).write_text("0")
+            join()
             if uid is not None:
                 os.setgroups([])
                 os.setgid(uid)
@@ -287,9 +307,8 @@ class BenchBase:
 
     # ---------------------------------------------------------------- namespaces
     def netns_add(self, ns: str) -> None:
-        sh("ip", "netns", "add", ns)
         self.netns_made.append(ns)
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        netns_add(ns)
 
     def veth_add(self, name: str, ns: str | None, peer_ns: str) -> None:
         """veth `name` (in `ns`, None = this namespace) <-> `name`p in `peer_ns`."""
@@ -302,8 +321,8 @@ class BenchBase:
     # ---------------------------------------------------------------- processes
     def spawn_server(self, cgroup: str, netns: str, *cmd) -> subprocess.Popen:
         errlog = open(os.path.join(self.tmp, "servers.log"), "a")
-        p = subprocess.Popen(["ip", "netns", "exec", netns, *map(str, cmd)],
-                             preexec_fn=self.preexec(cgroup), stdout=errlog, stderr=errlog)
+        p = subprocess.Popen([str(c) for c in cmd], preexec_fn=self.preexec(cgroup, netns=netns),
+                             stdout=errlog, stderr=errlog)
         self.servers.append(p)
         return p
 
@@ -315,9 +334,7 @@ class BenchBase:
 
     def run(self, c: Client, *cmd, timeout=60) -> subprocess.CompletedProcess:
         cmd = [str(x) for x in cmd]
-        if c.netns:
-            cmd = ["ip", "netns", "exec", c.netns] + cmd
-        return subprocess.run(cmd, preexec_fn=self.preexec(c.cgroup, c.uid),
+        return subprocess.run(cmd, preexec_fn=self.preexec(c.cgroup, c.uid, c.netns),
                               capture_output=True, text=True, timeout=timeout)
 
     def curl(self, c: Client, url: str | None = None) -> str:
@@ -466,7 +483,7 @@ class BenchBase:
             step(f"link {link}", lambda ns=ns, link=link: sh(
                 *(["ip", "-n", ns] if ns else ["ip"]), "link", "del", link, check=False))
         for ns in self.netns_made:
-            step(f"netns {ns}", lambda ns=ns: sh("ip", "netns", "del", ns, check=False))
+            step(f"netns {ns}", lambda ns=ns: netns_del(ns))
         if self.args.keep_tmp:
             log(f"kept {self.tmp}")
         else:

@@ -3,11 +3,14 @@
 
 Run as root from the repository root:  .venv/bin/python bench/egress.py [--reps 5] [--duration 3]
 
-Everything lives inside names carrying a random prefix ("mb" + 6 hex digits): one network
-namespace with nginx and iperf3 behind a veth, cgroups under /<prefix>/ in the cgroup2
-hierarchy, one meshd instance (pins under /sys/fs/bpf/<prefix>, state in a temp dir) and,
-only while the iptables mode is measured, one nat OUTPUT jump into a chain of our own.
-All of it is removed on exit, on error and on Ctrl-C/SIGTERM.
+Everything lives inside names carrying a random prefix ("mb" + 6 hex digits): a client
+network namespace <prefix>c (the meshed host: clients, meshd and its Envoy) joined by a
+veth to a server namespace <prefix>s (nginx and iperf3), cgroups under /<prefix>/ in the
+cgroup2 hierarchy, one meshd instance serving <prefix>c (pins under /sys/fs/bpf/<prefix>,
+state in a temp dir) and, only while the iptables mode is measured, one nat OUTPUT jump
+into a chain of our own inside <prefix>c. Nothing touches the host's network namespace
+(a meshd installed on the host may serve it). All of it is removed on exit, on error and
+on Ctrl-C/SIGTERM.
 
 Modes (the client is the same wrk/iperf3 binary each time, only its cgroup differs):
   direct    client in a plain cgroup -> nginx (no proxy)
@@ -28,14 +31,14 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (FILE_NAME, FILE_SIZE, BenchBase, Client, MeshdInstance,  # noqa: E402
-                    arg_parser, log, nginx_conf, run_suite, sh, wait_for, write_www)
+                    arg_parser, drop_nat_table, log, nginx_conf, run_suite, sh, wait_for,
+                    write_www)
 
 MODES = ("direct", "iptables", "meshd")
 HTTP_PORT, IPERF_PORT = 80, 5201
@@ -51,14 +54,12 @@ class Bench(BenchBase):
 
     def __init__(self, args):
         super().__init__(args)
-        self.ns = f"{self.prefix}s"
-        self.veth = f"{self.prefix}v"
+        self.ns_c, self.ns = f"{self.prefix}c", f"{self.prefix}s"
+        self.veth = f"{self.prefix}v"            # in ns_c; the peer <veth>p is in ns
         n = random.randint(1, 250)
         self.host_ip, self.ip = f"10.233.{n}.1", f"10.233.{n}.2"
         self.chain = self.prefix.upper()
-        self.nat_table_preexisted = True
         self.rule_installed = False
-        self.chain_made = False
         self.match = ["-m", "cgroup", "--path"]   # + the iptables client's cgroup path
         self.client_uid: int | None = None       # set if we must fall back to -m owner
         self.cg = {}
@@ -70,10 +71,12 @@ class Bench(BenchBase):
                 raise SystemExit(f"{tool} not found: run scripts/setup.sh")
         self.cg = {m: self.cg_make(m) for m in ("direct", "iptables", "wl", "server")}
         self.cg["meshd"] = self.cg["wl"]
-        self.mesh = MeshdInstance(self, "", self.cg["wl"])
+        self.mesh = MeshdInstance(self, "", self.cg["wl"], netns=self.ns_c,
+                                  http_ports=[HTTP_PORT])
         self.meshds.append(self.mesh)
         self.outbound_port = self.mesh.outbound_port
-        log(f"prefix {self.prefix}: netns {self.ns} ({self.ip}), cgroups {self.cg_base}, "
+        log(f"prefix {self.prefix}: netns {self.ns_c} ({self.host_ip}) -> {self.ns} ({self.ip}), "
+            f"cgroups {self.cg_base}, "
             f"Envoy outbound port {self.outbound_port}")
         self.path.counters = {"rq": (self.mesh, RQ_STAT), "tcp": (self.mesh, TCP_STAT)}
         self._netns()
@@ -82,14 +85,12 @@ class Bench(BenchBase):
         self._check_iptables_match()
 
     def _netns(self):
-        peer = self.veth + "p"
+        self.netns_add(self.ns_c)
         self.netns_add(self.ns)
-        self.veth_add(self.veth, None, self.ns)
-        sh("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.veth)
-        sh("ip", "link", "set", self.veth, "up")
-        ns = ["ip", "-n", self.ns]
-        sh(*ns, "addr", "add", f"{self.ip}/24", "dev", peer)
-        sh(*ns, "link", "set", peer, "up")
+        self.veth_add(self.veth, self.ns_c, self.ns)
+        for ns, dev, ip in ((self.ns_c, self.veth, self.host_ip), (self.ns, self.veth + "p", self.ip)):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
 
     def _servers(self):
         write_www(self.tmp)
@@ -102,12 +103,8 @@ class Bench(BenchBase):
 
         def up():
             self.check_servers()
-            ok = 0
-            for port in (HTTP_PORT, IPERF_PORT):
-                with socket.socket() as s:
-                    s.settimeout(0.5)
-                    ok += s.connect_ex((self.ip, port)) == 0
-            return ok == 2
+            r = sh("ip", "netns", "exec", self.ns, "ss", "-Hltn", check=False).stdout
+            return all(f"{self.ip}:{p} " in r for p in (HTTP_PORT, IPERF_PORT))
         wait_for(up, 10, what="nginx and iperf3 in the netns")
         got = self.curl(self.client("direct"))
         if got != f"200 {FILE_SIZE}":
@@ -125,41 +122,29 @@ class Bench(BenchBase):
         return self.mesh.stat(name)
 
     # ---------------------------------------------------------------- iptables
-    def _nat_table_exists(self) -> bool:
-        return sh("nft", "list", "table", "ip", "nat", check=False).returncode == 0 \
-            if shutil.which("nft") else True
+    def _ipt(self, *args, check=True):
+        """iptables in the client namespace (where the clients and Envoy are)."""
+        return sh("ip", "netns", "exec", self.ns_c, "iptables", "-w", "-t", "nat", *args,
+                  check=check)
 
     def rule_on(self):
         if self.rule_installed:
             return
-        if not self.chain_made:
-            self.nat_table_preexisted = self.nat_table_preexisted and self._nat_table_exists()
-            sh("iptables", "-w", "-t", "nat", "-N", self.chain)
-            self.chain_made = True
-        sh("iptables", "-w", "-t", "nat", "-F", self.chain)
+        self._ipt("-N", self.chain)
         target = (self.match + [self.cg["iptables"]]) if self.client_uid is None \
             else ["-m", "owner", "--uid-owner", str(self.client_uid)]
-        sh("iptables", "-w", "-t", "nat", "-A", self.chain, "-p", "tcp", "-d", self.ip, *target,
-           "-j", "REDIRECT", "--to-ports", self.outbound_port)
-        sh("iptables", "-w", "-t", "nat", "-I", "OUTPUT", "-j", self.chain)
+        self._ipt("-A", self.chain, "-p", "tcp", "-d", self.ip, *target,
+                  "-j", "REDIRECT", "--to-ports", self.outbound_port)
+        self._ipt("-I", "OUTPUT", "-j", self.chain)
         self.rule_installed = True
 
     def rule_off(self):
         if self.rule_installed:
-            sh("iptables", "-w", "-t", "nat", "-D", "OUTPUT", "-j", self.chain, check=False)
+            self._ipt("-D", "OUTPUT", "-j", self.chain, check=False)
+            self._ipt("-F", self.chain, check=False)
+            self._ipt("-X", self.chain, check=False)
             self.rule_installed = False
-        if not self.chain_made:
-            return
-        sh("iptables", "-w", "-t", "nat", "-F", self.chain, check=False)
-        # Between iptables measurements the chain goes too, and the nat table as well if it
-        # did not exist before and holds nothing else: a nat table switches conntrack on for
-        # every connection on the host, which the other modes must not pay.
-        sh("iptables", "-w", "-t", "nat", "-X", self.chain, check=False)
-        self.chain_made = False
-        if not self.nat_table_preexisted:
-            rules = sh("iptables", "-w", "-t", "nat", "-S", check=False).stdout.split("\n")
-            if not [r for r in rules if r.startswith(("-A", "-N"))]:
-                sh("nft", "delete", "table", "ip", "nat", check=False)
+        drop_nat_table(self.ns_c)
 
     def mode_on(self, mode):
         if mode == "iptables":
@@ -194,7 +179,8 @@ class Bench(BenchBase):
 
     def client(self, mode: str) -> Client:
         return Client(cgroup=self.cg[mode], url=self.url(), iperf_host=self.ip,
-                      iperf_port=IPERF_PORT, uid=self.client_uid if mode == "iptables" else None)
+                      iperf_port=IPERF_PORT, netns=self.ns_c,
+                      uid=self.client_uid if mode == "iptables" else None)
 
     def own_cgroups(self, mode):
         return [self.cg[mode], self.cg["server"], self.mesh.envoy_cg]
@@ -209,11 +195,11 @@ class Bench(BenchBase):
     def conditions(self) -> dict:
         return {
             "iptables_match": getattr(self, "iptables_match", None),
-            "iptables_rule": f"nat OUTPUT -j {self.chain}; {self.chain}: -p tcp -d {self.ip} "
+            "iptables_rule": f"(in netns c) nat OUTPUT -j {self.chain}; {self.chain}: -p tcp -d {self.ip} "
                              f"-m cgroup --path {self.cg.get('iptables')} -j REDIRECT --to-ports "
                              f"<envoy outbound>" if getattr(self, "iptables_match", None) == "cgroup"
                              else "-m owner --uid-owner (fallback)",
-            "nat_table_preexisted": self.nat_table_preexisted,
+            "nat_table_dropped_between_runs": bool(shutil.which("nft")),
         }
 
 

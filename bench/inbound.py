@@ -34,7 +34,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (FILE_NAME, FILE_SIZE, BenchBase, Client, MeshdInstance,  # noqa: E402
-                    arg_parser, log, nginx_conf, run_suite, sh, wait_for, write_www)
+                    arg_parser, drop_nat_table, log, nginx_conf, run_suite, sh, wait_for,
+                    write_www)
 
 MODES = ("direct", "in-iptables", "in-meshd", "two-host")
 PORTS = {  # mode -> (http port, iperf3 port) on the server host
@@ -66,13 +67,14 @@ class Inbound(BenchBase):
 
     # ---------------------------------------------------------------- setup
     def setup(self):
-        for tool in ("wrk", "iperf3", "nginx", "iptables", "ip", "curl", "nft"):
+        for tool in ("wrk", "iperf3", "nginx", "iptables", "ip", "curl"):
             if not shutil.which(tool):
                 raise SystemExit(f"{tool} not found: run scripts/setup.sh")
         self.cg = {m: self.cg_make(m) for m in ("client", "awl", "bwl")}
         excluded = sorted({p for m in ("direct", "in-iptables") for p in PORTS[m]})
-        self.mesh_a = MeshdInstance(self, "a", self.cg["awl"], netns=self.ns_c)
-        self.mesh_b = MeshdInstance(self, "b", self.cg["bwl"], netns=self.ns_s,
+        http = sorted({PORTS[m][0] for m in MODES})
+        self.mesh_a = MeshdInstance(self, "a", self.cg["awl"], netns=self.ns_c, http_ports=http)
+        self.mesh_b = MeshdInstance(self, "b", self.cg["bwl"], netns=self.ns_s, http_ports=http,
                                     workload_extra=f"exclude_inbound_ports = {excluded}\n")
         self.meshds += [self.mesh_a, self.mesh_b]
         log(f"prefix {self.prefix}: netns {self.ns_c} ({self.ip_c}) -> {self.ns_s} ({self.ip_s}), "
@@ -155,9 +157,7 @@ class Inbound(BenchBase):
         if self.rule_installed:
             self._ipt("-D", "PREROUTING", *self._rule(), check=False)
             self.rule_installed = False
-        # The server netns is ours and had no nat table: drop it between iptables
-        # measurements so the other modes don't pay for conntrack in it.
-        sh("ip", "netns", "exec", self.ns_s, "nft", "delete", "table", "ip", "nat", check=False)
+        drop_nat_table(self.ns_s)
 
     def mode_on(self, mode):
         if mode == "in-iptables":
@@ -221,6 +221,7 @@ class Inbound(BenchBase):
                              if self.anchor else None,
             "ports": PORTS,
             "preserve_client_address": True,
+            "nat_table_dropped_between_runs": bool(shutil.which("nft")),
         }
 
 

@@ -21,7 +21,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, Mesh, free_port, sh, wait_for
+from conftest import REPO, free_port, wait_for
+from helpers.common import run_in_netns
 from helpers.tcpprobe import MODES, port_of
 
 PROBE = str(REPO / "tests" / "helpers" / "tcpprobe.py")
@@ -30,24 +31,17 @@ pytestmark = pytest.mark.root
 
 
 class Topology:
-    def __init__(self, prefix, cgroups):
-        n = random.randint(1, 250)
-        self.host, self.peer = f"{prefix}th", f"{prefix}tp"
-        self.ip4 = {self.host: f"10.234.{n}.1", self.peer: f"10.234.{n}.2"}
-        self.ip6 = {self.host: f"fd00:234:{n:x}::1", self.peer: f"fd00:234:{n:x}::2"}
-        self.veth = f"{prefix}t"
-        for ns in (self.host, self.peer):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "link", "add", self.veth, "netns", self.host, "type", "veth", "peer", "name",
-           self.veth + "p", "netns", self.peer)
-        for ns, dev in ((self.host, self.veth), (self.peer, self.veth + "p")):
-            sh("ip", "-n", ns, "addr", "add", f"{self.ip4[ns]}/24", "dev", dev)
-            sh("ip", "-n", ns, "-6", "addr", "add", f"{self.ip6[ns]}/64", "dev", dev, "nodad")
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-        self.mesh = Mesh(prefix, cgroups, "t", netns=self.host)
+    """The `mesh` fixture's meshd on the test's host namespace, and the `server`
+    fixture's namespace behind a veth pair as the peer: tcpprobe servers in the
+    peer (egress targets), on the host in the workload (meshed ingress) and
+    outside it (direct ingress)."""
+
+    def __init__(self, mesh, server):
+        self.mesh, self.server = mesh, server
+        self.host, self.peer = mesh.netns, server.ns
+        self.ip4 = {self.host: server.host_ip4, self.peer: server.ip4}
+        self.ip6 = {self.host: server.host_ip6, self.peer: server.ip6}
         self.procs: list[subprocess.Popen] = []
-        # egress targets in the peer; ingress servers on the host, meshed and direct
         self.peer_base, self.wl_base, self.out_base = (free_port() for _ in range(3))
 
     def start(self, mesh_extra: str = ""):
@@ -55,27 +49,26 @@ class Topology:
         m.write("00-mesh.toml", m.mesh_toml() + mesh_extra)
         m.write("10-workloads.toml", f'[workload.wl]\ncgroup = "{m.workload}"\n')
         m.start()
-        self._serve(None, self.peer, self.peer_base)
-        self._serve(m.workload, self.host, self.wl_base)
-        self._serve(m.outside, self.host, self.out_base)
+        self.serve(self.server.popen, sys.executable, PROBE, "serve", self.peer_base)
+        for cgroup, base in ((m.workload, self.wl_base), (m.outside, self.out_base)):
+            self.serve(m.popen_in, sys.executable, PROBE, "serve", base, cgroup=cgroup)
         want = {port_of(self.wl_base, mode) for mode in MODES}
         wait_for(lambda: want <= set(m.status()["workloads"][0]["inbound_ports"]),
                  what="the workload's ports meshed")
         return self
 
-    def _serve(self, cgroup, ns, base):
-        cmd = ["ip", "netns", "exec", ns, sys.executable, PROBE, "serve", str(base)]
-        p = (self.mesh.cg.popen(cgroup, *cmd, stdout=subprocess.PIPE, text=True) if cgroup
-             else subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+    def serve(self, popen, *cmd, **kw):
+        """A server process (popen: where it runs), once it says it is ready."""
+        p = popen(*map(str, cmd), stdout=subprocess.PIPE, text=True, **kw)
         self.procs.append(p)
         assert p.stdout.readline().strip() == "ready"
 
     def run(self, ns, *cmd, cgroup=None, **kw) -> subprocess.CompletedProcess:
-        full = ["ip", "netns", "exec", ns, *map(str, cmd)]
-        if cgroup:
-            return self.mesh.cg.run(cgroup, *full, text=True, **kw)
+        """A client: in the peer, or on the host in a test cgroup."""
         kw.setdefault("timeout", 20)
-        return subprocess.run(full, capture_output=True, text=True, **kw)
+        if ns == self.peer:
+            return run_in_netns(self.peer, *cmd, check=False, **kw)
+        return self.mesh.run_in(*map(str, cmd), cgroup=cgroup, text=True, **kw)
 
     def probe(self, ns, host, port, *args, cgroup=None) -> dict:
         r = self.run(ns, sys.executable, PROBE, "probe", host, port, *args, cgroup=cgroup,
@@ -87,14 +80,11 @@ class Topology:
         for p in self.procs:
             p.kill()
             p.wait()
-        self.mesh.teardown()
-        for ns in (self.host, self.peer):
-            sh("ip", "netns", "del", ns, check=False)
 
 
 @pytest.fixture
-def topo(prefix, cgroups):
-    t = Topology(prefix, cgroups)
+def topo(mesh, server):
+    t = Topology(mesh, server)
     try:
         yield t
     finally:
@@ -286,10 +276,9 @@ def test_redis_cli(topo):
     """A real client and server of a binary request/response protocol."""
     topo.start()
     port = free_port()
-    srv = subprocess.Popen(["ip", "netns", "exec", topo.peer, "redis-server", "--port", str(port),
-                            "--bind", "0.0.0.0", "::", "--save", "", "--appendonly", "no",
-                            "--protected-mode", "no"], stdout=subprocess.DEVNULL)
-    topo.procs.append(srv)
+    topo.procs.append(topo.server.popen(
+        "redis-server", "--port", port, "--bind", "0.0.0.0", "::", "--save", "",
+        "--appendonly", "no", "--protected-mode", "no", stdout=subprocess.DEVNULL))
     for ip in (topo.ip4[topo.peer], topo.ip6[topo.peer]):
         wait_for(lambda: topo.run(topo.host, "redis-cli", "-h", ip, "-p", port, "PING",
                                   cgroup=topo.mesh.outside).stdout == "PONG\n", what="redis up")
@@ -313,10 +302,7 @@ def test_websocket_and_grpc_on_declared_ports(topo):
     ws_port, grpc_port = free_port(), free_port()
     topo.start(f'protocols = {{ {ws_port} = "http", {grpc_port} = "grpc" }}\n')
     for cmd, port in (("ws-serve", ws_port), ("grpc-serve", grpc_port)):
-        p = subprocess.Popen(["ip", "netns", "exec", topo.peer, sys.executable, L7APPS, cmd,
-                              str(port)], stdout=subprocess.PIPE, text=True)
-        topo.procs.append(p)
-        assert p.stdout.readline().strip() == "ready"
+        topo.serve(topo.server.popen, sys.executable, L7APPS, cmd, port)
     peer = topo.ip4[topo.peer]
     for cmd, target in (("ws-client", f"ws://{peer}:{ws_port}/"),
                         ("grpc-client", f"{peer}:{grpc_port}")):

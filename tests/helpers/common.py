@@ -50,3 +50,83 @@ def kill_cgroup(path: str) -> None:
     """Kill every process in a cgroup tree and remove it (reaping our children)."""
     from meshd.cgroups import kill_tree
     kill_tree(path, on_wait=reap)
+
+
+# -- network namespaces --------------------------------------------------------------
+# Every meshd a test (or bench/) starts serves a namespace it made, never the host's:
+# a meshd running on the host already owns the host's namespace (one per namespace).
+
+def netns_add(name: str) -> str:
+    """A new named network namespace (`ip netns`) with its loopback up."""
+    sh("ip", "netns", "add", name)
+    sh("ip", "-n", name, "link", "set", "lo", "up")
+    return name
+
+
+def netns_del(name: str) -> None:
+    sh("ip", "netns", "del", name, check=False)
+
+
+def netns_path(name: str) -> str:
+    return f"/run/netns/{name}"
+
+
+def enter_netns(name: str) -> None:
+    """Move the calling thread into a named namespace (flags=0: never create one)."""
+    from pyroute2.netns import setns
+    setns(name, flags=0)
+
+
+@contextlib.contextmanager
+def inside_netns(name: str):
+    """Run the calling thread (and what it forks) in a named namespace for a while."""
+    from pyroute2.netns import setns
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        setns(name, flags=0)
+        yield
+    finally:
+        setns(home, flags=0)
+        os.close(home)
+
+
+def preexec(cgroup_procs: str = "", netns: str = ""):
+    """For subprocess' preexec_fn: join a cgroup (its cgroup.procs path), then a network
+    namespace, before exec: the process is enrolled and in the namespace from its first
+    instruction."""
+    from pyroute2.netns import setns   # imported here, not in the forked child
+
+    def enter():
+        if cgroup_procs:
+            with open(cgroup_procs, "w") as f:
+                f.write("0")
+        if netns:
+            setns(netns, flags=0)
+    return enter
+
+
+def run_in_netns(netns: str, *cmd, **kw) -> subprocess.CompletedProcess:
+    """A command inside a network namespace, like `ip netns exec` (output as text)."""
+    return sh(*cmd, preexec_fn=preexec(netns=netns), **kw)
+
+
+def host_netns_footprint(prefix: str) -> dict:
+    """What a meshd changes in the namespace it serves, read in this process's own
+    (the host's) namespace, plus any interface named with the test's prefix: a test
+    compares it before and after to prove it left the host's namespace alone."""
+    from meshd import bpfsys
+    fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        sk_lookup = sorted(bpfsys.prog_query(fd, bpfsys.SK_LOOKUP))
+    finally:
+        os.close(fd)
+    with open("/proc/sys/net/ipv4/tcp_fwmark_accept") as f:
+        fwmark_accept = f.read().strip()
+    out = {"sk_lookup": sk_lookup, "tcp_fwmark_accept": fwmark_accept,
+           "links": [line for line in sh("ip", "-o", "link").stdout.splitlines()
+                     if prefix in line]}
+    for fam in ("-4", "-6"):
+        out[f"rules{fam}"] = sh("ip", fam, "rule").stdout
+        out[f"table{fam}"] = sh("ip", fam, "route", "show", "table", "19795",
+                                check=False).stdout
+    return out
