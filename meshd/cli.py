@@ -99,6 +99,8 @@ def _setup_logging(level: str) -> None:
         try:
             from systemd.journal import JournalHandler
             handler = JournalHandler(SYSLOG_IDENTIFIER="meshd")
+            # the journal has its own priority and identifier fields: the message alone
+            handler.setFormatter(logging.Formatter("%(message)s"))
         except ImportError:
             pass
     if handler is None:

