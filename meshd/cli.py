@@ -4,11 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
-import signal
 import sys
 import textwrap
-import time
 
 from . import __version__
 from .config import DEFAULT_CONFIG_DIR, ConfigInvalid, load_config
@@ -120,24 +117,15 @@ def cmd_check(args) -> int:
         for err in e.errors:
             print(err, file=sys.stderr)
         return 1
-    from .envoy.process import EnvoyNotFound, find_envoy
+    from .footprint import Footprint, FootprintError
     try:
-        binary = find_envoy(cfg.mesh.envoy_binary)
-    except EnvoyNotFound as e:
+        binary = Footprint(cfg.mesh).envoy_binary()
+    except FootprintError as e:
         print(f"{args.config_dir}: mesh.envoy_binary: {e}", file=sys.stderr)
         return 1
     print(f"{args.config_dir}: ok ({len(cfg.files)} file(s), {len(cfg.workloads)} workload(s); "
           f"envoy: {binary})")
     return 0
-
-
-def _alive(pid) -> bool:
-    """A running process (a zombie waiting for its parent to reap it is not)."""
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, ValueError, TypeError, IndexError):
-        return False
 
 
 def _mesh_despite_errors(config_dir: str):
@@ -193,73 +181,19 @@ def cmd_status(args) -> int:
         if st is None:
             print(f"meshd is not running (no status in {state_dir})")
             return 3
-        running, source = st.state != "stopped" and _alive(st.pid), f"status file {path}"
+        from .footprint import alive
+        running, source = st.state != "stopped" and alive(st.pid), f"status file {path}"
     print(st.to_json() if args.json else status.format_text(st, running, source))
     return 0 if running else 3
 
 
 def cmd_cleanup(args) -> int:
-    mesh = _mesh_or_lenient(args.config_dir)
-    from . import cgroups, envoy_config, routing
-    from .envoy import process as envoy_process, systemd_unit
-    from .daemon import enter_netns, pid_path
-    from .datapath import Datapath
+    from .footprint import Footprint, FootprintError
     try:
-        with open(pid_path(mesh.state_dir)) as f:
-            pid = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        pid = 0
-    if pid and _alive(pid) and pid != os.getpid():
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            if not _alive(pid):
-                break
-            time.sleep(0.05)
-        print(f"stopped meshd (pid {pid})")
-    unit = systemd_unit.unit_name_for(mesh.state_dir)
-    if systemd_unit.stop_unit(unit):   # False at once without systemd
-        print(f"stopped Envoy ({unit})")
-    if envoy_process.stop_from_pidfile(mesh.state_dir):
-        print("stopped Envoy")
-    if mesh.netns:
-        enter_netns(mesh.netns)   # the routing below lives in the instance's namespace
-    dp = Datapath(mesh.bpffs_dir)
-    links = dp.pinned_links()
-    dp.cleanup()
-    print(f"detached {len(links)} link(s), removed pins under {mesh.bpffs_dir}")
-    # The policy routing belongs to the namespace: leave it to the instance that
-    # (still) serves it, if any.
-    from . import bpfsys
-    fd = os.open("/proc/self/ns/net", os.O_RDONLY)
-    try:
-        serving = [i for i in bpfsys.prog_query(fd, bpfsys.SK_LOOKUP)
-                   if bpfsys.prog_name(i) == "meshd_sk_lookup"]
-    finally:
-        os.close(fd)
-    if serving:
-        print("left the policy routing in place: another meshd serves this network namespace")
-    else:
-        routing.remove(mesh.state_dir)
-    root = cgroups.cgroup2_mount()
-    own = cgroups.path_of(root, mesh.cgroup_root)
-    left = [p for d, _, _ in os.walk(own) for p in cgroups.procs(d)]
-    if left:   # only Envoy ever runs there: anything left is ours
-        print(f"killing processes left in {own}: {left}", file=sys.stderr)
-    try:
-        cgroups.kill_tree(own)
-    except cgroups.CgroupError as e:
-        print(f"warning: {e}", file=sys.stderr)
-    for name in ("status.json", "meshd.pid", "envoy.pid", "workload-ids.json", "envoy.log",
-                 "access.log", "envoy-admin.sock"):
-        try:
-            os.unlink(os.path.join(mesh.state_dir, name))
-        except FileNotFoundError:
-            pass
-    shutil.rmtree(envoy_config.config_dir(mesh.state_dir), ignore_errors=True)
-    try:
-        os.rmdir(mesh.state_dir)
-    except OSError:
-        pass
+        Footprint(_mesh_or_lenient(args.config_dir)).cleanup()
+    except FootprintError as e:
+        print(f"meshd: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,30 +1,32 @@
-"""The daemon: one GLib main loop that turns config + cgroups into a data path.
+"""The daemon: one GLib main loop whose events end in discover -> plan -> apply.
 
 Event sources on the loop: inotify (config directory, workload cgroups),
 signals, the Envoy supervisor's pidfd, and timers (status, rescan, watchdog).
-Every change ends in reconcile(), which is idempotent: it makes the pinned
-links, the BPF maps and Envoy's files match what the config asks for.
+Every change ends in reconcile(): meshd/discovery.py looks, meshd/plan.py
+decides, meshd/apply.py makes the kernel and Envoy's files match (idempotent),
+and the status (meshd/status.py) is written from the result.
 """
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import json
 import logging
 import os
 import signal
 import time
 
 from . import __version__, cgroups, envoy_config, maplayout, notify, routing, sources
+from .apply import Applier
+from .config import Config, ConfigError, ConfigInvalid, load_config
+from .datapath import ENVOY_HOOKS, DatapathError
+from .discovery import Discovery
 from .envoy import admin as envoy_admin
 from .envoy import systemd_manager, systemd_unit
 from .envoy.child import EnvoySupervisor
-from .envoy.process import EnvoyNotFound, find_envoy
 from .envoy.supervisor import RUNNING as ENVOY_RUNNING
-from .config import Config, ConfigError, ConfigInvalid, load_config
-from .datapath import ENVOY_HOOKS, WORKLOAD_HOOKS, Datapath, DatapathError
-from .fsutil import atomic_write as _atomic_write
+from .footprint import NETNS_SELF, Footprint, FootprintError
+from .fsutil import atomic_write
 from .inotify import Inotify
+from .plan import EMPTY, ENVOY_OWNER, Plan, PlanError, plan
 from .status import (DatapathStatus, EnvoyStatus, MeshSettings, Status, WorkloadEnvoy,
                      WorkloadStatus, status_path)
 
@@ -39,21 +41,6 @@ RESCAN_INTERVAL_MS = 5000
 
 class StartupError(Exception):
     pass
-
-
-@dataclasses.dataclass
-class WorkloadState:
-    name: str
-    id: int
-    cgroup: str | None = None       # relative to the cgroup2 root, once found
-    cgroup_id: int = 0
-    enrolled_since: float = 0.0     # 0 = waiting for its cgroup to appear
-    error: str = ""
-    other_programs: dict = dataclasses.field(default_factory=dict)  # hook -> foreign prog ids
-
-
-def pid_path(state_dir: str) -> str:
-    return os.path.join(state_dir, "meshd.pid")
 
 
 def workload_envoy_stats(stats: dict[str, int], wid: int) -> WorkloadEnvoy:
@@ -73,40 +60,18 @@ def workload_envoy_stats(stats: dict[str, int], wid: int) -> WorkloadEnvoy:
     return WorkloadEnvoy(**out)
 
 
-def enter_netns(path: str) -> None:
-    """Serve another network namespace (one meshd per simulated host). Done
-    first, so Envoy, the sk_lookup link and every socket live there."""
-    import ctypes
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-            err = ctypes.get_errno()
-            raise StartupError(f"cannot enter network namespace {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with open("/proc/net/if_inet6") as f:
-            return any(line.startswith("00000000000000000000000000000001") for line in f)
-    except OSError:
-        return False
-
-
 class Daemon:
     def __init__(self, config_dir: str):
         self.config_dir = os.path.abspath(config_dir)
         self.config: Config | None = None
         self.config_errors: list[ConfigError] = []
         self.cg_root = cgroups.cgroup2_mount()
-        self.workloads: dict[str, WorkloadState] = {}
+        self.plan: Plan = EMPTY
+        self.discovery = Discovery(self.cg_root)
         self.state = "starting"
         self.started = time.time()
         self.ready = False
         self._timers: dict[str, int] = {}
-        self._mark = 0
-        self._rendered_ports: dict[int, list[int]] = {}
         self._route_sources: dict = {}
         self._cgroup_watches: dict[str, int] = {}
         self.bus = None  # meshd.bus.BusService once the main loop runs
@@ -119,23 +84,19 @@ class Daemon:
             raise StartupError("the configuration is invalid:\n" +
                                "\n".join(f"  {err}" for err in e.errors)) from None
         mesh = self.config.mesh
-        if mesh.netns:
-            enter_netns(mesh.netns)
-        os.makedirs(mesh.state_dir, mode=0o755, exist_ok=True)
-        self._lock_instance(mesh.state_dir)
-        try:
-            binary = find_envoy(mesh.envoy_binary)
-        except EnvoyNotFound as e:
-            raise StartupError(str(e)) from None
+        self.footprint = fp = Footprint(mesh)
+        fp.enter_netns()   # first: Envoy, the links and every socket live there
+        fp.lock()
+        binary = fp.envoy_binary()
 
-        self.dp = Datapath(mesh.bpffs_dir)
+        self.dp = fp.datapath()
         try:
             how = self.dp.open()
         except (DatapathError, OSError) as e:
             raise StartupError(f"cannot set up the eBPF data path: {e}") from None
         log.info("data path %s at %s", how, self.dp.root)
         # Before touching anything: one instance per network namespace.
-        others = self.dp.other_meshd_in_netns("/proc/self/ns/net")
+        others = self.dp.other_meshd_in_netns(NETNS_SELF)
         if others:
             raise StartupError(
                 f"another meshd instance already serves this network namespace (its sk_lookup "
@@ -146,24 +107,24 @@ class Daemon:
         # The hooks sit on the root of the tree, before Envoy starts below it (as
         # a child in <root>/envoy, or as a systemd unit in the slice), so its very
         # first listen() is seen.
-        own_root = cgroups.path_of(self.cg_root, mesh.cgroup_root)
+        own_root = fp.cgroup_tree(self.cg_root)
         # Under systemd (PID 1, bus reachable, cgroup_root a slice such as
         # /meshd.slice) Envoy is the transient unit meshd-envoy.service in that
         # slice; otherwise a child process in <cgroup_root>/envoy.
         slice_name = systemd_unit.slice_for_cgroup_root(mesh.cgroup_root)
         systemd = systemd_manager.connect() if slice_name else None
         cgroups.ensure(own_root)
-        self.dp.attach("envoy", own_root, ENVOY_HOOKS)
+        self.dp.attach(str(ENVOY_OWNER), own_root, ENVOY_HOOKS)
         self.envoy_cgroup = os.path.join(own_root, "envoy")
         if systemd is None:   # systemd creates the unit's cgroup itself
             cgroups.ensure(self.envoy_cgroup)
         # Inbound steering for the network namespace this instance serves.
         try:
-            self.dp.attach_netns("/proc/self/ns/net")
+            self.dp.attach_netns(NETNS_SELF)
         except OSError as e:
             raise StartupError(f"cannot attach sk_lookup to the network namespace: {e} "
                                "(needs Linux >= 5.9 with CONFIG_BPF_SYSCALL)") from None
-        self.ids = self._load_ids()
+        self.applier = Applier(self.dp, mesh.state_dir)
         try:
             self.apply()
         except routing.RoutingError as e:
@@ -180,51 +141,11 @@ class Daemon:
                                          mesh.envoy_log_level, self._on_envoy_state)
         self.envoy.start()
 
-    def _lock_instance(self, state_dir: str) -> None:
-        """One daemon per state directory: hold a lock on the PID file for life."""
-        path = pid_path(state_dir)
-        self._pid_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(self._pid_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(self._pid_fd, 32, 0).decode().strip() or "?"
-            raise StartupError(f"another meshd (pid {other}) already runs with state directory "
-                               f"{state_dir}; give this instance its own mesh.state_dir") from None
-        os.ftruncate(self._pid_fd, 0)
-        os.pwrite(self._pid_fd, f"{os.getpid()}\n".encode(), 0)
-
-    def _ids_path(self) -> str:
-        return os.path.join(self.config.mesh.state_dir, "workload-ids.json")
-
-    def _load_ids(self) -> dict[str, int]:
-        """Workload ids index the BPF counters: keep them across restarts."""
-        try:
-            with open(self._ids_path()) as f:
-                return {str(k): int(v) for k, v in json.load(f).items()}
-        except (OSError, ValueError):
-            return {}
-
-    def _id_for(self, name: str) -> int:
-        if name not in self.ids:
-            used = set(self.ids.values())
-            free = next((i for i in range(1, maplayout.MAX_WORKLOADS) if i not in used), None)
-            if free is None:  # recycle ids of workloads no longer configured
-                live = {w.name for w in self.config.workloads}
-                self.ids = {k: v for k, v in self.ids.items() if k in live}
-                used = set(self.ids.values())
-                free = next(i for i in range(1, maplayout.MAX_WORKLOADS) if i not in used)
-            self.ids[name] = free
-            _atomic_write(self._ids_path(), json.dumps(self.ids, indent=1, sort_keys=True))
-        return self.ids[name]
-
     # -- applying the config --------------------------------------------------
     def apply(self) -> None:
+        """The mesh-wide settings, then the workloads (reconcile)."""
         mesh = self.config.mesh
-        self._mark = routing.MARK if mesh.preserve_client_address else 0
-        if self._mark:
-            routing.install(mesh.state_dir)   # before Envoy uses the mark
-        else:
-            routing.remove(mesh.state_dir)    # switched off, or left by an earlier run
+        self.footprint.policy_routing(mesh.preserve_client_address)
         self.dp.set_settings(mesh.outbound_port, mesh.inbound_port)
         self._update_route_sources()
         self.reconcile()
@@ -237,96 +158,38 @@ class Daemon:
             self.dp.set_route_sources(table)
             self._route_sources = table
 
-    def _render_envoy(self, ports: dict[int, list[int]] | None = None) -> None:
-        """Envoy's files from the config and the enrolled workloads (each gets
-        its own filter chains, so Envoy counts it separately). Written only
-        when they change; Envoy reloads them in place."""
-        mesh = self.config.mesh
-        if ports is None:
-            ports = self.dp.inbound_ports()
-        wl_ports = {s.id: ports.get(s.id, []) for s in self.workloads.values() if s.enrolled_since}
-        wl_protocols = {self.workloads[w.name].id: dict(w.protocols)
-                        for w in self.config.workloads if w.name in self.workloads}
-        files = envoy_config.render(mesh.outbound_port, mesh.inbound_port, mesh.state_dir,
-                                    ipv6_loopback(), self._mark, wl_ports, dict(mesh.protocols),
-                                    wl_protocols, mesh.http_forwarded_for)
-        changed = envoy_config.write_config(mesh.state_dir, files)
-        if changed:
-            log.info("Envoy configuration updated: %s", ", ".join(changed))
-        self._rendered_ports = wl_ports
-
     def reconcile(self) -> None:
-        """Make links, workload ids and exclusions match config + existing cgroups."""
-        cfg = self.config
-        states: dict[str, WorkloadState] = {}
-        for w in cfg.workloads:
-            old = self.workloads.get(w.name)
-            st = WorkloadState(w.name, self._id_for(w.name))
-            rel = w.cgroup or cgroups.find_unit(self.cg_root, w.unit)
-            path = cgroups.path_of(self.cg_root, rel) if rel else None
-            if path and os.path.isdir(path):
-                try:
-                    self.dp.attach(f"workload:{w.name}", path, WORKLOAD_HOOKS)
-                    st.cgroup, st.cgroup_id = rel, cgroups.cgroup_id(path)
-                    st.other_programs = self.dp.foreign_programs(path, WORKLOAD_HOOKS)
-                    st.enrolled_since = (old.enrolled_since if old and old.cgroup_id == st.cgroup_id
-                                         and old.enrolled_since else time.time())
-                except OSError as e:  # e.g. the cgroup went away between the check and attach
-                    st.error = f"cannot attach to {rel}: {e.strerror or e}"
-                    log.warning("workload %s: %s", w.name, st.error,
-                                extra={"WORKLOAD": w.name, "CGROUP": rel})
-            else:
-                st.error = (f"waiting for cgroup {w.cgroup}" if w.cgroup
-                            else f"waiting for unit {w.unit} to start")
-            if st.enrolled_since and not (old and old.enrolled_since):
-                log.info("workload %s enrolled (cgroup %s)", w.name, st.cgroup,
-                         extra={"WORKLOAD": w.name, "CGROUP": st.cgroup})
-            if old and old.enrolled_since and not st.enrolled_since:
-                log.info("workload %s no longer enrolled: %s", w.name, st.error,
-                         extra={"WORKLOAD": w.name, "CGROUP": old.cgroup})
-            states[w.name] = st
-
-        for owner in self.dp.owners():
-            if owner.startswith("workload:") and not (
-                    owner[9:] in states and states[owner[9:]].enrolled_since):
-                self.dp.detach(owner)
-                log.info("detached %s", owner)
-
-        self.dp.set_workload_ids({s.cgroup_id: s.id for s in states.values() if s.enrolled_since})
-        ports = {0: set(cfg.mesh.exclude_outbound_ports)}
-        cidrs = {0: set(cfg.mesh.exclude_outbound_cidrs)}
-        for w in cfg.workloads:
-            wid = states[w.name].id
-            ports[wid] = set(w.exclude_outbound_ports)
-            cidrs[wid] = set(w.exclude_outbound_cidrs)
-        self.dp.set_exclusions(ports, cidrs)
-        self._apply_inbound(states)
-        self.workloads = states
-        self._render_envoy()
+        """discover -> plan -> apply: make links, workload ids, exclusions,
+        inbound ports and Envoy's files match config + existing cgroups."""
+        cfg, previous = self.config, self.plan
+        world = self.discovery.scan(
+            cfg.workloads, lambda name, cgid: not previous.enrolled_on(name, cgid))
+        now, failed = time.time(), {}
+        for _ in range(len(cfg.workloads) + 1):   # each round drops >= 1 failed workload
+            p = plan(cfg, world, self.applier.ids, previous, now, failed)
+            more = self.applier.apply(p)
+            if not more:
+                break
+            for name, error in more.items():
+                log.warning("workload %s: %s", name, error,
+                            extra={"WORKLOAD": name, "CGROUP": world.cgroups[name].rel})
+            failed.update(more)
+        self._log_changes(previous, p)
+        self.plan = p
         if hasattr(self, "inotify"):
             self._update_cgroup_watches()
 
-    def _apply_inbound(self, states: dict[str, WorkloadState]) -> None:
-        cfg = self.config
-        explicit, auto, discovered = {}, set(), {}
-        excluded = {0: set(cfg.mesh.exclude_inbound_ports)}
-        for w in cfg.workloads:
-            st = states[w.name]
-            if not st.enrolled_since:
-                continue
-            excluded[st.id] = set(w.exclude_inbound_ports)
-            if w.inbound_ports is not None:
-                explicit[st.id] = set(w.inbound_ports)
-            else:
-                auto.add(st.id)
-                prev = self.workloads.get(w.name)
-                if not (prev and prev.enrolled_since and prev.cgroup_id == st.cgroup_id):
-                    # newly enrolled: ports opened before now were not seen by sockops
-                    discovered[st.id] = cgroups.listening_ports(
-                        cgroups.path_of(self.cg_root, st.cgroup))
-        # Envoy's own ports are never steered inbound.
-        excluded[0] |= {cfg.mesh.outbound_port, cfg.mesh.inbound_port}
-        self.dp.set_inbound(explicit, auto, excluded, discovered)
+    @staticmethod
+    def _log_changes(old: Plan, new: Plan) -> None:
+        for w in new.workloads:
+            before = old.workload(w.name)
+            was = bool(before and before.enrolled)
+            if w.enrolled and not was:
+                log.info("workload %s enrolled (cgroup %s)", w.name, w.cgroup,
+                         extra={"WORKLOAD": w.name, "CGROUP": w.cgroup})
+            if was and not w.enrolled:
+                log.info("workload %s no longer enrolled: %s", w.name, w.error,
+                         extra={"WORKLOAD": w.name, "CGROUP": before.cgroup})
 
     def reload(self, why: str) -> bool:
         try:
@@ -411,15 +274,7 @@ class Daemon:
     def _update_cgroup_watches(self) -> None:
         """Watch where each configured cgroup is (or will appear), then rescan:
         a cgroup created between the scan and the watch is not missed."""
-        want = set()
-        for w in self.config.workloads:
-            if w.cgroup:
-                want.add(cgroups.nearest_existing(self.cg_root, w.cgroup))
-                want.add(os.path.dirname(cgroups.path_of(self.cg_root, w.cgroup)))
-            else:
-                want.add(self.cg_root)
-                want.add(cgroups.path_of(self.cg_root, "system.slice"))
-        want = {d for d in want if os.path.isdir(d)}
+        want = self.discovery.watch_dirs(self.config.workloads)
         added = False
         for d in set(self._cgroup_watches) - want:
             self.inotify.unwatch(self._cgroup_watches.pop(d))
@@ -437,9 +292,7 @@ class Daemon:
         return True
 
     def _tick(self) -> bool:
-        ports = self.dp.inbound_ports()   # workloads opened or closed listeners
-        if {i: ports.get(i, []) for i in self._rendered_ports} != self._rendered_ports:
-            self._render_envoy(ports)
+        self.applier.refresh_envoy()   # workloads opened or closed listeners
         self._update_route_sources()
         self._check_ready()
         self.write_status()
@@ -476,8 +329,8 @@ class Daemon:
         notify.status(self._status_line())
 
     def _status_line(self) -> str:
-        n = sum(1 for w in self.workloads.values() if w.enrolled_since)
-        line = f"{n}/{len(self.workloads)} workloads enrolled; Envoy {self.envoy.state}"
+        n = sum(1 for w in self.plan.workloads if w.enrolled)
+        line = f"{n}/{len(self.plan.workloads)} workloads enrolled; Envoy {self.envoy.state}"
         if self.envoy.state != ENVOY_RUNNING:
             line += " (workloads fail open: direct connections)"
         if self.config_errors:
@@ -488,7 +341,7 @@ class Daemon:
     def status(self) -> Status:
         """What this meshd knows now, as the status model (meshd/status.py)."""
         live = bool(self.dp.maps)   # the maps are closed once meshd is stopping
-        ids = [0] + [w.id for w in self.workloads.values()]
+        ids = [0] + [w.id for w in self.plan.workloads]
         counters = self.dp.counters(ids) if live else {}
 
         def row(wid: int) -> dict[str, int]:  # every name, zeros included
@@ -519,9 +372,10 @@ class Daemon:
             workloads=tuple(WorkloadStatus(
                 name=w.name, id=w.id, cgroup=w.cgroup, cgroup_id=w.cgroup_id,
                 enrolled_since=w.enrolled_since, error=w.error,
-                other_programs={h: tuple(ids) for h, ids in w.other_programs.items()},
+                other_programs={h: tuple(ids) for h, ids in
+                                self.applier.foreign.get(w.name, {}).items()} if w.enrolled else {},
                 counters=row(w.id), inbound_ports=tuple(inbound.get(w.id, ())),
-                envoy=workload_envoy_stats(stats, w.id)) for w in self.workloads.values()))
+                envoy=workload_envoy_stats(stats, w.id)) for w in self.plan.workloads))
 
     def _envoy_stats(self) -> dict[str, int]:
         if self.envoy.state != ENVOY_RUNNING:
@@ -537,7 +391,7 @@ class Daemon:
         """status.json and the D-Bus properties, from one Status."""
         st = self.status()
         try:
-            _atomic_write(status_path(self.config.mesh.state_dir), st.to_json())
+            atomic_write(status_path(self.config.mesh.state_dir), st.to_json())
         except OSError as e:
             log.warning("cannot write status: %s", e)
         if self.bus is not None:
@@ -548,7 +402,7 @@ def run(config_dir: str) -> int:
     d = Daemon(config_dir)
     try:
         d.start()
-    except StartupError as e:
+    except (StartupError, FootprintError, PlanError) as e:
         log.error("%s", e)
         return 1
     return d.run()

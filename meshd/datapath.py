@@ -256,8 +256,9 @@ class Datapath:
     def other_meshd_in_netns(self, netns_path: str) -> list[int]:
         """Ids of another meshd instance's sk_lookup programs on this network
         namespace: two instances in one namespace would fight over its ports
-        and its policy routing."""
-        ours = bpfsys.prog_id(self.progs["sk_lookup"])
+        and its policy routing. Before open() (or after close()) every meshd
+        sk_lookup program there counts as another's."""
+        ours = bpfsys.prog_id(self.progs["sk_lookup"]) if "sk_lookup" in self.progs else None
         fd = os.open(netns_path, os.O_RDONLY)
         try:
             ids = bpfsys.prog_query(fd, bpfsys.SK_LOOKUP)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 
-from . import fsutil, maplayout
+from . import fsutil, maplayout, statefiles
 
 # v3 type URLs ----------------------------------------------------------------------------
 _T = "type.googleapis.com/"
@@ -53,15 +53,15 @@ _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1
 
 
 def config_dir(state_dir: str) -> str:
-    return os.path.join(state_dir, "envoy")
+    return statefiles.path(state_dir, statefiles.ENVOY_CONFIG_DIR)
 
 
 def admin_socket_path(state_dir: str) -> str:
-    return os.path.join(state_dir, "envoy-admin.sock")
+    return statefiles.path(state_dir, statefiles.ENVOY_ADMIN)
 
 
 def access_log_path(state_dir: str) -> str:
-    return os.path.join(state_dir, "access.log")
+    return statefiles.path(state_dir, statefiles.ACCESS_LOG)
 
 
 def bootstrap_path(state_dir: str) -> str:

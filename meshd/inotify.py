@@ -1,4 +1,10 @@
-"""A minimal inotify(7) binding (the standard library has none)."""
+"""A minimal inotify(7) binding (the standard library has none).
+
+Kept rather than Gio.File.monitor_directory: the daemon watches a set of
+directories that changes with the config, on one fd read in batches it
+debounces itself; GFileMonitor is one object per directory with its own
+event rate limiting on top, which would only delay reconcile.
+"""
 from __future__ import annotations
 
 import ctypes

@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 
-from . import fsutil
+from . import fsutil, statefiles
 
 log = logging.getLogger("meshd.routing")
 
@@ -32,7 +32,7 @@ class RoutingError(Exception):
 
 
 def _saved_path(state_dir: str) -> str:
-    return os.path.join(state_dir, "tcp_fwmark_accept.orig")
+    return statefiles.path(state_dir, statefiles.FWMARK_SAVED)
 
 
 def install(state_dir: str) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 import typing
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
+from . import statefiles
 from .config import ConfigError
 
 # Typing spelled with typing's generics, not `int | None`: from_dict resolves
@@ -147,7 +147,7 @@ def _from_json_value(tp, v):
 
 # -- status.json ------------------------------------------------------------------
 def status_path(state_dir: str) -> str:
-    return os.path.join(state_dir, "status.json")
+    return statefiles.path(state_dir, statefiles.STATUS)
 
 
 def read_file(state_dir: str) -> Optional[Status]:

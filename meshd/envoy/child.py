@@ -13,6 +13,7 @@ import os
 import subprocess
 from typing import Callable, Optional
 
+from .. import statefiles
 from . import process
 from .supervisor import STARTING, PidfdSupervisor
 
@@ -29,7 +30,7 @@ class EnvoySupervisor(PidfdSupervisor):
                  on_state_change: Callable[[str], None]):
         super().__init__(binary, state_dir, log_level, on_state_change)
         self.cgroup_dir = cgroup_dir
-        self.log_path = self.log_hint = os.path.join(self.state_dir, "envoy.log")
+        self.log_path = self.log_hint = statefiles.path(self.state_dir, statefiles.ENVOY_LOG)
 
     def command(self) -> list[str]:
         return process.command(self.binary, self.state_dir, self.log_level, self.log_path)

@@ -17,6 +17,7 @@ import tempfile
 import time
 from typing import Optional
 
+from .. import statefiles
 from ..envoy_config import bootstrap_path
 
 log = logging.getLogger(__package__)
@@ -82,7 +83,7 @@ def command(binary: str, state_dir: str, log_level: str, log_path: str = "") -> 
 
 
 def pid_file_path(state_dir: str) -> str:
-    return os.path.join(state_dir, "envoy.pid")
+    return statefiles.path(state_dir, statefiles.ENVOY_PID)
 
 
 def read_pid_file(state_dir: str) -> Optional[int]:

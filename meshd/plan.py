@@ -1,0 +1,200 @@
+"""The plan: what the kernel and Envoy should hold, decided from the config,
+what discovery found and the workload ids in use. A pure function: no I/O, so
+every decision reconcile makes is unit-tested without root (tests/unit/test_plan.py).
+
+Decides: which owner gets which links on which cgroup, workload ids (kept
+across restarts, recycled when full), cgroup id -> workload id, exclusions,
+inbound port settings, Envoy's render input, and each workload's state text.
+meshd/apply.py makes the kernel and Envoy's files match it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import maplayout, routing
+from .config import Config
+from .datapath import WORKLOAD_HOOKS
+from .discovery import World
+
+
+class PlanError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who a pinned link belongs to: "envoy", "netns" or a workload by name.
+    str() is the pin name's prefix (datapath pins links/<owner>:<hook>)."""
+    kind: str
+    name: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}" if self.name else self.kind
+
+    @classmethod
+    def parse(cls, text: str) -> "Owner":
+        kind, _, name = text.partition(":")
+        return cls(kind, name)
+
+    @classmethod
+    def workload(cls, name: str) -> "Owner":
+        return cls("workload", name)
+
+
+ENVOY_OWNER = Owner("envoy")   # the Envoy cgroup tree's hooks (set up at start)
+
+
+@dataclass(frozen=True)
+class Links:
+    owner: Owner
+    cgroup_path: str
+    hooks: tuple[str, ...] = WORKLOAD_HOOKS
+
+
+@dataclass(frozen=True)
+class WorkloadPlan:
+    name: str
+    id: int
+    cgroup: str | None = None       # relative to the cgroup2 root, once found
+    cgroup_path: str | None = None
+    cgroup_id: int = 0
+    enrolled: bool = False          # else waiting (no cgroup yet, or its links failed)
+    enrolled_since: float = 0.0     # time.time() when enrolled on this cgroup
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """Datapath.set_inbound's arguments, by workload id (0 = all)."""
+    explicit: dict[int, frozenset[int]] = field(default_factory=dict)
+    auto: frozenset[int] = frozenset()
+    excluded: dict[int, frozenset[int]] = field(default_factory=dict)
+    discovered: dict[int, frozenset[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EnvoyInput:
+    """envoy_config.render's arguments but the per-workload ports, which the
+    kernel's inbound_ports map holds (sockops adds them on listen())."""
+    outbound_port: int
+    inbound_port: int
+    state_dir: str
+    ipv6: bool
+    client_mark: int
+    workload_ids: tuple[int, ...]                     # enrolled: each gets its filter chains
+    protocols: dict[int, str] = field(default_factory=dict)
+    workload_protocols: dict[int, dict[int, str]] = field(default_factory=dict)
+    forwarded_for: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    workloads: tuple[WorkloadPlan, ...] = ()
+    links: tuple[Links, ...] = ()
+    ids: dict[str, int] = field(default_factory=dict)          # name -> id, to persist
+    cgroup_ids: dict[int, int] = field(default_factory=dict)   # cgroup id -> workload id
+    excluded_ports: dict[int, frozenset[int]] = field(default_factory=dict)
+    excluded_cidrs: dict[int, frozenset] = field(default_factory=dict)
+    inbound: Inbound = Inbound()
+    envoy: EnvoyInput | None = None
+
+    def workload(self, name: str) -> WorkloadPlan | None:
+        return next((w for w in self.workloads if w.name == name), None)
+
+    def enrolled_on(self, name: str, cgroup_id: int) -> bool:
+        """Was this workload enrolled on this very cgroup?"""
+        w = self.workload(name)
+        return bool(w and w.enrolled and w.cgroup_id == cgroup_id)
+
+
+EMPTY = Plan()
+
+
+def allocate_ids(names: list[str], ids: dict[str, int]) -> dict[str, int]:
+    """An id per name: kept if it has one, else the lowest free one. When none
+    is free, ids of names no longer configured are recycled."""
+    ids = dict(ids)
+    for name in names:
+        if name in ids:
+            continue
+        free = _lowest_free(ids)
+        if free is None:
+            ids = {k: v for k, v in ids.items() if k in names}
+            free = _lowest_free(ids)
+            if free is None:
+                raise PlanError(f"more than {maplayout.MAX_WORKLOADS - 1} workloads")
+        ids[name] = free
+    return ids
+
+
+def _lowest_free(ids: dict[str, int]) -> int | None:
+    used = set(ids.values())
+    return next((i for i in range(1, maplayout.MAX_WORKLOADS) if i not in used), None)
+
+
+def plan(config: Config, world: World, ids: dict[str, int], previous: Plan = EMPTY,
+         now: float = 0.0, failed: dict[str, str] | None = None) -> Plan:
+    """What to apply. `previous` is the plan applied last (enrolment times, and
+    which workloads are newly enrolled); `failed` maps a workload to why its
+    links could not be attached (it then waits, like one without a cgroup)."""
+    failed = failed or {}
+    mesh = config.mesh
+    ids = allocate_ids([w.name for w in config.workloads], ids)
+
+    workloads, links = [], []
+    for w in config.workloads:
+        found = world.cgroups.get(w.name)
+        wid = ids[w.name]
+        if found is None:
+            workloads.append(WorkloadPlan(
+                w.name, wid, error=(f"waiting for cgroup {w.cgroup}" if w.cgroup
+                                    else f"waiting for unit {w.unit} to start")))
+            continue
+        if w.name in failed:
+            workloads.append(WorkloadPlan(w.name, wid, error=failed[w.name]))
+            continue
+        old = previous.workload(w.name)
+        since = (old.enrolled_since if previous.enrolled_on(w.name, found.id) else now)
+        workloads.append(WorkloadPlan(w.name, wid, found.rel, found.path, found.id, True, since))
+        links.append(Links(Owner.workload(w.name), found.path))
+    by_name = {p.name: p for p in workloads}
+
+    excluded_ports = {0: frozenset(mesh.exclude_outbound_ports)}
+    excluded_cidrs = {0: frozenset(mesh.exclude_outbound_cidrs)}
+    for w in config.workloads:
+        excluded_ports[ids[w.name]] = frozenset(w.exclude_outbound_ports)
+        excluded_cidrs[ids[w.name]] = frozenset(w.exclude_outbound_cidrs)
+
+    return Plan(
+        workloads=tuple(workloads), links=tuple(links), ids=ids,
+        cgroup_ids={p.cgroup_id: p.id for p in workloads if p.enrolled},
+        excluded_ports=excluded_ports, excluded_cidrs=excluded_cidrs,
+        inbound=_inbound(config, world, by_name, previous),
+        envoy=EnvoyInput(
+            mesh.outbound_port, mesh.inbound_port, mesh.state_dir, world.ipv6_loopback,
+            routing.MARK if mesh.preserve_client_address else 0,
+            tuple(p.id for p in workloads if p.enrolled), dict(mesh.protocols),
+            {ids[w.name]: dict(w.protocols) for w in config.workloads},
+            mesh.http_forwarded_for))
+
+
+def _inbound(config: Config, world: World, by_name: dict[str, WorkloadPlan],
+             previous: Plan) -> Inbound:
+    mesh = config.mesh
+    explicit, auto, discovered = {}, set(), {}
+    # Envoy's own ports are never steered inbound.
+    excluded = {0: frozenset(mesh.exclude_inbound_ports)
+                | {mesh.outbound_port, mesh.inbound_port}}
+    for w in config.workloads:
+        p = by_name[w.name]
+        if not p.enrolled:
+            continue
+        excluded[p.id] = frozenset(w.exclude_inbound_ports)
+        if w.inbound_ports is not None:
+            explicit[p.id] = frozenset(w.inbound_ports)
+            continue
+        auto.add(p.id)
+        if not previous.enrolled_on(w.name, p.cgroup_id):
+            # newly enrolled: ports opened before now were not seen by sockops
+            discovered[p.id] = world.listening.get(w.name, frozenset())
+    return Inbound(explicit, frozenset(auto), excluded, discovered)

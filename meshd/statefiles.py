@@ -1,0 +1,27 @@
+"""The names of the files meshd and Envoy keep in mesh.state_dir, declared once.
+
+Every module that writes one takes its name from here, and `meshd cleanup`
+(meshd/footprint.py) removes exactly these.
+"""
+from __future__ import annotations
+
+import os
+
+STATUS = "status.json"               # the status model, for `meshd status` without D-Bus
+MESHD_PID = "meshd.pid"              # the instance lock (flock) and the daemon's PID
+ENVOY_PID = "envoy.pid"              # Envoy as meshd's child: adopted by the next meshd
+WORKLOAD_IDS = "workload-ids.json"   # ids index the BPF counters: kept across restarts
+ENVOY_LOG = "envoy.log"              # Envoy as meshd's child (under systemd: the journal)
+ACCESS_LOG = "access.log"            # Envoy's inbound access log
+ENVOY_ADMIN = "envoy-admin.sock"     # Envoy's admin API (AF_UNIX)
+FWMARK_SAVED = "tcp_fwmark_accept.orig"   # the sysctl's value before meshd set it
+ENVOY_CONFIG_DIR = "envoy"           # bootstrap and filesystem-xDS files (a directory)
+
+# What cleanup removes. FWMARK_SAVED is not here: routing.remove deletes it once it
+# has restored the value (and keeps it while another meshd serves the namespace).
+FILES = (STATUS, MESHD_PID, ENVOY_PID, WORKLOAD_IDS, ENVOY_LOG, ACCESS_LOG, ENVOY_ADMIN)
+DIRS = (ENVOY_CONFIG_DIR,)
+
+
+def path(state_dir: str, name: str) -> str:
+    return os.path.join(state_dir, name)
