@@ -234,7 +234,7 @@ def test_envoy_package_control_fields(envoy_deb):
 LINTIAN_ACCEPTED = {
     # the project has no mail domain of its own yet
     "bogus-mail-host", "bogus-mail-host-in-debian-changelog",
-    # meshd(8) is not written yet (`meshd --help` is the reference)
+    # no manual page yet: `meshd --help` is the reference
     "no-manual-page",
 }
 
