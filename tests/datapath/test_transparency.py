@@ -42,7 +42,7 @@ class Topology:
         self.ip4 = {self.host: server.host_ip4, self.peer: server.ip4}
         self.ip6 = {self.host: server.host_ip6, self.peer: server.ip6}
         self.procs: list[subprocess.Popen] = []
-        self.peer_base, self.wl_base, self.out_base = (free_port() for _ in range(3))
+        self.peer_base, self.wl_base, self.out_base = (free_port(len(MODES)) for _ in range(3))
 
     def start(self, mesh_extra: str = ""):
         m = self.mesh

@@ -24,15 +24,29 @@ def cgroup2_root() -> str:
     return cgroup2_mount()
 
 
-def free_port() -> int:
+_HANDED_OUT: set[int] = set()
+
+
+def free_port(count: int = 1) -> int:
+    """The first of `count` consecutive ports that are free here and were never
+    handed out before in this process: a test's own listeners (Envoy's ports, its
+    servers) live in one namespace and must not collide with each other."""
     while True:
-        p = random.randint(20000, 40000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p))
-                return p
-            except OSError:
-                continue
+        first = random.randint(20000, 40000 - count)
+        ports = set(range(first, first + count))
+        if ports & _HANDED_OUT or not all(map(_bindable, ports)):
+            continue
+        _HANDED_OUT.update(ports)
+        return first
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def wait_for(pred, timeout=10.0, interval=0.05, what="condition"):
