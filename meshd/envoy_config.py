@@ -388,10 +388,6 @@ def dumps(doc: dict) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
-    fsutil.atomic_write(path, data, mode)
-
-
 def write_config(state_dir: str, files: dict[str, dict]) -> list[str]:
     """Write ``files`` under ``{state_dir}/envoy/`` atomically (temp file, fsync, rename).
 
@@ -414,6 +410,6 @@ def write_config(state_dir: str, files: dict[str, dict]) -> list[str]:
                     continue
         except FileNotFoundError:
             pass
-        _atomic_write(path, data)
+        fsutil.atomic_write(path, data)
         changed.append(name)
     return changed
