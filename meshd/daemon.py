@@ -73,6 +73,7 @@ class Daemon:
         self.ready = False
         self._timers: dict[str, int] = {}
         self._route_sources: dict = {}
+        self._netlink = None
         self._cgroup_watches: dict[str, int] = {}
         self.bus = None  # meshd.bus.BusService once the main loop runs
 
@@ -153,7 +154,9 @@ class Daemon:
     def _update_route_sources(self) -> None:
         """The source addresses getsockname shows steered sockets follow the
         namespace's routes (checked every status tick)."""
-        table = sources.route_sources()
+        if self._netlink is None:   # one socket for the daemon's life, in the served netns
+            self._netlink = sources.netlink()
+        table = sources.route_sources(self._netlink)
         if table != self._route_sources:
             self.dp.set_route_sources(table)
             self._route_sources = table

@@ -44,6 +44,11 @@ def _pick(candidates: list, gateway, link_local: bool) -> object | None:
     return scoped[0].ip if scoped else None
 
 
+def netlink() -> IPRoute:
+    """A route netlink socket in the current network namespace, for route_sources."""
+    return IPRoute()
+
+
 def route_sources(ipr: IPRoute | None = None) -> dict:
     """{ip_network: ip_address} for every main-table route and every local address."""
     own = ipr is None
