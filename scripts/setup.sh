@@ -10,11 +10,15 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 # Debian's python3 modules meshd imports, the tools the tests and benchmarks drive,
 # and what builds the .deb and boots the systemd test guest (nspawn, debootstrap).
+# One line per concern, so each feature's needs stay readable.
 PKGS=(python3 python3-venv python3-bpfcc python3-gi python3-pydbus python3-systemd
-      python3-pyroute2 libbpf1 linux-headers-amd64 iproute2 iptables curl dbus
-      procps psmisc wrk iperf3 nginx-light netcat-openbsd redis-server redis-tools
-      python3-websockets python3-grpcio
-      dpkg-dev debhelper dh-python lintian systemd-container debootstrap)
+      python3-pyroute2 libbpf1 linux-headers-amd64 iproute2 iptables curl dbus procps psmisc)
+PKGS+=(wrk iperf3 nginx-light netcat-openbsd redis-server redis-tools python3-websockets python3-grpcio)  # traffic
+PKGS+=(dpkg-dev debhelper dh-python lintian systemd-container debootstrap)   # packaging, system tier
+PKGS+=(podman runc busybox-static)                                           # Podman
+PKGS+=(etcd-server etcd-client python3-etcd3gw python3-cryptography)         # identity, catalog
+PKGS+=(prometheus python3-prometheus-client)                                 # metrics
+PKGS+=(python3-hypothesis bpftool linux-perf)                                # hostile input, profiling
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,11 +29,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# nginx-light's and redis-server's packages start servers when installed; the
-# tests and benchmarks start their own, in namespaces they make. Stop only what
-# this run installed: a server the operator runs is theirs.
-for svc in nginx redis-server; do
-  pkg=$svc; [ "$svc" = nginx ] && pkg=nginx-light
+# Some packages start a server when installed (package:service); the tests and
+# benchmarks start their own, in namespaces they make. Stop only what this run
+# installed: a server the operator runs is theirs.
+for pair in nginx-light:nginx redis-server:redis-server etcd-server:etcd prometheus:prometheus; do
+  pkg=${pair%%:*} svc=${pair#*:}
   [[ " ${missing[*]:-} " == *" $pkg "* ]] || continue
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     systemctl disable --now "$svc" >/dev/null 2>&1 || true
