@@ -10,16 +10,11 @@ Markdown live in bench/report.py.
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
-import ctypes
-import datetime
 import json
 import os
-import platform
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -522,3 +517,17 @@ class BenchBase:
             log(f"cleanup: {e}")
 
 
+def arg_parser(doc: str, idle_wait: float = 5) -> argparse.ArgumentParser:
+    """The options every measuring script shares (bench/timings.py)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=5, help="repetitions (default 5)")
+    ap.add_argument("--duration", type=int, default=2, help="seconds per wrk run (default 2)")
+    ap.add_argument("--settle", type=float, default=0.2, help="pause between runs (s)")
+    ap.add_argument("--idle-wait", type=float, default=idle_wait,
+                    help="wait up to this many s for the machine to be idle before each "
+                         f"measurement (default {idle_wait:g}; 0 = don't wait)")
+    ap.add_argument("--idle-threshold", type=float, default=0.15,
+                    help="'idle' = at most this share of all CPUs busy over 0.5 s")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="results directory")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs) at the end")
+    return ap

@@ -2,7 +2,7 @@
 """The meshd performance suite: every path, every mode, interleaved in one run.
 
 Run as root from the repository root:
-    .venv/bin/python bench/run.py            # full: 5 reps, ~25 min on 2 busy cores
+    .venv/bin/python bench/run.py            # full: 5 reps, ~15 min
     .venv/bin/python bench/run.py --quick    # development: 1 rep, short runs, ~4 min
 It writes the Markdown tables into bench/README.md (between the RESULTS markers) and the
 raw JSON to bench/results/run-<timestamp>.json and, beside the README, bench/run.json
@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import report  # noqa: E402
 from common import (FILE_NAME, FILE_SIZE, MESHD, MESHD_VERSION, REPO, BenchBase,  # noqa: E402
-                    Client, MeshdInstance, PathCheck, drop_nat_table, find_envoy, free_port,
+                    Client, MeshdInstance, drop_nat_table, find_envoy, free_port,
                     log, nginx_conf, rss_mb, sh, wait_for, write_www)
 from plain_envoy import PlainEnvoy  # noqa: E402
 import connect_cost  # noqa: E402
@@ -391,12 +391,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="development form: 1 rep, 1 s wrk/iperf3 runs, no idle wait, "
                          "connect cost at 1 and 1,000 entries, 1 rep")
     ap.add_argument("--reps", type=int, help="interleaved repetitions (default 5)")
-    ap.add_argument("--duration", type=int, help="seconds per wrk run (default 3)")
+    ap.add_argument("--duration", type=int, help="seconds per wrk run (default 2)")
     ap.add_argument("--iperf-duration", type=int, help="seconds per iperf3 run (default 2)")
     ap.add_argument("--settle", type=float, default=0.2, help="pause between runs (s)")
     ap.add_argument("--idle-wait", type=float,
                     help="wait up to this many s before each measurement for the machine to "
-                         "be idle (default 5; quick: 0)")
+                         "be idle (default 3; quick: 0)")
     ap.add_argument("--idle-threshold", type=float, default=0.15,
                     help="'idle' = at most this share of all CPUs busy over 0.5 s")
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset")
@@ -408,7 +408,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
     a = ap.parse_args(argv)
-    defaults = dict(reps=(1, 5), duration=(1, 3), iperf_duration=(1, 2), idle_wait=(0, 5),
+    defaults = dict(reps=(1, 5), duration=(1, 2), iperf_duration=(1, 2), idle_wait=(0, 3),
                     entries=("1,1000", "1,1000,10000"), connect_reps=(1, 3))
     for k, (quick, full) in defaults.items():
         if getattr(a, k) is None:

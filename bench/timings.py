@@ -155,7 +155,7 @@ def figures(xs: list[float]) -> dict:
 
 
 def main() -> int:
-    ap = arg_parser(__doc__, ())
+    ap = arg_parser(__doc__)
     ap.set_defaults(reps=10)
     args = ap.parse_args()
     if os.geteuid() != 0:
