@@ -151,8 +151,6 @@ class Suite(BenchBase):
             sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
             sh("ip", "-n", ns, "link", "set", dev, "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
-            # one request per connection leaves TIME_WAIT sockets by the ten thousand
-            pass
 
     def _servers(self):
         write_www(self.tmp)
