@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+import report  # noqa: E402  (bench/, beside this file)
 from meshd import __version__ as MESHD_VERSION  # noqa: E402
 from meshd.cgroups import cgroup2_mount  # noqa: E402
 from meshd.envoy.admin import stats as envoy_stats, total  # noqa: E402
@@ -90,6 +94,23 @@ def sh(*cmd, check=True, **kw) -> subprocess.CompletedProcess:
 
 
 
+
+
+def take_charge(script: str) -> bool:
+    """Start of a measuring script: it needs root; it becomes the subreaper of what it
+    starts (Envoy outlives meshd by design and is re-parented to us, so we can reap it);
+    SIGTERM/SIGHUP/SIGINT raise SystemExit so the script's finally cleans up (SIGINT too:
+    started from a non-interactive `cmd &` Python would inherit SIG_IGN for it)."""
+    if os.geteuid() != 0:
+        print(f"bench/{script} needs root (netns, cgroups, BPF, iptables)", file=sys.stderr)
+        return False
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+    def on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(s, on_signal)
+    return True
 
 
 def proc_stat_busy() -> tuple[int, int]:
@@ -341,6 +362,20 @@ class BenchBase:
         self.netns_made.append(ns)
         netns_add(ns)
 
+    def two_hosts(self, ns_a: str, ns_b: str, net: str, veth: str) -> tuple[str, str]:
+        """Two network namespaces joined by veth `veth` (in ns_a) <-> `veth`p (in ns_b),
+        addressed <net>.N.1 and <net>.N.2 (N random), loopback up. Returns the two IPs."""
+        n = random.randint(1, 250)
+        ips = (f"{net}.{n}.1", f"{net}.{n}.2")
+        self.netns_add(ns_a)
+        self.netns_add(ns_b)
+        self.veth_add(veth, ns_a, ns_b)
+        for ns, dev, ip in ((ns_a, veth, ips[0]), (ns_b, veth + "p", ips[1])):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        return ips
+
     def veth_add(self, name: str, ns: str | None, peer_ns: str) -> None:
         """veth `name` (in `ns`, None = this namespace) <-> `name`p in `peer_ns`."""
         cmd = ["ip", "link", "add", name]
@@ -483,6 +518,25 @@ class BenchBase:
                   "newconn": {k: s3[k] - s2[k] for k in s0},
                   "iperf": {k: s4[k] - s3[k] for k in s0}}
         return m, deltas
+
+    def interleaved(self, items: list, reps: int, on, off, measure, line) -> list[dict]:
+        """Warm every item up (1 s of wrk c=16 through `client(item)`), then `reps`
+        repetitions measuring every item, the order rotated by one each rep so drift and
+        other people's load do not always hit the same item. on/off install and remove
+        an item's state around each use; line(item, rep, m) is the progress log line."""
+        for it in items:   # warm-up: Envoy's first connections, page cache, ARP
+            on(it)
+            try:
+                self.wrk(self.client(it), 16, 2, 1)
+            finally:
+                off(it)
+        results = []
+        for rep in range(reps):
+            for it in report.rotated(items, rep):
+                m = measure(it, rep)
+                results.append(m)
+                log(line(it, rep, m))
+        return results
 
     # ---------------------------------------------------------------- cleanup
     def cleanup(self):

@@ -28,20 +28,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import datetime
 import json
 import os
-import random
-import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import report  # noqa: E402
-from common import (CLK_TCK, FILE_NAME, FILE_SIZE, REPO, BenchBase, Client,  # noqa: E402
-                    drop_nat_table, find_envoy, free_port, log, nginx_conf, proc_stat_busy,
+from common import (take_charge, CLK_TCK, FILE_NAME, FILE_SIZE, REPO, BenchBase, Client,  # noqa: E402
+                    drop_nat_table, find_envoy, free_port, nginx_conf, proc_stat_busy,
                     rss_mb, sh, wait_for, write_www)
 from meshd import envoy_config as ec  # noqa: E402
 from meshd.envoy.admin import stats as envoy_stats, total  # noqa: E402
@@ -87,16 +84,7 @@ class EnvoyCost(BenchBase):
 
     def setup(self):
         self.ns_c, self.ns_s = f"{self.prefix}c", f"{self.prefix}s"
-        n = random.randint(1, 250)
-        self.ip_c, self.ip_s = f"10.236.{n}.1", f"10.236.{n}.2"
-        self.netns_add(self.ns_c)
-        self.netns_add(self.ns_s)
-        veth = f"{self.prefix}v"
-        self.veth_add(veth, self.ns_c, self.ns_s)
-        for ns, dev, ip in ((self.ns_c, veth, self.ip_c), (self.ns_s, veth + "p", self.ip_s)):
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        self.ip_c, self.ip_s = self.two_hosts(self.ns_c, self.ns_s, "10.236", f"{self.prefix}v")
         self.client_cg, server_cg = self.cg_make("client"), self.cg_make("server")
         write_www(self.tmp)
         conf = Path(self.tmp, "nginx.conf")
@@ -129,15 +117,18 @@ class EnvoyCost(BenchBase):
             self.envoys[v] = dict(port=port, cgroup=cg, pid=lambda proc=proc: proc.pid,
                                   stats=lambda admin=admin: envoy_stats(admin),
                                   stat="http.outbound_http.downstream_rq_total")
-        self.client = Client(cgroup=self.client_cg, url=f"http://{self.ip_s}/{FILE_NAME}",
-                             iperf_host=self.ip_s, iperf_port=0, netns=self.ns_c)
+        self.the_client = Client(cgroup=self.client_cg, url=f"http://{self.ip_s}/{FILE_NAME}",
+                                 iperf_host=self.ip_s, iperf_port=0, netns=self.ns_c)
         for v in self.envoys:
             self.on(v)
             try:
-                wait_for(lambda: self.curl(self.client) == f"200 {FILE_SIZE}", 30,
+                wait_for(lambda: self.curl(self.the_client) == f"200 {FILE_SIZE}", 30,
                          what=f"a request through Envoy variant {v}", interval=0.3)
             finally:
                 self.off(v)
+
+    def client(self, _variant) -> Client:
+        return self.the_client
 
     def _rule(self, v):
         return ["-p", "tcp", "-d", self.ip_s, "-m", "cgroup", "--path", self.client_cg,
@@ -167,14 +158,14 @@ class EnvoyCost(BenchBase):
             busy0, _ = proc_stat_busy()
             cg0, own0 = self.cg_cpu_usec([e["cgroup"]]), self.cg_cpu_usec(
                 [e["cgroup"], self.client_cg, self.server_cg])
-            w16 = self.wrk(self.client, 16, 2, self.args.duration)
+            w16 = self.wrk(self.the_client, 16, 2, self.args.duration)
             busy1, _ = proc_stat_busy()
             cg1, own1 = self.cg_cpu_usec([e["cgroup"]]), self.cg_cpu_usec(
                 [e["cgroup"], self.client_cg, self.server_cg])
             s1 = total(e["stats"](), e["stat"])
-            w1 = self.wrk(self.client, 1, 1, self.args.duration)
+            w1 = self.wrk(self.the_client, 1, 1, self.args.duration)
             c0 = self.cg_cpu_usec([e["cgroup"]])
-            wnc = self.wrk(self.client, 16, 2, self.args.duration, close=True)
+            wnc = self.wrk(self.the_client, 16, 2, self.args.duration, close=True)
             c1 = self.cg_cpu_usec([e["cgroup"]])
         finally:
             self.off(v)
@@ -218,6 +209,13 @@ def table(results, variants) -> str:
     return "\n".join(lines) + "\n\nEnvoy CPU µs/req per rep (min–max): " + "; ".join(spread)
 
 
+def progress(v: str, rep: int, m: dict) -> str:
+    return (f"rep {rep + 1} {v:16s} {m['rps']:7.0f} req/s  Envoy {m['envoy_cpu_us_per_req']:.1f} "
+            f"µs/req  all {m['cpu_us_per_req']:.1f}  p50 {m['p50_us']}  {m['newconn_rps']:.0f} "
+            f"conn/s  foreign {m['foreign_cpu_cores']:.2f}"
+            f"{'' if m['through_envoy_ok'] else '  PATH CHECK FAILED'}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 rep, 1 s runs")
@@ -232,35 +230,15 @@ def main() -> int:
     a = ap.parse_args()
     a.reps = a.reps or (1 if a.quick else 5)
     a.duration = a.duration or (1 if a.quick else 3)
-    if os.geteuid() != 0:
-        print("bench/envoy_cost.py needs root", file=sys.stderr)
+    if not take_charge("envoy_cost.py"):
         return 1
-    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
-
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)
-    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(s, on_signal)
     started = datetime.datetime.now()
     b = EnvoyCost(a)
     results = []
     try:
         b.setup()
         variants = list(b.envoys)
-        for v in variants:
-            b.on(v)
-            try:
-                b.wrk(b.client, 16, 2, 1)
-            finally:
-                b.off(v)
-        for rep in range(a.reps):
-            for v in report.rotated(variants, rep):
-                m = b.measure_variant(v, rep)
-                results.append(m)
-                log(f"rep {rep + 1}/{a.reps} {v:16s} {m['rps']:7.0f} req/s  Envoy "
-                    f"{m['envoy_cpu_us_per_req']:.1f} µs/req  all {m['cpu_us_per_req']:.1f}  "
-                    f"p50 {m['p50_us']}  foreign {m['foreign_cpu_cores']:.2f}"
-                    f"{'' if m['through_envoy_ok'] else '  PATH CHECK FAILED'}")
+        results = b.interleaved(variants, a.reps, b.on, b.off, b.measure_variant, progress)
     finally:
         b.cleanup()
     md = table(results, variants)

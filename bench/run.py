@@ -33,14 +33,11 @@ Then connect cost at 1 / 1,000 / 10,000 excluded CIDRs, excluded ports and workl
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import os
-import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import report  # noqa: E402
-from common import (FILE_NAME, FILE_SIZE, MESHD, MESHD_VERSION, REPO, BenchBase,  # noqa: E402
+from common import (take_charge, FILE_NAME, FILE_SIZE, MESHD, MESHD_VERSION, REPO, BenchBase,  # noqa: E402
                     Client, MeshdInstance, drop_nat_table, find_envoy, free_port,
                     log, nginx_conf, rss_mb, sh, wait_for, write_www)
 from plain_envoy import PlainEnvoy  # noqa: E402
@@ -85,8 +82,6 @@ class Suite(BenchBase):
     def __init__(self, args):
         super().__init__(args)
         self.ns_a, self.ns_b = f"{self.prefix}a", f"{self.prefix}b"
-        n = random.randint(1, 250)
-        self.ip_a, self.ip_b = f"10.235.{n}.1", f"10.235.{n}.2"
         self.rules_on: list[tuple] = []
         self.accel_available, self.accel_error = False, ""
 
@@ -105,7 +100,7 @@ class Suite(BenchBase):
                                     workload_extra=f"exclude_inbound_ports = {excluded}\n"
                                     f'[workload.client]\ncgroup = "{self.cg["bcl"]}"\n')
         self.meshds += [self.mesh_a, self.mesh_b]
-        self._netns()
+        self.ip_a, self.ip_b = self.two_hosts(self.ns_a, self.ns_b, "10.235", f"{self.prefix}v")
         for m in self.meshds:          # BCC compiles while the servers start
             m.start()
         self.plain = {h: PlainEnvoy(self, f"p{h}", ns, HTTP_PORTS, free_port)
@@ -141,16 +136,6 @@ class Suite(BenchBase):
     def _b_workload(self, name):
         st = self.mesh_b.status() or {}
         return next((w for w in st.get("workloads", []) if w.get("name") == name), {})
-
-    def _netns(self):
-        self.netns_add(self.ns_a)
-        self.netns_add(self.ns_b)
-        veth = f"{self.prefix}v"
-        self.veth_add(veth, self.ns_a, self.ns_b)
-        for ns, dev, ip in ((self.ns_a, veth, self.ip_a), (self.ns_b, veth + "p", self.ip_b)):
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
 
     def _servers(self):
         write_www(self.tmp)
@@ -348,6 +333,14 @@ def report_paths(results: list[dict], paths) -> tuple[list[dict], dict]:
     return rows, present
 
 
+def progress(u: Unit, rep: int, m: dict) -> str:
+    line = (f"rep {rep + 1} {u.key:22s} {m['rps']:7.0f} req/s {m['cpu_us_per_req']:6.1f} µs "
+            f"CPU/req  p50 {m['p50_us']} p99 {m['p99_us']} µs  {m['newconn_rps'] or 0:6.0f} "
+            f"conn/s  {m['iperf_gbps'] or 0:.2f} Gbit/s  foreign {m['foreign_cpu_cores']:.2f}  ")
+    return line + ("ok" if m["through_envoy_ok"] else
+                   f"PATH CHECK FAILED, counter deltas: {m['stat_deltas']}")
+
+
 def render_markdown(doc: dict) -> str:
     c = doc["conditions"]
     parts = [f"Run {doc['started']} (`{doc['json']}`), "
@@ -416,16 +409,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    if os.geteuid() != 0:
-        print("bench/run.py needs root (netns, cgroups, BPF, iptables)", file=sys.stderr)
+    if not take_charge("run.py"):
         return 1
-    # Envoy outlives meshd by design and is re-parented to us, so we can reap it.
-    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)
-    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(s, on_signal)
 
     started = datetime.datetime.now()
     suite = Suite(args)
@@ -435,23 +420,8 @@ def main() -> int:
         units = suite.wanted()
         log(f"prefix {suite.prefix}: {len(units)} measurements per rep: "
             f"{', '.join(u.key for u in units)}")
-        for u in units:   # warm-up: Envoy's first connections, page cache, ARP
-            suite.unit_on(u)
-            try:
-                suite.wrk(suite.client(u), 16, 2, 1)
-            finally:
-                suite.unit_off(u)
-        for rep in range(args.reps):
-            for u in report.rotated(units, rep):
-                m = suite.measure_unit(u, rep)
-                results.append(m)
-                log(f"rep {rep + 1}/{args.reps} {u.key:22s} {m['rps']:7.0f} req/s "
-                    f"{m['cpu_us_per_req']:6.1f} µs CPU/req  p50 {m['p50_us']} p99 "
-                    f"{m['p99_us']} µs  {m['newconn_rps'] or 0:6.0f} conn/s  "
-                    f"{m['iperf_gbps'] or 0:.2f} Gbit/s  foreign {m['foreign_cpu_cores']:.2f}"
-                    f"  {'ok' if m['through_envoy_ok'] else 'PATH CHECK FAILED'}")
-                if not m["through_envoy_ok"]:
-                    log(f"  counter deltas: {m['stat_deltas']}")
+        results = suite.interleaved(units, args.reps, suite.unit_on, suite.unit_off,
+                                    suite.measure_unit, progress)
         memory = suite.memory()
         sizes = [int(n) for n in args.entries.split(",") if n]
         if sizes:
