@@ -221,17 +221,20 @@ class MeshdInstance:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(Path(self.config_dir, name))
 
-    def wait_config(self, name: str, present: bool, timeout: float = 60) -> dict:
-        """Until status.json lists (or no longer lists) config file `name` and names no
-        config error. Raises with meshd's error text when it rejected the config."""
+    def wait_config(self, name: str, present: bool, timeout: float = 60, until=None) -> dict:
+        """Until status.json lists (or no longer lists) config file `name`, names no
+        config error and, if given, until(status) is true. Adding a file meshd rejects
+        raises ConfigRejected with meshd's error text; after a removal the error of the
+        removed file is waited out."""
         def applied():
             st = self.status() or {}
             files = [os.path.basename(f) for f in st.get("config_files", [])]
-            if st.get("config_errors"):   # the bench is the only one changing the config
+            if present and st.get("config_errors") and name in files:
                 raise ConfigRejected(json.dumps(st["config_errors"])[:500])
             if self.proc.poll() is not None:
                 raise RuntimeError(f"meshd {self.name} exited {self.proc.returncode}")
-            return (name in files) == present and not st.get("config_errors") and st
+            return (name in files) == present and not st.get("config_errors") and \
+                (until is None or until(st)) and st
         return wait_for(applied, timeout, what=f"meshd {self.name} applies {name}",
                         interval=0.1)
 

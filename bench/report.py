@@ -182,7 +182,7 @@ def connect_table(connect: dict) -> str:
             for n in sizes:
                 e = by.get(str(n)) or by.get(n) or {}
                 cells.append(_fmt(fmt, e.get(key)) if e.get("applied", True)
-                             else f"refused ({e.get('error', '?')})")
+                             else f"not applied: {str(e.get('error', '?'))[:90]}")
             one = (by.get("1") or by.get(1) or {}).get(key)
             top = (by.get(str(sizes[-1])) or by.get(sizes[-1]) or {}).get(key) if sizes else None
             cells.append(_fmt("{:.3f}", ratio(top, one)))
@@ -206,5 +206,6 @@ def conditions_text(c: dict) -> str:
             ("iperf_duration_s", "s per iperf3 run"), ("acceleration", "acceleration"),
             ("foreign_cpu_cores_median", "foreign CPU load (median cores)"),
             ("foreign_cpu_cores_max", "foreign CPU load (max cores)"),
-            ("elapsed_s", "run time s"))
+            ("elapsed_s", "run time s"),
+            ("connect_cost_run", "connect cost measured in a later run started"))
     return "\n".join(f"- {title}: {c[k]}" for k, title in keys if c.get(k) is not None)

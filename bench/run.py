@@ -395,6 +395,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--entries", help="connect cost sizes (default 1,1000,10000; quick: "
                                       "1,1000); empty: skip")
     ap.add_argument("--connect-reps", type=int, help="connect cost reps (default 3)")
+    ap.add_argument("--only-connect", action="store_true",
+                    help="measure the connect cost only and replace that part of the "
+                         "latest results (bench/run.json, README)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="JSON directory")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
@@ -420,8 +423,9 @@ def main() -> int:
         units = suite.wanted()
         log(f"prefix {suite.prefix}: {len(units)} measurements per rep: "
             f"{', '.join(u.key for u in units)}")
-        results = suite.interleaved(units, args.reps, suite.unit_on, suite.unit_off,
-                                    suite.measure_unit, progress)
+        if not args.only_connect:
+            results = suite.interleaved(units, args.reps, suite.unit_on, suite.unit_off,
+                                        suite.measure_unit, progress)
         memory = suite.memory()
         sizes = [int(n) for n in args.entries.split(",") if n]
         if sizes:
@@ -429,6 +433,8 @@ def main() -> int:
     finally:
         suite.cleanup()
 
+    if args.only_connect:
+        return replace_connect(args, started, connect, notes)
     rows, present = report_paths(results, set(args.paths.split(",")))
     summary = report.summarize(rows, present)
     foreign = [r["foreign_cpu_cores"] for r in results]
@@ -460,6 +466,21 @@ def main() -> int:
         shutil.copy(out, REPO / "bench" / "run.json")   # the README's raw numbers, committed
     print(f"\nresults: {out}")
     return 0 if doc["path_ok"] else 1
+
+
+def replace_connect(args, started, connect, notes) -> int:
+    """--only-connect: the latest full results with this run's connect cost."""
+    path = REPO / "bench" / "run.json"
+    doc = json.loads(path.read_text())
+    doc.update(connect=connect, connect_notes=notes,
+               targets=report.targets(doc["summary"], connect))
+    doc["conditions"]["connect_cost_run"] = started.isoformat(timespec="seconds")
+    md = render_markdown(doc)
+    print(md)
+    if not args.no_readme:
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        write_readme(md)
+    return 0
 
 
 def base_conditions() -> dict:

@@ -100,7 +100,7 @@ def test_connect_target_uses_the_largest_applied_size():
     assert t["connect cost excluded ports: 10,000 / 1 entries (BPF ns per connect)"]["met"] \
         is False
     table = report.connect_table(connect)
-    assert "refused (over the limit)" in table and "| 1 | 255 | 10,000 |" in table
+    assert "not applied: over the limit" in table and "| 1 | 255 | 10,000 |" in table
 
 
 def test_tables_render_every_figure_and_mode():
@@ -131,3 +131,6 @@ def test_entries_exclude_the_target_and_are_distinct():
     wl = connect_cost.entries_conf("workloads", 3, "x", 8080, ["/a", "/b", "/c"])
     assert wl.count("[workload.") == 2 and "exclude_outbound_ports = [8080]" in wl
     assert connect_cost.entries_conf("excluded ports", 1, "x", 8080, []).endswith("[8080]\n")
+    # Envoy's own ports are never excluded (meshd refuses that config)
+    ports = connect_cost.excluded_ports(1000, 8080, avoid=(30005, 30226))
+    assert len(set(ports)) == 1000 and not {30005, 30226} & set(ports) and ports[0] == 8080
