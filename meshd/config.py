@@ -6,10 +6,12 @@ load_config(); parse_files() is the side-effect-free core, fed path -> text.
 from __future__ import annotations
 
 import difflib
+import errno
 import functools
 import ipaddress
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -30,7 +32,8 @@ class ConfigError:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.key}: {self.message}"
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
 
 
 class ConfigInvalid(Exception):
@@ -266,6 +269,9 @@ _HEADER_RE = re.compile(rf"^\s*\[\[?\s*({_DOTTED})\s*\]\]?\s*(?:#.*)?$")
 _KEYVAL_RE = re.compile(rf"^\s*({_DOTTED})\s*=")
 _INLINE_KEY_RE = re.compile(rf"[{{,]\s*({_DOTTED})\s*=")
 _PART_RE = re.compile(_PART)
+# tomllib recurses once per nesting level: a file nested deeper than Python's stack
+# allows would end in RecursionError. No meshd key nests more than 2 levels.
+MAX_NESTING = 64
 _STRING_RE = re.compile(r"""\"\"\"|'''|"(?:[^"\\]|\\.)*"|'[^']*'""")
 
 
@@ -273,24 +279,37 @@ def _split_key(dotted: str) -> tuple[str, ...]:
     return tuple(p[1:-1] if p[0] in "\"'" else p for p in _PART_RE.findall(dotted))
 
 
-def _nesting(code: str) -> int:
-    """Net count of [ and { a line opens, ignoring strings and comments."""
+def _nesting(code: str) -> tuple[int, int]:
+    """Net count of [ and { a line opens, and the deepest it gets on the way,
+    ignoring strings and comments."""
     code = _STRING_RE.sub("", code).split("#", 1)[0]
-    return code.count("[") + code.count("{") - code.count("]") - code.count("}")
+    depth = peak = 0
+    for c in code:
+        if c in "[{":
+            depth += 1
+            peak = max(peak, depth)
+        elif c in "]}":
+            depth -= 1
+    return depth, peak
 
 
 class _Locator:
     def __init__(self, text: str):
         self.lines: dict[tuple[str, ...], int] = {}
+        self.keys: list[tuple[str, ...]] = []  # line n-1 -> the key (or table) it belongs to
+        self.too_deep = 0  # the first line nested deeper than MAX_NESTING (0: none)
         table: tuple[str, ...] = ()
+        path: tuple[str, ...] = ()  # the key whose value is being read
         depth, in_string = 0, None  # inside a multi-line array / string value
         for n, line in enumerate(text.split("\n"), 1):
+            deepest = 0
             if in_string:
                 in_string = None if line.count(in_string) % 2 else in_string
             elif depth > 0:
-                depth += _nesting(line)
+                net, peak = _nesting(line)
+                depth, deepest = depth + net, depth + peak
             elif m := _HEADER_RE.match(line):
-                table = _split_key(m.group(1))
+                table = path = _split_key(m.group(1))
                 self._add(table, n)
             elif m := _KEYVAL_RE.match(line):
                 path, rest = table + _split_key(m.group(1)), line[m.end():]
@@ -299,7 +318,13 @@ class _Locator:
                     for im in _INLINE_KEY_RE.finditer(rest):
                         self._add(path + _split_key(im.group(1)), n)
                 in_string = next((q for q in ('"""', "'''") if rest.count(q) % 2), None)
-                depth = 0 if in_string else max(_nesting(rest), 0)
+                net, deepest = _nesting(rest)
+                depth = 0 if in_string else max(net, 0)
+            else:
+                path = table
+            if deepest > MAX_NESTING and not self.too_deep:
+                self.too_deep = n
+            self.keys.append(path)
 
     def _add(self, path: tuple[str, ...], line: int) -> None:
         for i in range(1, len(path) + 1):  # prefixes too: `web.cgroup = ...` declares `web`
@@ -308,6 +333,10 @@ class _Locator:
     def line(self, *path: str) -> int:
         found = (self.lines[path[:i]] for i in range(len(path), 0, -1) if path[:i] in self.lines)
         return next(found, 1)
+
+    def key_at(self, line: int) -> str:
+        """The dotted key (or table) a line belongs to; "" before the first."""
+        return ".".join(self.keys[line - 1]) if 0 < line <= len(self.keys) else ""
 
 
 # ---------------------------------------------------------------- parsing
@@ -345,12 +374,14 @@ class _Parser:
         return isinstance(value, dict)
 
     def add_file(self, path: str, text: str) -> None:
+        locator = _Locator(text)
         try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            self.errors.append(ConfigError(path, _decode_error_line(e, text), "", f"invalid TOML: {e}"))
+            doc = parse_toml(text, locator)
+        except ValueError as e:
+            line = _decode_error_line(e, text) if not locator.too_deep else locator.too_deep
+            self.errors.append(ConfigError(path, line, locator.key_at(line), str(e)))
             return
-        self.file, self.locators[path] = path, _Locator(text)
+        self.file, self.locators[path] = path, locator
         for key, value in doc.items():
             if key not in ("mesh", "workload"):
                 hint = _unknown("table/key", key, ("mesh", "workload"))
@@ -468,6 +499,19 @@ def _within(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor + "/")
 
 
+def parse_toml(text: str, locator: _Locator | None = None) -> dict:
+    """tomllib.loads, with every failure a ValueError: nesting deeper than
+    MAX_NESTING is refused before tomllib could exhaust the stack."""
+    if (locator or _Locator(text)).too_deep:
+        raise ValueError(f"nested more than {MAX_NESTING} arrays/inline tables deep")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"invalid TOML: {e}") from None
+    except RecursionError:  # nesting the locator did not count (inside a multi-line string?)
+        raise ValueError("invalid TOML: nested too deeply") from None
+
+
 def _decode_error_line(exc: Exception, text: str) -> int:
     lineno = getattr(exc, "lineno", None)  # only Python >= 3.14 has it
     if isinstance(lineno, int):
@@ -498,21 +542,91 @@ def parse_files(files: dict[str, str]) -> Config:
     return config
 
 
-def load_config(config_dir: str) -> Config:
-    """Read every *.toml in config_dir (not recursive) and validate them together."""
+# ---------------------------------------------------------------- reading files
+# A config directory is anyone's to fill: every odd file ends in a ConfigError,
+# never a traceback or a hang.
+
+MAX_FILE_BYTES = 8 << 20   # 10,000 workloads take < 1 MiB; more is a mistake, not a config
+
+
+def read_file(path: str) -> str:
+    """One config file's text, or ValueError(message). O_NONBLOCK: a FIFO named
+    *.toml must not block meshd; only regular files (symlinks to them too) are read."""
     try:
-        names = sorted(os.listdir(config_dir))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as e:
-        raise ConfigInvalid([ConfigError(config_dir, 0, "", f"cannot read config directory: {e.strerror}")])
+        if e.errno == errno.ELOOP:
+            raise ValueError("cannot read: symbolic link loop") from None
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            raise ValueError(f"cannot read: symbolic link to {os.readlink(path)!r}, which "
+                             "does not exist") from None
+        raise ValueError(f"cannot read: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ValueError(f"{kind}: *.toml in a config directory must be regular files")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)   # the size may change between fstat and read
+    except OSError as e:
+        raise ValueError(f"cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_FILE_BYTES >> 20} MiB")
+    return decode(data)
+
+
+def decode(data: bytes) -> str:
+    """UTF-8 text (as TOML requires), or ValueError naming where the first bad byte is."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise _BadByte(line, column, data[e.start], e.start,
+                       data.decode("utf-8", errors="replace")) from None
+
+
+class _BadByte(ValueError):
+    def __init__(self, line: int, column: int, byte: int, offset: int, lossy: str):
+        self.line, self.key = line, _Locator(lossy).key_at(line)  # the key on that line
+        super().__init__(f"not UTF-8: byte 0x{byte:02x} at line {line}, column {column} "
+                         f"(offset {offset}); TOML files must be UTF-8")
+
+
+def config_names(config_dir: str) -> list[str]:
+    """The *.toml files of config_dir (not recursive), sorted. Dotfiles are editor
+    locks/temporaries (emacs' .#meshd.toml): skipped."""
+    return [os.path.join(config_dir, n) for n in sorted(os.listdir(config_dir))
+            if n.endswith(".toml") and not n.startswith(".")]
+
+
+def read_files(config_dir: str) -> tuple[dict[str, str], list[ConfigError]]:
+    """The texts of config_dir's files (path -> text) and the errors of those that
+    cannot be read (a dangling symlink, a FIFO, bad UTF-8, ...). A file removed between listing and reading (an editor's rename)
+    is gone, not an error: the change that removed it triggers a new reload."""
+    try:
+        paths = config_names(config_dir)
+    except OSError as e:
+        return {}, [ConfigError(config_dir, 0, "", f"cannot read config directory: {e.strerror}")]
     texts, errors = {}, []
-    for path in (os.path.join(config_dir, n) for n in names if n.endswith(".toml") and not n.startswith(".")):
-        if not os.path.isfile(path):  # dotfiles above are editor locks/temporaries, e.g. emacs' .#meshd.toml
+    for path in paths:
+        if os.path.isdir(path):   # subdirectories are not read, whatever their name
             continue
         try:
-            with open(path, encoding="utf-8", newline="") as f:  # newline="": line numbers as tomllib counts
-                texts[path] = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            errors.append(ConfigError(path, 0, "", f"cannot read: {e}"))
+            texts[path] = read_file(path)
+        except _BadByte as e:
+            errors.append(ConfigError(path, e.line, e.key, str(e)))
+        except ValueError as e:
+            if os.path.lexists(path):
+                errors.append(ConfigError(path, 0, "", str(e)))
+    return texts, errors
+
+
+def load_config(config_dir: str) -> Config:
+    """Read every *.toml in config_dir (not recursive) and validate them together."""
+    texts, errors = read_files(config_dir)
     config, parse_errors = _parse(texts)
     _raise(errors + parse_errors)
     return config

@@ -414,10 +414,10 @@ class Daemon:
 
 
 def run(config_dir: str) -> int:
-    d = Daemon(config_dir)
     try:
+        d = Daemon(config_dir)
         d.start()
-    except (StartupError, FootprintError, PlanError) as e:
+    except (StartupError, FootprintError, PlanError, cgroups.CgroupError) as e:
         log.error("%s", e)
         return 1
     return d.run()
