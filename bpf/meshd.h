@@ -6,8 +6,9 @@
  *
  * meshd/maplayout.py declares what C and Python share: it generates the
  * constants and enums this file uses but does not define (MESHD_MAX_WORKLOADS,
- * WORKLOAD_NET4, MESHD_ENVOY_INBOUND_SOURCE4, WL_EXPLICIT_PORTS,
- * enum meshd_counter, enum listener_slot) and checks every struct here against
+ * WORKLOAD_NET4, MESHD_ENVOY_INBOUND_SOURCE4, WL_EXPLICIT_PORTS, MESH_F_ACCEL,
+ * ENVOY_UPSTREAM_LOCAL, enum meshd_counter, enum listener_slot, enum
+ * accel_counter, enum accel_state) and checks every struct here against
  * its Python twin at compile time. A struct or map changed here must change
  * there too: a struct that differs fails the compilation, a map whose key or
  * value size differs is refused when meshd opens it.
@@ -73,6 +74,14 @@ struct conn_tuple {
 	__u16 pad2;
 	__u32 saddr[4];
 	__u32 daddr[4];
+};
+
+/* Acceleration: a socket of a local pair, keyed as that socket sees itself
+ * (saddr/sport = its own side). Tuples repeat across network namespaces
+ * (127.0.0.1:15001 exists in each), so the namespace's cookie is part of it. */
+struct accel_key {
+	__u64 netns;
+	struct conn_tuple t;
 };
 
 struct port_key {
@@ -155,6 +164,80 @@ BPF_TABLE("lru_hash", struct conn_tuple, __u8, envoy_upstreams, MESHD_MAX_CONNS)
 BPF_LPM_TRIE(route_src4, struct route4_key, __u32, 4096);
 BPF_LPM_TRIE(route_src6, struct route6_key, struct route6_src, 4096);
 BPF_PERCPU_ARRAY(counters, __u64, MESHD_MAX_WORKLOADS * MESHD_NR_COUNTERS);
+/* Acceleration (sockops.c fills, sk_msg.c reads): the established sockets of
+ * local pairs; sk_msg.c is attached to this map and runs on their sends. The
+ * kernel removes a socket when it closes. */
+BPF_SOCKHASH(accel_socks, struct accel_key, MESHD_MAX_CONNS);
+/* Per socket in accel_socks: enum accel_state, the latch that keeps each
+ * direction of a connection on one path (see sk_msg.c). Deleted on close. */
+BPF_TABLE("lru_hash", struct accel_key, __u8, accel_state, MESHD_MAX_CONNS);
+BPF_PERCPU_ARRAY(accel_counters, __u64, MESHD_NR_ACCEL_COUNTERS);
+
+static __always_inline void accel_add(__u32 slot, __u64 n)
+{
+	__u64 *v = accel_counters.lookup(&slot);
+	if (v)
+		*v += n;
+}
+
+static __always_inline int accel_enabled(void)
+{
+	__u32 zero = 0;
+	struct mesh_settings *s = settings.lookup(&zero);
+	return s && (s->flags & MESH_F_ACCEL);
+}
+
+/* tuple_of_<ctx>(ctx, t): the connection tuple from a context with the
+ * sock_ops / sk_msg_md field names, as that socket sees it (local = saddr).
+ * IPv4 and v4-mapped IPv6 both become AF_INET with the address in [0]. The
+ * remote port is big-endian in the context, the local one host order. (Each
+ * case returns: merged branches would load through a computed ctx pointer,
+ * which the verifier refuses; the
+ * volatile reads keep them apart.) */
+#define MESHD_DEFINE_TUPLE_OF(_name, _ctx_type) \
+static __always_inline void _name(_ctx_type *ctx, struct conn_tuple *t) \
+{ \
+	t->sport = (__u16)ctx->local_port; \
+	t->dport = (__u16)meshd_ntohl(ctx->remote_port); \
+	if (ctx->family == MESHD_AF_INET) { \
+		t->family = MESHD_AF_INET; \
+		t->saddr[0] = *(volatile __u32 *)&ctx->local_ip4; \
+		t->daddr[0] = *(volatile __u32 *)&ctx->remote_ip4; \
+		return; \
+	} \
+	if (ctx->local_ip6[0] == 0 && ctx->local_ip6[1] == 0 && \
+	    ctx->local_ip6[2] == meshd_htonl(0xffff)) { \
+		t->family = MESHD_AF_INET;   /* v4-mapped: IPv4 on the wire */ \
+		t->saddr[0] = *(volatile __u32 *)&ctx->local_ip6[3]; \
+		t->daddr[0] = *(volatile __u32 *)&ctx->remote_ip6[3]; \
+		return; \
+	} \
+	t->family = MESHD_AF_INET6; \
+	t->saddr[0] = ctx->local_ip6[0]; t->saddr[1] = ctx->local_ip6[1]; \
+	t->saddr[2] = ctx->local_ip6[2]; t->saddr[3] = ctx->local_ip6[3]; \
+	t->daddr[0] = ctx->remote_ip6[0]; t->daddr[1] = ctx->remote_ip6[1]; \
+	t->daddr[2] = ctx->remote_ip6[2]; t->daddr[3] = ctx->remote_ip6[3]; \
+}
+MESHD_DEFINE_TUPLE_OF(tuple_of, struct bpf_sock_ops)
+MESHD_DEFINE_TUPLE_OF(tuple_of_msg, struct sk_msg_md)
+
+/* The same connection as the other end sees it. */
+static __always_inline void tuple_reverse(struct conn_tuple *t, struct conn_tuple *r)
+{
+	r->family = t->family;
+	r->sport = t->dport;
+	r->dport = t->sport;
+	r->saddr[0] = t->daddr[0]; r->saddr[1] = t->daddr[1];
+	r->saddr[2] = t->daddr[2]; r->saddr[3] = t->daddr[3];
+	r->daddr[0] = t->saddr[0]; r->daddr[1] = t->saddr[1];
+	r->daddr[2] = t->saddr[2]; r->daddr[3] = t->saddr[3];
+}
+
+static __always_inline void accel_peer_of(struct accel_key *k, struct accel_key *peer)
+{
+	peer->netns = k->netns;
+	tuple_reverse(&k->t, &peer->t);
+}
 
 static __always_inline void count(__u32 workload, __u32 slot)
 {

@@ -59,6 +59,9 @@ class MeshConfig:
     protocols: tuple[tuple[int, str], ...] = ()
     # inbound HTTP: append the client's address to X-Forwarded-For
     http_forwarded_for: bool = False
+    # socket acceleration of local pairs (sockops + sk_msg): "on" (true), "off"
+    # (false) or "force" (also on a kernel not on meshd/acceleration.py's allowlist)
+    acceleration: str = "off"
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,17 @@ def _protocols(v: Any) -> tuple[tuple[int, str], ...]:
     if bad:
         raise ValueError("; ".join(bad))
     return tuple(sorted(good.items()))
+
+
+def _acceleration(v: Any) -> str:
+    """true | false | "force" -> "on" | "off" | "force"."""
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if v == "force":
+        return v
+    raise ValueError(f'expected true, false or "force", got {_describe(v)}')
+
+
 _cidrs = _list_of(_cidr, "CIDR strings", sort_key=lambda n: (n.version, n.network_address, n.prefixlen))
 
 # key -> (converter, default)
@@ -218,6 +232,7 @@ _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "preserve_client_address": (_bool, True),
     "protocols": (_protocols, ()),
     "http_forwarded_for": (_bool, False),
+    "acceleration": (_acceleration, "off"),
 }
 _WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "cgroup": (_cgroup, None),

@@ -25,6 +25,7 @@ DOCUMENTED = {
     ml.Route4Key: (8, {"prefixlen": 0, "addr": 4}),
     ml.Route6Key: (20, {"prefixlen": 0, "addr": 4}),
     ml.Route6Src: (16, {"addr": 0}),
+    ml.AccelKey: (48, {"netns": 0, "t": 8}),
 }
 
 
