@@ -4,16 +4,18 @@ bytes, SHA-256 checksums on both ends, one JSON line of results per run.
 server PORT          listens on every address of the namespace; per connection
                      the client's first line says what to do:
   sink                 read to EOF, answer {"n", "sha"} (the client half-closed)
+  splicesink           the same, reading through splice(socket -> pipe)
   source N             send N bytes (stream(N)), then close
   echo                 send back everything read, until EOF
   pause S              sleep S seconds before reading (back-pressure), then sink
   fionread K           wait until readable, let K bytes arrive, answer
                        {"fionread", "read"}: FIONREAD's value and what recv got
   reset K              read K bytes, then reset (SO_LINGER 0)
-  late S               the client spoke before accept(): the server accepted
-                       S seconds late; answer whether poll() saw the queued
-                       bytes at once, and what they were
+port + 1             accepts 1 s late, then answers whether poll() saw the
+                       bytes queued before accept() at once, and what they were
 client HOST PORT MODE [args]   connects, prints one JSON line, exit 0 on success
+                     (modes: sink/sendfile/splice/splicesink N, source N, echo N, pause S N,
+                     fionread K, reset, late N, rtt COUNT, stall N)
 """
 from __future__ import annotations
 
@@ -74,6 +76,23 @@ def drain(s: socket.socket) -> tuple[int, str]:
         n += len(b)
 
 
+def drain_splice(s: socket.socket) -> tuple[int, str]:
+    """drain(), reading through splice(socket -> pipe)."""
+    h, n = hashlib.sha256(), 0
+    r, w = os.pipe()
+    try:
+        while k := os.splice(s.fileno(), w, 65536):
+            while k:
+                b = os.read(r, k)
+                h.update(b)
+                n += len(b)
+                k -= len(b)
+    finally:
+        os.close(r)
+        os.close(w)
+    return n, h.hexdigest()
+
+
 def send_json(s: socket.socket, obj) -> None:
     s.sendall(json.dumps(obj).encode() + b"\n")
 
@@ -84,6 +103,9 @@ def serve_one(c: socket.socket) -> None:
         cmd, *args = read_line(c).split()
         if cmd == "sink":
             n, sha = drain(c)
+            send_json(c, {"n": n, "sha": sha})
+        elif cmd == "splicesink":
+            n, sha = drain_splice(c)
             send_json(c, {"n": n, "sha": sha})
         elif cmd == "source":
             for b in stream(int(args[0])):
@@ -157,10 +179,10 @@ def late_server(ls: socket.socket) -> None:
 def client(host: str, port: int, mode: str, args: list[str]) -> dict:
     s = socket.create_connection((host, port), timeout=60)
     out: dict = {"mode": mode}
-    if mode in ("sink", "sendfile", "splice"):
+    if mode in ("sink", "sendfile", "splice", "splicesink"):
         n = int(args[0])
-        s.sendall(b"sink\n")
-        if mode == "sink":
+        s.sendall(b"splicesink\n" if mode == "splicesink" else b"sink\n")
+        if mode in ("sink", "splicesink"):
             for b in stream(n):
                 s.sendall(b)
         else:
@@ -213,6 +235,21 @@ def client(host: str, port: int, mode: str, args: list[str]) -> dict:
         for b in stream(n):
             s.sendall(b)                       # before the server accept()s
         out.update(json.loads(read_line(s)), want_sha=expected_sha(n))
+    elif mode == "rtt":
+        # round trips of one small message (for measurements, not assertions)
+        s.sendall(b"echo\n")
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        times = []
+        for _ in range(int(args[0])):
+            t0 = time.perf_counter()
+            s.sendall(b"x" * 64)
+            got = 0
+            while got < 64:
+                got += len(s.recv(64 - got))
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        out["p50_us"] = times[len(times) // 2] * 1e6
+        out["p99_us"] = times[int(len(times) * 0.99)] * 1e6
     elif mode == "stall":
         # a stream that stops: the peer goes away mid-transfer (Envoy restarts);
         # how it ends, and after how many bytes
