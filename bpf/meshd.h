@@ -164,15 +164,12 @@ BPF_TABLE("lru_hash", struct conn_tuple, __u8, envoy_upstreams, MESHD_MAX_CONNS)
 BPF_LPM_TRIE(route_src4, struct route4_key, __u32, 4096);
 BPF_LPM_TRIE(route_src6, struct route6_key, struct route6_src, 4096);
 BPF_PERCPU_ARRAY(counters, __u64, MESHD_MAX_WORKLOADS * MESHD_NR_COUNTERS);
-/* Acceleration (sockops.c fills, sk_msg.c reads), for the established local
- * pairs application <-> Envoy. accel_socks: the applications' sockets;
- * sk_msg.c is attached to it and runs on their sends. accel_envoy: Envoy's
- * sockets, the redirect targets (no program: Envoy sends through TCP). The
- * kernel removes a socket from either when it closes. */
+/* Acceleration (sockops.c fills, sk_msg.c reads): the established sockets of
+ * local pairs; sk_msg.c is attached to this map and runs on their sends. The
+ * kernel removes a socket when it closes. */
 BPF_SOCKHASH(accel_socks, struct accel_key, MESHD_MAX_CONNS);
-BPF_SOCKHASH(accel_envoy, struct accel_key, MESHD_MAX_CONNS);
-/* Per socket in accel_socks: enum accel_state, the latch that keeps its
- * direction of the connection on one path (see sk_msg.c). Deleted on close. */
+/* Per socket in accel_socks: enum accel_state, the latch that keeps each
+ * direction of a connection on one path (see sk_msg.c). Deleted on close. */
 BPF_TABLE("lru_hash", struct accel_key, __u8, accel_state, MESHD_MAX_CONNS);
 BPF_PERCPU_ARRAY(accel_counters, __u64, MESHD_NR_ACCEL_COUNTERS);
 

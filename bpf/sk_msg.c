@@ -1,16 +1,13 @@
-/* sk_msg (attached to the accel_socks SOCKHASH, so it runs on every send of an
- * application's socket sockops.c put there): hand the bytes straight to the
- * receive queue of the peer, Envoy's socket, skipping TCP/IP, when that is in
- * accel_envoy. Envoy's sends to the application go through TCP (see
- * sockops.c: applications never receive redirected bytes).
+/* sk_msg (attached to the accel_socks SOCKHASH, so it runs on every send of a
+ * socket sockops.c put there): hand the bytes straight to the peer socket's
+ * receive queue, skipping TCP/IP, when the peer is in the map too.
  *
  * Every path returns SK_PASS: a miss (peer not in the map, acceleration
  * turned off) sends through the normal TCP path; nothing is ever dropped.
  *
  * The latch (accel_state) keeps each direction of a connection on one path,
  * because a reader drains redirected bytes before the TCP receive queue:
- *  - a socket whose first send found its peer redirects from then on (a
- *    pair is counted then);
+ *  - a socket whose first send found its peer redirects from then on;
  *  - once a socket has sent through TCP (peer missing at its first send,
  *    acceleration turned off, the peer gone) it never redirects again, so
  *    bytes redirected later can never overtake bytes still in the peer's TCP
@@ -33,10 +30,8 @@ int meshd_sk_msg(struct sk_msg_md *msg)
 	}
 	accel_peer_of(&self, &peer);
 	__u32 size = msg->size;
-	long verdict = accel_envoy.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
+	long verdict = accel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
 	if (verdict == SK_PASS) {
-		if (*st == ACCEL_UNDECIDED)
-			accel_add(A_PAIRS, 1);
 		*st = ACCEL_REDIRECT;
 		accel_add(A_MESSAGES_REDIRECTED, 1);
 		accel_add(A_BYTES_REDIRECTED, size);

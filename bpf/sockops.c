@@ -15,48 +15,33 @@
 #include "meshd.h"
 
 /* -- acceleration ----------------------------------------------------------
- * The two ends of a local pair join once established: the application's
- * socket goes into accel_socks (sk_msg.c runs on its sends and hands them
- * straight to Envoy's socket), Envoy's into accel_envoy (the redirect target;
- * no program there, so Envoy sends through plain TCP). Only Envoy ever
- * receives redirected bytes: Envoy reads with recvmsg/readv, while an
- * application's receive path (splice(), FIONREAD, MSG_PEEK, poll) stays the
- * kernel's plain TCP one; splice() from a socket, for one, does not see
- * redirected bytes at all.
- *
- * Only pairs whose two ends are known to be on this host join (a socket whose
- * peer is remote would only pay for the detour):
+ * Both ends of a local pair go into accel_socks once established; sk_msg.c
+ * then hands each send straight to the peer. Only pairs whose two ends are
+ * known to be on this host join (a socket whose peer is remote would only
+ * pay for the detour):
  *   workload -> Envoy outbound: the workload's steered socket (its original
  *     destination is saved) and Envoy's accepted one (its peer's tuple is in
  *     tuple_dst);
  *   Envoy -> local workload (inbound, and same-host workload -> workload):
  *     the workload's listener saw Envoy's SYN arrive (ENVOY_UPSTREAM_LOCAL in
  *     envoy_upstreams), then Envoy's socket and the workload's accepted one.
- * A socket joins only at ESTABLISHED, before either application can send. */
+ * A socket joins only at ESTABLISHED, before either application can send, so
+ * nothing is queued on it yet. */
 static __always_inline void accel_key_of(struct bpf_sock_ops *skops, struct accel_key *k)
 {
 	k->netns = bpf_get_netns_cookie(skops);
 	tuple_of(skops, &k->t);
 }
 
-static __always_inline void accel_insert(struct bpf_sock_ops *skops, int envoy)
+static __always_inline void accel_insert(struct bpf_sock_ops *skops)
 {
 	if (!accel_enabled())
 		return;
 	struct accel_key k = {};
 	accel_key_of(skops, &k);
-	long err = 0;
-	if (envoy) {
-		err = accel_envoy.sock_hash_update(skops, &k, BPF_NOEXIST);
-	} else {
-		err = accel_socks.sock_hash_update(skops, &k, BPF_NOEXIST);
-	}
+	long err = accel_socks.sock_hash_update(skops, &k, BPF_NOEXIST);
 	if (err) {
 		accel_add(A_INSERT_FAILED, 1);
-		return;
-	}
-	if (envoy) {
-		accel_add(A_ENVOY_SOCKETS, 1);
 		return;
 	}
 	__u8 st = ACCEL_UNDECIDED;
@@ -65,10 +50,14 @@ static __always_inline void accel_insert(struct bpf_sock_ops *skops, int envoy)
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 				  BPF_SOCK_OPS_STATE_CB_FLAG);
 	accel_add(A_SOCKETS, 1);
+	struct accel_key peer = {};
+	accel_peer_of(&k, &peer);
+	if (accel_state.lookup(&peer))
+		accel_add(A_PAIRS, 1);
 }
 
-/* STATE_CB -> CLOSE of an application's socket: drop its latch (the kernel
- * already drops it from accel_socks). */
+/* STATE_CB -> CLOSE of any socket: drop its latch (the kernel already drops
+ * it from accel_socks). */
 static __always_inline void accel_forget(struct bpf_sock_ops *skops)
 {
 	if (skops->op != BPF_SOCK_OPS_STATE_CB || skops->args[1] != MESHD_TCP_CLOSE)
@@ -94,7 +83,7 @@ static __always_inline void accel_note_local_syn(struct bpf_sock_ops *skops)
 		return;
 	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
 		if (*v == ENVOY_UPSTREAM_LOCAL)
-			accel_insert(skops, 0);
+			accel_insert(skops);
 		return;
 	}
 	*v = ENVOY_UPSTREAM_LOCAL;
@@ -147,7 +136,7 @@ int meshd_sockops(struct bpf_sock_ops *skops)
 	if (!dst)
 		return 1;   /* not a steered connection */
 	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
-		accel_insert(skops, 0);   /* its peer is Envoy's outbound listener: local */
+		accel_insert(skops);   /* its peer is Envoy's outbound listener: local */
 		return 1;
 	}
 	struct conn_tuple t = {};
@@ -208,7 +197,7 @@ int meshd_envoy_sockops(struct bpf_sock_ops *skops)
 		tuple_of(skops, &t);
 		__u8 *v = envoy_upstreams.lookup(&t);
 		if (v && *v == ENVOY_UPSTREAM_LOCAL)
-			accel_insert(skops, 1);
+			accel_insert(skops);
 		return 1;
 	}
 	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
@@ -219,7 +208,7 @@ int meshd_envoy_sockops(struct bpf_sock_ops *skops)
 		tuple_of(skops, &mine);
 		tuple_reverse(&mine, &wl);
 		if (tuple_dst.lookup(&wl))
-			accel_insert(skops, 1);
+			accel_insert(skops);
 		return 1;
 	}
 	if (skops->op != BPF_SOCK_OPS_TCP_LISTEN_CB)

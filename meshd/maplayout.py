@@ -51,9 +51,8 @@ NR_COUNTERS = len(COUNTERS)
 # Acceleration's counters (accel_counters, one per-CPU slot each): C enum
 # A_<NAME> = slot.
 ACCEL_COUNTERS = (
-    "sockets",               # applications' sockets put into accel_socks
-    "envoy_sockets",         # Envoy's sockets put into accel_envoy (redirect targets)
-    "pairs",                 # application sockets whose first send was redirected
+    "sockets",               # sockets put into accel_socks
+    "pairs",                 # ... whose peer was already there (a local pair joined)
     "closed",                # sockets of accel_socks closed
     "messages_redirected",   # sends handed straight to the peer socket
     "bytes_redirected",
@@ -224,7 +223,6 @@ MAPS = {
     "route_src4": MapSpec(Route4Key, _u32),    # destination network -> source address
     "route_src6": MapSpec(Route6Key, Route6Src),
     "accel_socks": MapSpec(AccelKey, _u32),    # SOCKHASH (BCC's: a 4-byte value)
-    "accel_envoy": MapSpec(AccelKey, _u32),    # SOCKHASH
     "accel_state": MapSpec(AccelKey, _u8),
     "accel_counters": MapSpec(_u32, _u64, array=True, percpu=True),
 }

@@ -25,11 +25,14 @@ def test_kernel_series():
     assert acceleration.kernel_series("7.0-rc1") == "7.0"
 
 
-def test_on_needs_an_allowlisted_kernel_and_says_which():
-    assert acceleration.decide("on", "6.18.44-fc").active
+def test_on_needs_an_allowlisted_kernel_and_says_which(monkeypatch):
+    d = acceleration.decide("on", "6.18.44-fc")
+    assert not d.active and "allowlist (empty" in d.reason and "6.18.44-fc" in d.reason
+    monkeypatch.setattr(acceleration, "KERNEL_ALLOWLIST", ("6.19", "7.0"))
+    assert acceleration.decide("on", "6.19.2").active
     d = acceleration.decide("on", "6.12.79-amd64")
     assert not d.active
-    assert "6.12.79-amd64" in d.reason and "6.18" in d.reason and '"force"' in d.reason
+    assert "6.12.79-amd64" in d.reason and "(6.19, 7.0)" in d.reason and '"force"' in d.reason
 
 
 def test_force_and_off():

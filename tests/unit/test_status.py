@@ -83,8 +83,8 @@ def test_status_json_keeps_its_field_names():
     assert set(d["datapath"]) == {"pins", "adopted", "links", "tracked_connections"}
     assert set(d["acceleration"]) == {"mode", "active", "kernel", "reason", "counters"}
     assert set(d["acceleration"]["counters"]) == {
-        "sockets", "envoy_sockets", "pairs", "closed", "messages_redirected", "bytes_redirected",
-        "fallbacks", "insert_failed"}
+        "sockets", "pairs", "closed", "messages_redirected", "bytes_redirected", "fallbacks",
+        "insert_failed"}
     assert d["config_errors"] == [{"file": "/etc/meshd/b.toml", "line": 3,
                                    "key": "mesh.outbound_port", "message": "expected integer"}]
     web, waiting = d["workloads"]
@@ -147,8 +147,7 @@ def test_text_shows_rejection_fail_open_workloads_and_misses():
     assert any(l.startswith("      redirected=5 excluded=0") for l in lines)
     assert "waiting for unit my-app.service to start -" in text
     assert ("  accel:     active (mode on; kernel 6.18.44 is on the allowlist)" in lines)
-    assert any(l.split() == ["sockets=4", "envoy_sockets=0", "pairs=2", "closed=0",
-                             "messages_redirected=0",
+    assert any(l.split() == ["sockets=4", "pairs=2", "closed=0", "messages_redirected=0",
                              "bytes_redirected=3145728", "fallbacks=1", "insert_failed=0"]
                for l in lines)
     assert "2 connections reached Envoy without an original destination" in text
