@@ -37,6 +37,8 @@ KERNEL_BUGS = {
             "sk_msg redirected into it: a splice() reader sees the FIN (sent by TCP) "
             "first and reads EOF without the data",
 }
+# Measured there, not assumed: see the test that shows each.
+KERNEL_BUGS_BACK_PRESSURE: dict = {}
 KERNEL = acceleration.kernel_series(os.uname().release)
 
 
@@ -153,14 +155,19 @@ def test_server_reset_reaches_the_client(accel):
     accel.redirected_since(before, 1000)
 
 
+@pytest.mark.xfail(KERNEL in KERNEL_BUGS_BACK_PRESSURE, strict=True,
+                   reason=KERNEL_BUGS_BACK_PRESSURE.get(KERNEL, ""))
 def test_back_pressure_then_resume(accel):
-    """The server reads nothing for 3 s while the client sends 24 MB, then
-    reads everything: all bytes arrive, in order."""
+    """The server reads nothing for 5 s while the client sends 256 MB: the
+    client must be held back (no byte accepted for a second) long before it
+    has sent everything, and once the server reads, all bytes arrive in order."""
     before = accel.counters()
-    size = 24 * MB
-    out = accel.client("pause", 3, size, timeout=120)
+    size = 256 * MB
+    out = accel.client("pause", 5, size, timeout=180)
     assert_intact(out, size)
     accel.redirected_since(before, size)
+    assert out["blocked_at"] is not None and out["blocked_at"] < size // 2, (
+        f"no back-pressure: {out['blocked_at']} of {size} bytes accepted while nobody read")
 
 
 @pytest.mark.parametrize("how", ["sendfile", "splice"])
@@ -264,7 +271,8 @@ def test_ingress_leg_envoy_to_local_workload(accel, server):
                    size, timeout=60)
     assert r.returncode == 0, r.stderr
     assert_intact(json.loads(r.stdout), size)
-    assert mesh.workload_counter("inbound") >= 1               # it went through Envoy
+    wait_for(lambda: mesh.workload_counter("inbound") >= 1,     # it went through Envoy
+             what="sk_lookup's inbound counter")
     accel.redirected_since(before, size)
 
 

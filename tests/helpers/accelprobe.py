@@ -207,14 +207,27 @@ def client(host: str, port: int, mode: str, args: list[str]) -> dict:
         t.join()
         out["want_sha"] = expected_sha(n)
     elif mode == "pause":
+        # The server reads nothing for S seconds. Send without blocking: when no
+        # byte is accepted for a whole second, the path pushed back (note how
+        # much had gone by then); then send the rest blocking.
         pause, n = float(args[0]), int(args[1])
         s.sendall(f"pause {pause}\n".encode())
-        t0, sent = time.monotonic(), 0
+        s.setblocking(False)
+        sent, blocked_at = 0, None
         for b in stream(n):
-            s.sendall(b)
-            sent += len(b)
-            if time.monotonic() - t0 < pause * 0.8:
-                out["sent_during_pause"] = sent
+            view = memoryview(b)
+            while view:
+                try:
+                    k = s.send(view)
+                    view, sent = view[k:], sent + k
+                except BlockingIOError:
+                    if blocked_at is None and not select.select([], [s], [], 1.0)[1]:
+                        blocked_at = sent
+                    elif blocked_at is not None:
+                        select.select([], [s], [], 60)
+        s.setblocking(True)
+        s.settimeout(60)
+        out["blocked_at"] = blocked_at
         s.shutdown(socket.SHUT_WR)
         out.update(json.loads(read_line(s)), want_sha=expected_sha(n))
     elif mode == "fionread":
