@@ -13,8 +13,9 @@ import os
 from dataclasses import dataclass
 
 # Kernel series (major.minor) on which the whole acceleration suite passed.
-# None yet: on 6.18 a splice() reader misses redirected bytes (README, "Socket
-# acceleration"), so acceleration runs only where the operator forces it.
+# None yet: on 6.18 a splice() reader misses redirected bytes and a reader that
+# stops does not hold its sender back (README, "Socket acceleration"), so
+# acceleration runs only where the operator forces it.
 KERNEL_ALLOWLIST: tuple[str, ...] = ()
 MODES = ("on", "off", "force")
 
