@@ -125,6 +125,35 @@ __attribute__((section("maps/sockmap"))) \
 struct _name##_table_t _name = {.max_entries = (_max_entries)}; \
 BPF_ANNOTATE_KV_PAIR(_name, u32, u64)
 
+/* The same with a hash key (Envoy's listeners inside container namespaces). */
+#define MESHD_SOCKHASH(_name, _key_type, _max_entries) \
+struct _name##_table_t { \
+	_key_type key; \
+	u64 leaf; \
+	u64 *(*lookup)(_key_type *); \
+	int (*update)(_key_type *, u64 *); \
+	int (*delete)(_key_type *); \
+	int (*sock_hash_update)(void *, void *, u64); \
+	u32 max_entries; \
+}; \
+__attribute__((section("maps/sockhash"))) \
+struct _name##_table_t _name = {.max_entries = (_max_entries)}; \
+BPF_ANNOTATE_KV_PAIR(_name, _key_type, u64)
+
+/* A Podman container's own network namespace, by its netns cookie: there
+ * connect4 sends connections to Envoy's listener inside that namespace. */
+struct ctr_netns {
+	__u32 index;           /* connect4 binds CONTAINER_NET4 | index: tuples stay unique */
+	__u32 addr4;           /* the container's IPv4 address (network order), for getsockname */
+};
+
+/* Key of netns_listeners: one of Envoy's listeners in one container namespace. */
+struct netns_slot {
+	__u64 netns;           /* netns cookie */
+	__u32 slot;            /* enum listener_slot */
+	__u32 pad;
+};
+
 BPF_ARRAY(settings, struct mesh_settings, 1);
 /* [0] = hash of the BPF sources these pins were built from (set by meshd) */
 BPF_ARRAY(meta, __u64, 1);
@@ -154,6 +183,10 @@ BPF_HASH(excluded_in_ports, struct port_key, __u8, 4096);
 BPF_TABLE("lru_hash", struct conn_tuple, __u8, envoy_upstreams, MESHD_MAX_CONNS);
 BPF_LPM_TRIE(route_src4, struct route4_key, __u32, 4096);
 BPF_LPM_TRIE(route_src6, struct route6_key, struct route6_src, 4096);
+/* Podman containers with their own network namespace (netns cookie -> ...) */
+BPF_HASH(container_netns, __u64, struct ctr_netns, 4096);
+/* Envoy's listening sockets inside those namespaces; empty = fail open there */
+MESHD_SOCKHASH(netns_listeners, struct netns_slot, 8192);
 BPF_PERCPU_ARRAY(counters, __u64, MESHD_MAX_WORKLOADS * MESHD_NR_COUNTERS);
 
 static __always_inline void count(__u32 workload, __u32 slot)
@@ -184,6 +217,14 @@ static __always_inline __u32 current_workload(void)
 			found = *wl;
 	}
 	return found;
+}
+
+/* The container namespace the calling socket lives in, or NULL (the served
+ * namespace itself: host processes and --network host containers). */
+static __always_inline struct ctr_netns *in_container_netns(void *ctx)
+{
+	__u64 ns = bpf_get_netns_cookie(ctx);
+	return container_netns.lookup(&ns);
 }
 
 static __always_inline struct mesh_settings *get_settings(void)

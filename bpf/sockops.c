@@ -45,6 +45,8 @@ static __always_inline int on_listen(struct bpf_sock_ops *skops)
 {
 	__u16 port = (__u16)skops->local_port;
 	if (skops->op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
+		if (in_container_netns(skops))
+			return 1;   /* a container's ports are not the served namespace's */
 		__u32 wl = current_workload();   /* listen() runs in the app's context */
 		__u32 *flags = workload_flags.lookup(&wl);
 		if (!wl || (flags && (*flags & WL_EXPLICIT_PORTS)))
@@ -141,6 +143,13 @@ int meshd_envoy_sockops(struct bpf_sock_ops *skops)
 		slot = v6 ? IN_V6 : IN_V4;
 	else
 		return 1;
+	if (in_container_netns(skops)) {
+		/* Envoy's listener inside a container's namespace */
+		struct netns_slot k = {.netns = bpf_get_netns_cookie(skops), .slot = slot};
+		long e = netns_listeners.sock_hash_update(skops, &k, BPF_ANY);
+		(void)e;
+		return 1;
+	}
 	long err = envoy_listeners.sock_map_update(skops, &slot, BPF_ANY);
 	(void)err;   /* BCC's rewriter mangles a helper call used inside a condition */
 	return 1;

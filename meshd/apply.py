@@ -44,6 +44,10 @@ class Applier:
                 self.foreign[link.owner.name] = self.dp.foreign_programs(link.cgroup_path,
                                                                          link.hooks)
             except OSError as e:
+                if link.owner.kind == "container":   # keyed "container:<short id>"
+                    c = next(c for c in plan.containers if c.short_id == link.owner.name)
+                    failed[str(link.owner)] = f"cannot attach to {c.cgroup}: {e.strerror or e}"
+                    continue
                 w = plan.workload(link.owner.name)
                 failed[link.owner.name] = f"cannot attach to {w.cgroup}: {e.strerror or e}"
         return failed
@@ -56,7 +60,7 @@ class Applier:
             return failed
         planned = {str(link.owner) for link in plan.links}
         for owner in self.dp.owners():
-            if Owner.parse(owner).kind == "workload" and owner not in planned:
+            if Owner.parse(owner).kind in ("workload", "container") and owner not in planned:
                 self.dp.detach(owner)
                 log.info("detached %s", owner)
         self.foreign = {k: v for k, v in self.foreign.items() if str(Owner.workload(k)) in planned}
@@ -65,6 +69,7 @@ class Applier:
                          json.dumps(plan.ids, indent=1, sort_keys=True))
             self.ids = dict(plan.ids)
         self.dp.set_workload_ids(plan.cgroup_ids)
+        self.dp.set_containers(plan.container_netns)
         self.dp.set_exclusions(plan.excluded_ports, plan.excluded_cidrs)
         i = plan.inbound
         self.dp.set_inbound(i.explicit, i.auto, i.excluded, i.discovered)
@@ -82,7 +87,7 @@ class Applier:
         wl_ports = {wid: ports.get(wid, []) for wid in e.workload_ids}
         files = envoy_config.render(e.outbound_port, e.inbound_port, e.state_dir, e.ipv6,
                                     e.client_mark, wl_ports, e.protocols,
-                                    e.workload_protocols, e.forwarded_for)
+                                    e.workload_protocols, e.forwarded_for, e.containers)
         changed = envoy_config.write_config(e.state_dir, files)
         if changed:
             log.info("Envoy configuration updated: %s", ", ".join(changed))

@@ -309,6 +309,19 @@ class Datapath:
         """cgroup id -> workload id; entries not in `ids` are removed."""
         sync(self._map("workload_ids"), ids)
 
+    def set_containers(self, netns: dict[int, tuple[int, str]]) -> None:
+        """Container namespaces (netns cookie -> (index, IPv4 address)); entries
+        not given are removed."""
+        sync(self._map("container_netns"), {
+            cookie: maplayout.CtrNetns(index=i, addr4=maplayout.route_source(ip))
+            for cookie, (i, ip) in netns.items()})
+
+    def container_listening(self, netns_cookie: int, slot: str = "OUT_V4") -> bool:
+        """Is Envoy's listener inside this container namespace in the data path?"""
+        i = [c for c, _ in maplayout.LISTENER_SLOTS].index(slot)
+        return self._map("netns_listeners").get(
+            maplayout.NetnsSlot(netns=netns_cookie, slot=i)) is not None
+
     def set_exclusions(self, ports: dict[int, set[int]], cidrs: dict[int, set]) -> None:
         """Exclusions by workload id (0 = every workload): ports and networks."""
         sync(self._map("excluded_ports"), _port_keys(ports))

@@ -23,6 +23,10 @@ MAX_WORKLOADS = 256   # workload ids 1..255; 0 = "global" (applies to every work
 # connect4 binds a steered socket to WORKLOAD_NET4.<workload id>: Envoy tells
 # workloads apart by that source address.
 WORKLOAD_NET4 = ipaddress.IPv4Network("127.77.0.0/24")
+# In a Podman container's own network namespace, connect4 binds a steered
+# socket to CONTAINER_NET4 | <the container's index> instead: one Envoy listener
+# per container namespace, and 4-tuples that stay unique across namespaces.
+CONTAINER_NET4 = ipaddress.IPv4Network("127.78.0.0/16")
 # Envoy's connections to local applications come from here (Istio's choice);
 # sk_lookup lets them through instead of steering them back into Envoy.
 ENVOY_INBOUND_SOURCE4 = ipaddress.IPv4Address("127.0.0.6")
@@ -135,8 +139,20 @@ class Route6Src(Struct):
     _fields_ = [("addr", _ADDR6)]
 
 
+class CtrNetns(Struct):
+    """container_netns's value: a container namespace's index and IPv4 address."""
+    C_NAME = "ctr_netns"
+    _fields_ = [("index", _u32), ("addr4", _u32)]
+
+
+class NetnsSlot(Struct):
+    """netns_listeners's key: one of Envoy's listeners in one container namespace."""
+    C_NAME = "netns_slot"
+    _fields_ = [("netns", _u64), ("slot", _u32), ("pad", _u32)]
+
+
 STRUCTS = (MeshSettings, OrigDst, ConnTuple, PortKey, Cidr4Key, Cidr6Key,
-           Route4Key, Route6Key, Route6Src)
+           Route4Key, Route6Key, Route6Src, CtrNetns, NetnsSlot)
 
 
 def _with_addr(cls: type, addr, **fields):
@@ -197,6 +213,8 @@ MAPS = {
     "envoy_upstreams": MapSpec(ConnTuple, _u8),
     "route_src4": MapSpec(Route4Key, _u32),    # destination network -> source address
     "route_src6": MapSpec(Route6Key, Route6Src),
+    "container_netns": MapSpec(_u64, CtrNetns),   # netns cookie -> container
+    "netns_listeners": MapSpec(NetnsSlot, _u64),  # SOCKHASH; a lookup returns the cookie
 }
 
 
@@ -210,6 +228,7 @@ def c_prelude() -> str:
         "#define MESHD_LAYOUT_PRELUDE 1\n"
         f"#define MESHD_MAX_WORKLOADS {MAX_WORKLOADS}\n"
         f"#define WORKLOAD_NET4 {int(WORKLOAD_NET4.network_address):#010x}\n"
+        f"#define CONTAINER_NET4 {int(CONTAINER_NET4.network_address):#010x}\n"
         f"#define MESHD_ENVOY_INBOUND_SOURCE4 {int(ENVOY_INBOUND_SOURCE4):#010x}\n"
         f"#define WL_EXPLICIT_PORTS {WL_EXPLICIT_PORTS}\n"
         f"enum meshd_counter {{\n{counters}\tMESHD_NR_COUNTERS = {NR_COUNTERS},\n}};\n"

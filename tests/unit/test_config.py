@@ -191,7 +191,6 @@ def test_parse_error_at_end_of_document():
     ("[mesh]\ncgroup_root = '/'\n", "a.toml:2: mesh.cgroup_root:", "root cgroup"),
     ("[mesh]\ncgroup_root = 'meshd'\n", "a.toml:2: mesh.cgroup_root:", "must start with '/'"),
     ('[workload."bad name"]\nunit = "x.service"\n', "a.toml:1: workload.bad name:", "invalid workload name"),
-    ("[workload.web]\nexclude_inbound_ports = [1]\n", "a.toml:1: workload.web:", "exactly one of"),
     ("\n[workload.web]\nunit = 'w.service'\ncgroup = '/w'\n", "a.toml:2: workload.web:", "both are set"),
     ("[workload.web]\nunit = 'w.service'\n[workload.db]\ncgroup = '/a/../b'\n",
      "a.toml:4: workload.db.cgroup:", "'..'"),
