@@ -25,6 +25,8 @@ DOCUMENTED = {
     ml.Route4Key: (8, {"prefixlen": 0, "addr": 4}),
     ml.Route6Key: (20, {"prefixlen": 0, "addr": 4}),
     ml.Route6Src: (16, {"addr": 0}),
+    ml.CtrNetns: (8, {"index": 0, "addr4": 4}),
+    ml.NetnsSlot: (16, {"netns": 0, "slot": 8, "pad": 12}),
 }
 
 
@@ -143,10 +145,10 @@ def test_structs_are_equal_and_hashed_by_their_bytes():
 
 def test_every_map_in_the_header_is_declared():
     in_header = set()
-    for m in re.finditer(r"^(BPF_\w+|MESHD_SOCKMAP)\((.*)\);?$", HEADER, re.M):
+    for m in re.finditer(r"^(BPF_\w+|MESHD_SOCKMAP|MESHD_SOCKHASH)\((.*)\);?$", HEADER, re.M):
         args = [a.strip() for a in m.group(2).split(",")]
         # BPF_TABLE("type", key, value, name, n); the others: name first
         in_header.add(args[3] if m.group(1) == "BPF_TABLE" else args[0])
-    in_header.discard("_name")   # MESHD_SOCKMAP's own definition
+    in_header.discard("_name")   # MESHD_SOCKMAP's and MESHD_SOCKHASH's own definitions
     assert "settings" in in_header and "envoy_listeners" in in_header
     assert in_header == set(ml.MAPS)
