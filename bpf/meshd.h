@@ -154,6 +154,13 @@ struct netns_slot {
 	__u32 pad;
 };
 
+/* Key of ctr_inbound_ports: a port of one container (by its IPv4 address). */
+struct ctr_port {
+	__u32 addr4;           /* network order */
+	__u16 port;            /* host order */
+	__u16 pad;
+};
+
 BPF_ARRAY(settings, struct mesh_settings, 1);
 /* [0] = hash of the BPF sources these pins were built from (set by meshd) */
 BPF_ARRAY(meta, __u64, 1);
@@ -185,6 +192,11 @@ BPF_LPM_TRIE(route_src4, struct route4_key, __u32, 4096);
 BPF_LPM_TRIE(route_src6, struct route6_key, struct route6_src, 4096);
 /* Podman containers with their own network namespace (netns cookie -> ...) */
 BPF_HASH(container_netns, __u64, struct ctr_netns, 4096);
+/* ... and by their IPv4 address -> netns cookie (sk_lookup has no netns cookie) */
+BPF_HASH(container_addr4, __u32, __u64, 4096);
+/* Inbound: ports a container's processes listen on -> workload id, filled by
+ * sockops at listen() (the served namespace's are in inbound_ports) */
+BPF_HASH(ctr_inbound_ports, struct ctr_port, __u32, 16384);
 /* Envoy's listening sockets inside those namespaces; empty = fail open there */
 MESHD_SOCKHASH(netns_listeners, struct netns_slot, 8192);
 BPF_PERCPU_ARRAY(counters, __u64, MESHD_MAX_WORKLOADS * MESHD_NR_COUNTERS);

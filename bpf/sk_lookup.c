@@ -44,10 +44,50 @@ static __always_inline int to_loopback(struct bpf_sk_lookup *ctx)
 	       ctx->local_ip6[2] == 0 && ctx->local_ip6[3] == meshd_htonl(1);
 }
 
+/* Inside a container's namespace (its own pinned link): to the container's
+ * address, a port it listens on -> Envoy's inbound listener in that namespace. */
+static __always_inline int container_lookup(struct bpf_sk_lookup *ctx, __u64 *ns)
+{
+	__u16 port = (__u16)ctx->local_port;
+	struct ctr_port k = {.addr4 = ctx->local_ip4, .port = port};
+	__u32 *wlp = ctr_inbound_ports.lookup(&k);
+	if (!wlp)
+		return SK_PASS;
+	__u32 wl = *wlp;
+	if (from_envoy(ctx) || envoy_upstream(ctx))
+		return SK_PASS;
+	struct port_key pk = {.workload = 0, .port = port};
+	if (excluded_in_ports.lookup(&pk)) {
+		count(wl, C_INBOUND_EXCLUDED);
+		return SK_PASS;
+	}
+	pk.workload = wl;
+	if (excluded_in_ports.lookup(&pk)) {
+		count(wl, C_INBOUND_EXCLUDED);
+		return SK_PASS;
+	}
+	struct netns_slot slot = {.netns = *ns, .slot = IN_V4};
+	struct bpf_sock *sk = (struct bpf_sock *)netns_listeners.lookup(&slot);
+	if (!sk) {
+		count(wl, C_INBOUND_FAIL_OPEN);
+		return SK_PASS;
+	}
+	long err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	count(wl, err == 0 ? C_INBOUND : C_INBOUND_FAIL_OPEN);
+	return SK_PASS;
+}
+
 int meshd_sk_lookup(struct bpf_sk_lookup *ctx)
 {
 	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
+	if (ctx->family == MESHD_AF_INET) {
+		__u32 addr = ctx->local_ip4;
+		__u64 *ns = container_addr4.lookup(&addr);
+		if (ns)
+			return container_lookup(ctx, ns);
+	}
 	__u16 port = (__u16)ctx->local_port;   /* host order here */
 	__u32 *wlp = inbound_ports.lookup(&port);
 	if (!wlp)

@@ -44,9 +44,27 @@ static __always_inline void tuple_of(struct bpf_sock_ops *skops, struct conn_tup
 static __always_inline int on_listen(struct bpf_sock_ops *skops)
 {
 	__u16 port = (__u16)skops->local_port;
+	struct ctr_netns *ctr = in_container_netns(skops);
+	if (ctr) {
+		/* a container's ports are its own namespace's, keyed by its address */
+		struct ctr_port k = {.addr4 = ctr->addr4, .port = port};
+		if (skops->op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
+			__u32 wl = current_workload();
+			if (!wl)
+				return 1;
+			ctr_inbound_ports.update(&k, &wl);
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+						  BPF_SOCK_OPS_STATE_CB_FLAG);
+			return 1;
+		}
+		if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[0] == 10 &&
+		    skops->args[1] == MESHD_TCP_CLOSE) {
+			ctr_inbound_ports.delete(&k);
+			return 1;
+		}
+		return 0;
+	}
 	if (skops->op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
-		if (in_container_netns(skops))
-			return 1;   /* a container's ports are not the served namespace's */
 		__u32 wl = current_workload();   /* listen() runs in the app's context */
 		__u32 *flags = workload_flags.lookup(&wl);
 		if (!wl || (flags && (*flags & WL_EXPLICIT_PORTS)))
@@ -107,7 +125,9 @@ static __always_inline void track_upstream(struct bpf_sock_ops *skops)
 	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
 		struct conn_tuple t = {};
 		tuple_of(skops, &t);
-		if (!inbound_ports.lookup(&t.dport))
+		struct ctr_port k = {.addr4 = t.daddr[0], .port = t.dport};
+		if (!inbound_ports.lookup(&t.dport) &&
+		    !(t.family == MESHD_AF_INET && ctr_inbound_ports.lookup(&k)))
 			return;
 		__u8 one = 1;
 		envoy_upstreams.update(&t, &one);

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 
-from . import envoy_config, statefiles
+from . import containers, envoy_config, routing, statefiles
 from .datapath import Datapath
 from .fsutil import atomic_write
 from .plan import Owner, Plan
@@ -33,6 +33,7 @@ class Applier:
         self.foreign: dict[str, dict[str, list[int]]] = {}   # workload -> hook -> prog ids
         self._envoy = None
         self._rendered_ports: dict[int, list[int]] = {}
+        self._routed: set[str] = set()   # container namespaces with policy routing
 
     def attach(self, plan: Plan) -> dict[str, str]:
         """Every planned link; returns, by workload, why one could not be
@@ -41,6 +42,9 @@ class Applier:
         for link in plan.links:
             try:
                 self.dp.attach(str(link.owner), link.cgroup_path, link.hooks)
+                if link.netns:
+                    self.dp.attach_netns(link.netns, str(link.owner))
+                    self._container_routing(link.netns, plan.envoy.client_mark)
                 self.foreign[link.owner.name] = self.dp.foreign_programs(link.cgroup_path,
                                                                          link.hooks)
             except OSError as e:
@@ -51,6 +55,15 @@ class Applier:
                 w = plan.workload(link.owner.name)
                 failed[link.owner.name] = f"cannot attach to {w.cgroup}: {e.strerror or e}"
         return failed
+
+    def _container_routing(self, netns: str, mark: int) -> None:
+        """Inside a container's namespace, the policy routing that brings the
+        application's replies to the client's address back to Envoy (as in
+        the served namespace: routing.py), set once per namespace."""
+        if not mark or netns in self._routed:
+            return
+        containers.in_netns(netns, routing.install_rules)
+        self._routed.add(netns)
 
     def apply(self, plan: Plan) -> dict[str, str]:
         """Make everything match the plan. If a link cannot be attached, stop
@@ -64,6 +77,7 @@ class Applier:
                 self.dp.detach(owner)
                 log.info("detached %s", owner)
         self.foreign = {k: v for k, v in self.foreign.items() if str(Owner.workload(k)) in planned}
+        self._routed &= {link.netns for link in plan.links if link.netns}
         if plan.ids != self.ids:
             atomic_write(statefiles.path(self.state_dir, statefiles.WORKLOAD_IDS),
                          json.dumps(plan.ids, indent=1, sort_keys=True))

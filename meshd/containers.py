@@ -172,34 +172,41 @@ class NetnsFacts:
     inode: int
 
 
-def netns_facts(path: str) -> NetnsFacts:
-    """Enter the namespace in a throw-away thread (setns changes the calling
-    thread only) and read its cookie (SO_NETNS_COOKIE) and IPv4 address."""
+def in_netns(path: str, fn):
+    """fn() run inside a network namespace, in a throw-away thread (setns
+    changes the calling thread only: the daemon stays where it is)."""
     result: dict = {}
 
     def probe():
         try:
             fd = os.open(path, os.O_RDONLY)
             try:
-                inode = os.fstat(fd).st_ino
                 if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), f"setns({path})")
             finally:
                 os.close(fd)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8),
-                                        "little")
-            result["facts"] = NetnsFacts(cookie, _first_ipv4(), inode)
+            result["value"] = fn()
         except Exception as e:   # reported to the caller
             result["error"] = e
 
-    t = threading.Thread(target=probe, name="netns-probe")
+    t = threading.Thread(target=probe, name="in-netns")
     t.start()
     t.join()
     if "error" in result:
         e = result["error"]
         raise e if isinstance(e, OSError) else OSError(str(e))
-    return result["facts"]
+    return result["value"]
+
+
+def netns_facts(path: str) -> NetnsFacts:
+    """A namespace's cookie (SO_NETNS_COOKIE), IPv4 address and inode."""
+    def probe():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8),
+                                    "little")
+        return cookie, _first_ipv4()
+    cookie, ipv4 = in_netns(path, probe)
+    return NetnsFacts(cookie, ipv4, os.stat(path).st_ino)
 
 
 def _first_ipv4() -> str | None:

@@ -246,10 +246,11 @@ class Daemon:
                 reply(False, "meshd has no record of it, or its cgroup is gone")
             elif not c.enrolled:
                 reply(False, c.error)
-            elif not c.netns or self.dp.container_listening(c.netns_cookie):
+            elif not c.netns or (self.dp.container_listening(c.netns_cookie, "OUT_V4") and
+                                 self.dp.container_listening(c.netns_cookie, "IN_V4")):
                 reply(True, "meshed")
             elif time.monotonic() - since > HOOK_WAIT_MS / 1000:
-                log.warning("container %s: Envoy's listener inside it is not up after %d ms; "
+                log.warning("container %s: Envoy's listeners inside it are not up after %d ms; "
                             "it starts failing open (direct) until it is", c.short_id,
                             HOOK_WAIT_MS, extra=_ctr_fields(c))
                 reply(False, "Envoy's listener in its namespace is not up yet (fails open)")
@@ -423,6 +424,7 @@ class Daemon:
             return {name: counters.get(wid, {}).get(name, 0) for name in maplayout.COUNTERS}
         stats = self._envoy_stats()
         inbound = self.dp.inbound_ports() if live else {}
+        ctr_ports = self.dp.container_ports() if live else {}
         mesh = self.config.mesh
         return Status(
             version=__version__, pid=os.getpid(), state=self.state, updated=time.time(),
@@ -454,6 +456,7 @@ class Daemon:
             containers=tuple(ContainerStatus(
                 id=c.id, name=c.name, workload=c.workload, cgroup=c.cgroup,
                 network="host" if not c.netns else c.netns, addresses=(c.ipv4,) if c.ipv4 else (),
+                inbound_ports=tuple(ctr_ports.get(c.ipv4, ())) if c.enrolled else (),
                 enrolled_since=c.enrolled_since, error=c.error,
                 counters=row(c.workload_id) if c.workload_id else {})
                 for c in self.plan.containers))

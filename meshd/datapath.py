@@ -8,9 +8,11 @@ Only cleanup() removes them.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 from . import bpfsys, maplayout, mounts
@@ -223,12 +225,13 @@ class Datapath:
         finally:
             os.close(cg_fd)
 
-    def attach_netns(self, netns_path: str) -> None:
-        """Link sk_lookup to a network namespace, pinned as links/netns:sk_lookup."""
+    def attach_netns(self, netns_path: str, owner: str = "netns") -> None:
+        """Link sk_lookup to a network namespace, pinned as links/<owner>:sk_lookup
+        (the served namespace's owner is "netns"; a container's, its own)."""
         ns_fd = os.open(netns_path, os.O_RDONLY)
         try:
             # for a netns link, the link info's union starts with the netns inode (u32)
-            self._ensure_link(_link_name("netns", "sk_lookup"), "sk_lookup", ns_fd,
+            self._ensure_link(_link_name(owner, "sk_lookup"), "sk_lookup", ns_fd,
                               os.fstat(ns_fd).st_ino, mask=0xFFFFFFFF)
         finally:
             os.close(ns_fd)
@@ -311,10 +314,21 @@ class Datapath:
 
     def set_containers(self, netns: dict[int, tuple[int, str]]) -> None:
         """Container namespaces (netns cookie -> (index, IPv4 address)); entries
-        not given are removed."""
+        not given are removed, and their listening ports with them."""
         sync(self._map("container_netns"), {
             cookie: maplayout.CtrNetns(index=i, addr4=maplayout.route_source(ip))
             for cookie, (i, ip) in netns.items()})
+        addrs = {maplayout.route_source(ip): cookie for cookie, (_, ip) in netns.items()}
+        sync(self._map("container_addr4"), addrs)
+        sync(self._map("ctr_inbound_ports"), {}, keep=lambda k, wl: k.addr4 in addrs)
+
+    def container_ports(self) -> dict[str, list[int]]:
+        """The ports each container (by IPv4 address) listens on, via Envoy."""
+        out: dict[str, list[int]] = {}
+        for k, _ in self._map("ctr_inbound_ports").items():
+            out.setdefault(str(ipaddress.IPv4Address(k.addr4.to_bytes(4, sys.byteorder))),
+                           []).append(k.port)
+        return {a: sorted(p) for a, p in out.items()}
 
     def container_listening(self, netns_cookie: int, slot: str = "OUT_V4") -> bool:
         """Is Envoy's listener inside this container namespace in the data path?"""

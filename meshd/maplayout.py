@@ -151,8 +151,15 @@ class NetnsSlot(Struct):
     _fields_ = [("netns", _u64), ("slot", _u32), ("pad", _u32)]
 
 
+class CtrPort(Struct):
+    """ctr_inbound_ports's key: a port (host order) of a container's address."""
+    C_NAME = "ctr_port"
+    _fields_ = [("addr4", _u32), ("port", _u16), ("pad", _u16)]
+
+
 STRUCTS = (MeshSettings, OrigDst, ConnTuple, PortKey, Cidr4Key, Cidr6Key,
-           Route4Key, Route6Key, Route6Src, CtrNetns, NetnsSlot)
+           Route4Key, Route6Key, Route6Src, CtrNetns, NetnsSlot,
+           CtrPort)
 
 
 def _with_addr(cls: type, addr, **fields):
@@ -215,6 +222,8 @@ MAPS = {
     "route_src6": MapSpec(Route6Key, Route6Src),
     "container_netns": MapSpec(_u64, CtrNetns),   # netns cookie -> container
     "netns_listeners": MapSpec(NetnsSlot, _u64),  # SOCKHASH; a lookup returns the cookie
+    "container_addr4": MapSpec(_u32, _u64),       # container IPv4 -> its netns cookie
+    "ctr_inbound_ports": MapSpec(CtrPort, _u32),  # a container's listening port -> workload
 }
 
 

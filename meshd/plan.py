@@ -49,6 +49,7 @@ class Links:
     owner: Owner
     cgroup_path: str
     hooks: tuple[str, ...] = WORKLOAD_HOOKS
+    netns: str = ""     # a container's own namespace: sk_lookup is linked there too
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,8 @@ def plan(config: Config, world: World, ids: dict[str, int], previous: Plan = EMP
         links.append(Links(Owner.workload(w.name), found.path))
     by_name = {p.name: p for p in workloads}
     ctrs = _containers(config, world, ids, previous, now, failed)
-    links += [Links(Owner("container", c.short_id), c.cgroup_path) for c in ctrs if c.enrolled]
+    links += [Links(Owner("container", c.short_id), c.cgroup_path, netns=c.netns)
+              for c in ctrs if c.enrolled]
 
     excluded_ports = {0: frozenset(mesh.exclude_outbound_ports)}
     excluded_cidrs = {0: frozenset(mesh.exclude_outbound_cidrs)}

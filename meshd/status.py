@@ -94,6 +94,7 @@ class ContainerStatus:
     cgroup: str = ""
     network: str = ""                    # "host", or its namespace's path
     addresses: Tuple[str, ...] = ()
+    inbound_ports: Tuple[int, ...] = ()  # its listening ports, steered into Envoy
     enrolled_since: float = 0.0          # 0: not meshed
     error: str = ""                      # why not meshed
     counters: Counters = field(default_factory=dict)
@@ -225,6 +226,8 @@ def format_text(st: Status, running: bool, source: str) -> str:
                    f"{'enrolled' if c.enrolled_since else 'NOT MESHED: ' + c.error}")
         out.append(f"      cgroup {c.cgroup}; network {c.network}; addresses "
                    f"{', '.join(c.addresses) or '-'}")
+        if c.inbound_ports:
+            out.append(f"      inbound ports via Envoy: {list(c.inbound_ports)}")
     if st.counters.get("miss"):
         out.append(f"  misses:    {st.counters['miss']} connections reached Envoy without an "
                    "original destination (failed, not forwarded)")

@@ -13,40 +13,12 @@ import os
 import random
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-import pytest
-
-from conftest import HTTP_PORT, MESHD, TCP_PORT, VIA_ENVOY, wait_for
-from helpers.podman import Podman, PodmanStore
+from conftest import HTTP_PORT, TCP_PORT, VIA_ENVOY, wait_for
 
 PAYLOAD = random.Random(20261126).randbytes(256 * 1024)   # as tests/helpers/echo_server.py
 FULL = os.environ.get("MESHD_TEST_FULL") == "1"
-
-
-@pytest.fixture(scope="session")
-def podman_store():
-    store = PodmanStore()
-    try:
-        yield store
-    finally:
-        store.remove()
-
-
-@pytest.fixture
-def podman(podman_store, prefix, mesh):
-    p = Podman(podman_store, prefix, mesh.netns, mesh.config_dir, MESHD[0], mesh.tmp)
-    try:
-        yield p
-    finally:
-        p.cleanup()
-
-
-# Ports are plain TCP (Envoy's tcp_proxy: counted per connection) unless a test
-# declares HTTP_PORT "http".
-RQ = "http.outbound_http.downstream_rq_total"
-CX = "tcp.outbound_tcp.downstream_cx_total"
 
 
 def configure(mesh, workloads="[workload.web]\n", **mesh_extra):
@@ -199,7 +171,7 @@ def test_stop_unenrolls_and_restart_loses_nothing(mesh, server, podman):
     mesh.start()
     podman.run("a", "sleep", "300", workload="web", detach=True)
     podman.run("b", "sleep", "300", workload="web", detach=True)
-    assert len(ctr_links(mesh)) == 14 and len(ctr_listeners(mesh)) == 2
+    assert len(ctr_links(mesh)) == 16 and len(ctr_listeners(mesh)) == 4
     links_before = sorted(ctr_links(mesh))
     mesh.kill()                                     # SIGKILL while containers run
     mesh.start()
@@ -213,7 +185,7 @@ def test_stop_unenrolls_and_restart_loses_nothing(mesh, server, podman):
     podman.rm("a")
     mesh.start()
     wait_for(lambda: len(containers(mesh)) == 1, what="a forgotten")
-    assert len(ctr_links(mesh)) == 7 and len(ctr_listeners(mesh)) == 1
+    assert len(ctr_links(mesh)) == 8 and len(ctr_listeners(mesh)) == 2
     podman.rm("b")                                  # and one while meshd runs
     wait_for(lambda: containers(mesh) == [] and ctr_links(mesh) == [], what="b un-enrolled")
     assert ctr_listeners(mesh) == []
@@ -248,7 +220,7 @@ def test_concurrent_starts_all_enrolled_and_nothing_left(mesh, server, podman):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     # the hook returned for each: every one is enrolled, with its listener
-    assert len(ctr_listeners(mesh)) == n and len(ctr_links(mesh)) == 7 * n
+    assert len(ctr_listeners(mesh)) == 2 * n and len(ctr_links(mesh)) == 8 * n
     wait_for(lambda: len(containers(mesh)) == n, what="the status (written every second)")
     st = containers(mesh)
     assert all(c["enrolled_since"] for c in st), st

@@ -32,6 +32,11 @@ cgroup_manager = "cgroupfs"
 """
 
 
+HELPERS = str(Path(__file__).resolve().parent)
+# a server in a container: the host's Python and tests/helpers/echo_server.py
+HOST_USR = ("--volume", "/usr:/usr:ro", "--volume", f"{HELPERS}:/helpers:ro")
+
+
 class PodmanStore:
     """The session's storage, run root and image."""
 
@@ -48,6 +53,11 @@ class PodmanStore:
         shutil.copy("/bin/busybox", rootfs / "bin" / "busybox")
         for app in ("sh", "nc", "cat", "sleep", "printf", "echo", "ip", "head", "wc", "true"):
             (rootfs / "bin" / app).symlink_to("busybox")
+        # With `--volume /usr:/usr:ro` (HOST_USR) the host's Python runs inside:
+        # tests/helpers/echo_server.py as a containerized server.
+        for lib in ("lib", "lib64"):
+            (rootfs / lib).symlink_to(f"usr/{lib}")
+        (rootfs / "tmp").mkdir()
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         subprocess.run(self.base + ["import", "-", IMAGE], stdin=tar.stdout, env=self.env,
                        check=True, capture_output=True, timeout=120)

@@ -27,6 +27,7 @@ DOCUMENTED = {
     ml.Route6Src: (16, {"addr": 0}),
     ml.CtrNetns: (8, {"index": 0, "addr4": 4}),
     ml.NetnsSlot: (16, {"netns": 0, "slot": 8, "pad": 12}),
+    ml.CtrPort: (8, {"addr4": 0, "port": 4, "pad": 6}),
 }
 
 
