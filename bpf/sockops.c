@@ -125,9 +125,14 @@ static __always_inline void track_upstream(struct bpf_sock_ops *skops)
 	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
 		struct conn_tuple t = {};
 		tuple_of(skops, &t);
+		/* Inside a container's namespace: to that container's own meshed
+		 * port. (A connection from the served namespace to a container is
+		 * an outbound leg: the container's sk_lookup must steer it.) */
+		struct ctr_netns *ctr = in_container_netns(skops);
 		struct ctr_port k = {.addr4 = t.daddr[0], .port = t.dport};
-		if (!inbound_ports.lookup(&t.dport) &&
-		    !(t.family == MESHD_AF_INET && ctr_inbound_ports.lookup(&k)))
+		if (ctr ? !(t.family == MESHD_AF_INET && t.daddr[0] == ctr->addr4 &&
+			    ctr_inbound_ports.lookup(&k))
+			: !inbound_ports.lookup(&t.dport))
 			return;
 		__u8 one = 1;
 		envoy_upstreams.update(&t, &one);
