@@ -102,4 +102,9 @@ def run(state_dir: str, stdin, timeout: float = DEFAULT_TIMEOUT) -> int:
 
 def main(config_dir: str, timeout: float) -> int:
     from .cli import _mesh_or_lenient
-    return run(_mesh_or_lenient(config_dir).state_dir, sys.stdin.buffer, timeout)
+    try:
+        state_dir = _mesh_or_lenient(config_dir).state_dir
+    except Exception as e:   # an unreadable config must not stop a container
+        _log(f"container starts un-meshed: cannot read the configuration in {config_dir}: {e}")
+        return 0
+    return run(state_dir, sys.stdin.buffer, timeout)
