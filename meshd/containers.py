@@ -28,6 +28,7 @@ REGISTRY_DIR = "containers"          # <state_dir>/containers/<id>.json
 MAX_STATE_BYTES = 1 << 20            # an OCI state is a few KiB; more is not Podman
 ID_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.-]{0,127}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")   # as config.py's workload names
+_NAME_PODMAN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
 SO_NETNS_COOKIE = 71
 CLONE_NEWNET = 0x40000000
 
@@ -101,6 +102,27 @@ def cgroup_of(pid: int, proc: str = "/proc") -> str:
             if line.startswith("0::"):
                 return line[3:].strip()
     raise OSError(f"process {pid} has no cgroup2 entry")
+
+
+def conmon_name(cid: str, pid: int, proc: str = "/proc", depth: int = 5) -> str:
+    """The container's name, which the hook's state does not carry: Podman
+    starts the runtime (the hook's parent) from conmon, whose command line
+    holds `-c <id>` and `-n <name>`. "" when not found (another engine)."""
+    for _ in range(depth):
+        try:
+            with open(f"{proc}/{pid}/cmdline", "rb") as f:
+                args = f.read(65536).decode(errors="replace").split("\0")
+            with open(f"{proc}/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return ""
+        if os.path.basename(args[0]) == "conmon":
+            opts = dict(zip(args, args[1:]))
+            name = opts.get("-n") or opts.get("--name") or ""
+            same = opts.get("-c") == cid or opts.get("--cid") == cid
+            return name if same and _NAME_PODMAN.fullmatch(name) else ""
+        pid = ppid
+    return ""
 
 
 def netns_of_bundle(bundle: str, pid: int) -> str | None:

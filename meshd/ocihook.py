@@ -75,12 +75,13 @@ def run(state_dir: str, stdin, timeout: float = DEFAULT_TIMEOUT) -> int:
         return 1
     if state.workload is None:
         return 0   # not annotated: nothing to do
-    fields = {"CONTAINER_ID": state.id, "WORKLOAD": state.workload}
+    name = containers.conmon_name(state.id, os.getppid())
+    fields = {"CONTAINER_ID": state.id, "CONTAINER_NAME": name, "WORKLOAD": state.workload}
     try:
         rec = containers.Record(
             state.id, state.workload, containers.cgroup_of(state.pid),
             containers.netns_of_bundle(state.bundle, state.pid) or "", state.pid,
-            created=time.time())
+            name=name, created=time.time())
         containers.save(state_dir, rec)
     except (OSError, ValueError) as e:
         _log(f"container {state.id[:12]} not meshed: cannot record it in {state_dir}: {e}",

@@ -180,3 +180,18 @@ def test_undeclared_workload_is_not_meshed_and_says_why():
 def test_container_without_ipv4_is_not_meshed():
     p = plan(CONFIG, World(containers={"a" * 64: found("a" * 64, "web", ipv4=None)}), {})
     assert "no IPv4 address" in p.containers[0].error and p.links == ()
+
+
+def test_conmon_name_from_the_hooks_ancestors(tmp_path):
+    def proc(pid, ppid, *args):
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "cmdline").write_bytes("\0".join(args).encode() + b"\0")
+        (d / "stat").write_text(f"{pid} ({args[0]}) S {ppid} 0 0")
+    proc(30, 20, "/usr/bin/runc", "create", "--bundle", "/b")
+    proc(20, 1, "/usr/bin/conmon", "--api-version", "1", "-c", CID, "-n", "web-1", "-r", "runc")
+    proc(1, 0, "/sbin/init")
+    assert containers.conmon_name(CID, 30, str(tmp_path)) == "web-1"
+    assert containers.conmon_name("b" * 64, 30, str(tmp_path)) == ""     # another container
+    assert containers.conmon_name(CID, 1, str(tmp_path)) == ""           # no conmon above
+    assert containers.conmon_name(CID, 99, str(tmp_path)) == ""          # gone
