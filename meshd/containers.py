@@ -24,7 +24,6 @@ from . import statefiles
 from .fsutil import atomic_write
 
 ANNOTATION = "io.meshd.workload"     # podman run --annotation io.meshd.workload=NAME
-REGISTRY_DIR = "containers"          # <state_dir>/containers/<id>.json
 MAX_STATE_BYTES = 1 << 20            # an OCI state is a few KiB; more is not Podman
 ID_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.-]{0,127}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")   # as config.py's workload names
@@ -143,11 +142,11 @@ def netns_of_bundle(bundle: str, pid: int) -> str | None:
 
 
 def record_path(state_dir: str, cid: str) -> str:
-    return os.path.join(statefiles.path(state_dir, REGISTRY_DIR), f"{cid}.json")
+    return os.path.join(statefiles.path(state_dir, statefiles.CONTAINERS_DIR), f"{cid}.json")
 
 
 def save(state_dir: str, rec: Record) -> None:
-    d = statefiles.path(state_dir, REGISTRY_DIR)
+    d = statefiles.path(state_dir, statefiles.CONTAINERS_DIR)
     os.makedirs(d, mode=0o700, exist_ok=True)
     atomic_write(record_path(state_dir, rec.id), json.dumps(asdict(rec), sort_keys=True))
 
@@ -161,7 +160,7 @@ def remove(state_dir: str, cid: str) -> None:
 
 def load_all(state_dir: str) -> dict[str, Record]:
     """Every container record; unreadable ones are skipped (and removed)."""
-    d = statefiles.path(state_dir, REGISTRY_DIR)
+    d = statefiles.path(state_dir, statefiles.CONTAINERS_DIR)
     out = {}
     try:
         names = sorted(os.listdir(d))

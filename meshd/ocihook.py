@@ -20,12 +20,11 @@ import time
 
 from . import containers, statefiles
 
-HOOK_SOCKET = "hook.sock"
 DEFAULT_TIMEOUT = 5.0
 
 
 def socket_path(state_dir: str) -> str:
-    return statefiles.path(state_dir, HOOK_SOCKET)
+    return statefiles.path(state_dir, statefiles.HOOK_SOCKET)
 
 
 def _log(msg: str, warning: bool = True, **fields) -> None:
