@@ -19,6 +19,10 @@ from conftest import HTTP_PORT, TCP_PORT, VIA_ENVOY, wait_for
 
 PAYLOAD = random.Random(20261126).randbytes(256 * 1024)   # as tests/helpers/echo_server.py
 FULL = os.environ.get("MESHD_TEST_FULL") == "1"
+# Ports are plain TCP (Envoy's tcp_proxy: counted per connection) unless a test
+# declares HTTP_PORT "http".
+RQ = "http.outbound_http.downstream_rq_total"
+CX = "tcp.outbound_tcp.downstream_cx_total"
 
 
 def configure(mesh, workloads="[workload.web]\n", **mesh_extra):
