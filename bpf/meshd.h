@@ -142,13 +142,15 @@ __attribute__((section("maps/sockmap:" MESHD_PIN_##_name))) \
 struct _name##_table_t _name = {.max_entries = (_max_entries)}; \
 BPF_ANNOTATE_KV_PAIR(_name, u32, u64)
 
-/* The same for a SOCKHASH (BCC's BPF_SOCKHASH() cannot be pinned): update,
- * sock_hash_update and msg_redirect_hash, with BCC's 4-byte value. */
-#define MESHD_SOCKHASH(_name, _key_type, _max_entries) \
+/* The same for a SOCKHASH (BCC's BPF_SOCKHASH() cannot be pinned), with the
+ * value type given: accel_socks keeps BCC's 4-byte value, netns_listeners a
+ * u64 (its lookup returns the socket's cookie). */
+#define MESHD_SOCKHASH(_name, _key_type, _leaf_type, _max_entries) \
 struct _name##_table_t { \
 	_key_type key; \
-	int leaf; \
-	int (*update)(_key_type *, int *); \
+	_leaf_type leaf; \
+	_leaf_type *(*lookup)(_key_type *); \
+	int (*update)(_key_type *, _leaf_type *); \
 	int (*delete)(_key_type *); \
 	int (*sock_hash_update)(void *, void *, u64); \
 	int (*msg_redirect_hash)(void *, void *, u64); \
@@ -157,7 +159,28 @@ struct _name##_table_t { \
 }; \
 __attribute__((section("maps/sockhash:" MESHD_PIN_##_name))) \
 struct _name##_table_t _name = {.max_entries = (_max_entries)}; \
-BPF_ANNOTATE_KV_PAIR(_name, _key_type, int)
+BPF_ANNOTATE_KV_PAIR(_name, _key_type, _leaf_type)
+
+/* A Podman container's own network namespace, by its netns cookie: there
+ * connect4 sends connections to Envoy's listener inside that namespace. */
+struct ctr_netns {
+	__u32 index;           /* connect4 binds CONTAINER_NET4 | index: tuples stay unique */
+	__u32 addr4;           /* the container's IPv4 address (network order), for getsockname */
+};
+
+/* Key of netns_listeners: one of Envoy's listeners in one container namespace. */
+struct netns_slot {
+	__u64 netns;           /* netns cookie */
+	__u32 slot;            /* enum listener_slot */
+	__u32 pad;
+};
+
+/* Key of ctr_inbound_ports: a port of one container (by its IPv4 address). */
+struct ctr_port {
+	__u32 addr4;           /* network order */
+	__u16 port;            /* host order */
+	__u16 pad;
+};
 
 MESHD_MAP("array", __u32, struct mesh_settings, settings, 1, 0);
 /* [0] = hash of the BPF sources these pins were built from (set by meshd) */
@@ -199,7 +222,7 @@ MESHD_MAP("percpu_array", __u32, __u64, counters, MESHD_MAX_WORKLOADS * MESHD_NR
  * max_connections): a map of another layout would be replaced at an upgrade,
  * and dropping this one drops the bytes redirected into its sockets but not
  * yet read; a socket that does not fit is counted and uses TCP. */
-MESHD_SOCKHASH(accel_socks, struct accel_key, MESHD_MAX_ACCEL);
+MESHD_SOCKHASH(accel_socks, struct accel_key, int, MESHD_MAX_ACCEL);
 /* Per socket in accel_socks: enum accel_state, the latch that keeps each
  * direction of a connection on one path (see sk_msg.c). Deleted on close. */
 MESHD_MAP("lru_hash", struct accel_key, __u8, accel_state, MESHD_MAX_ACCEL, 0);
@@ -270,6 +293,15 @@ static __always_inline void accel_peer_of(struct accel_key *k, struct accel_key 
 	peer->netns = k->netns;
 	tuple_reverse(&k->t, &peer->t);
 }
+/* Podman containers with their own network namespace (netns cookie -> ...) */
+MESHD_MAP("hash", __u64, struct ctr_netns, container_netns, 4096, 0);
+/* ... and by their IPv4 address -> netns cookie (sk_lookup has no netns cookie) */
+MESHD_MAP("hash", __u32, __u64, container_addr4, 4096, 0);
+/* Inbound: ports a container's processes listen on -> workload id, filled by
+ * sockops at listen() (the served namespace's are in inbound_ports) */
+MESHD_MAP("hash", struct ctr_port, __u32, ctr_inbound_ports, MESHD_MAX_INBOUND_PORTS, 0);
+/* Envoy's listening sockets inside those namespaces; empty = fail open there */
+MESHD_SOCKHASH(netns_listeners, struct netns_slot, u64, 8192);
 
 static __always_inline void count(__u32 workload, __u32 slot)
 {
@@ -299,6 +331,14 @@ static __always_inline __u32 current_workload(void)
 			found = *wl;
 	}
 	return found;
+}
+
+/* The container namespace the calling socket lives in, or NULL (the served
+ * namespace itself: host processes and --network host containers). */
+static __always_inline struct ctr_netns *in_container_netns(void *ctx)
+{
+	__u64 ns = bpf_get_netns_cookie(ctx);
+	return container_netns.lookup(&ns);
 }
 
 static __always_inline struct mesh_settings *get_settings(void)

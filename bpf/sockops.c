@@ -94,6 +94,26 @@ static __always_inline void accel_note_local_syn(struct bpf_sock_ops *skops)
 static __always_inline int on_listen(struct bpf_sock_ops *skops)
 {
 	__u16 port = (__u16)skops->local_port;
+	struct ctr_netns *ctr = in_container_netns(skops);
+	if (ctr) {
+		/* a container's ports are its own namespace's, keyed by its address */
+		struct ctr_port k = {.addr4 = ctr->addr4, .port = port};
+		if (skops->op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
+			__u32 wl = current_workload();
+			if (!wl)
+				return 1;
+			ctr_inbound_ports.update(&k, &wl);
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+						  BPF_SOCK_OPS_STATE_CB_FLAG);
+			return 1;
+		}
+		if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[0] == 10 &&
+		    skops->args[1] == MESHD_TCP_CLOSE) {
+			ctr_inbound_ports.delete(&k);
+			return 1;
+		}
+		return 0;
+	}
 	if (skops->op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
 		__u32 wl = current_workload();   /* listen() runs in the app's context */
 		__u32 *flags = workload_flags.lookup(&wl);
@@ -171,7 +191,14 @@ static __always_inline void track_upstream(struct bpf_sock_ops *skops)
 	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
 		struct conn_tuple t = {};
 		tuple_of(skops, &t);
-		if (!inbound_ports.lookup(&t.dport))
+		/* Inside a container's namespace: to that container's own meshed
+		 * port. (A connection from the served namespace to a container is
+		 * an outbound leg: the container's sk_lookup must steer it.) */
+		struct ctr_netns *ctr = in_container_netns(skops);
+		struct ctr_port k = {.addr4 = t.daddr[0], .port = t.dport};
+		if (ctr ? !(t.family == MESHD_AF_INET && t.daddr[0] == ctr->addr4 &&
+			    ctr_inbound_ports.lookup(&k))
+			: !inbound_ports.lookup(&t.dport))
 			return;
 		__u8 one = ENVOY_UPSTREAM_SEEN;
 		envoy_upstreams.update(&t, &one);
@@ -228,6 +255,13 @@ int meshd_envoy_sockops(struct bpf_sock_ops *skops)
 		slot = v6 ? IN_V6 : IN_V4;
 	else
 		return 1;
+	if (in_container_netns(skops)) {
+		/* Envoy's listener inside a container's namespace */
+		struct netns_slot k = {.netns = bpf_get_netns_cookie(skops), .slot = slot};
+		long e = netns_listeners.sock_hash_update(skops, &k, BPF_ANY);
+		(void)e;
+		return 1;
+	}
 	long err = envoy_listeners.sock_map_update(skops, &slot, BPF_ANY);
 	(void)err;   /* BCC's rewriter mangles a helper call used inside a condition */
 	return 1;

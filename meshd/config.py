@@ -436,8 +436,10 @@ class _Parser:
             except ValueError as e:
                 self.err(self.at("workload", name, key), str(e))
         selectors = [k for k in ("cgroup", "unit") if k in table]
-        if len(selectors) != 1:
-            self.err(at, "needs exactly one of 'cgroup' or 'unit'" + (" (both are set)" if selectors else ""))
+        if len(selectors) > 1:
+            # neither is fine: a bare [workload.NAME] selects Podman containers only
+            # (podman run --annotation io.meshd.workload=NAME)
+            self.err(at, "needs at most one of 'cgroup' or 'unit' (both are set)")
         if len(self.errors) == errors_before:
             fields = {k: values.get(k, default) for k, (_, default) in _WORKLOAD_SCHEMA.items()}
             self.workloads[name] = Workload(name=name, source=str(at), **fields)

@@ -11,6 +11,7 @@ Only cleanup() removes the pins.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -237,12 +238,13 @@ class Datapath:
         finally:
             os.close(cg_fd)
 
-    def attach_netns(self, netns_path: str) -> None:
-        """Link sk_lookup to a network namespace, pinned as links/netns:sk_lookup."""
+    def attach_netns(self, netns_path: str, owner: str = "netns") -> None:
+        """Link sk_lookup to a network namespace, pinned as links/<owner>:sk_lookup
+        (the served namespace's owner is "netns"; a container's, its own)."""
         ns_fd = os.open(netns_path, os.O_RDONLY)
         try:
             # for a netns link, the link info's union starts with the netns inode (u32)
-            self._ensure_link(_link_name("netns", "sk_lookup"), "sk_lookup", ns_fd,
+            self._ensure_link(_link_name(owner, "sk_lookup"), "sk_lookup", ns_fd,
                               os.fstat(ns_fd).st_ino, mask=0xFFFFFFFF)
         finally:
             os.close(ns_fd)
@@ -326,6 +328,30 @@ class Datapath:
     def set_workload_ids(self, ids: dict[int, int]) -> None:
         """cgroup id -> workload id; entries not in `ids` are removed."""
         sync(self._map("workload_ids"), ids)
+
+    def set_containers(self, netns: dict[int, tuple[int, str]]) -> None:
+        """Container namespaces (netns cookie -> (index, IPv4 address)); entries
+        not given are removed, and their listening ports with them."""
+        sync(self._map("container_netns"), {
+            cookie: maplayout.CtrNetns(index=i, addr4=maplayout.route_source(ip))
+            for cookie, (i, ip) in netns.items()})
+        addrs = {maplayout.route_source(ip): cookie for cookie, (_, ip) in netns.items()}
+        sync(self._map("container_addr4"), addrs)
+        sync(self._map("ctr_inbound_ports"), {}, keep=lambda k, wl: k.addr4 in addrs)
+
+    def container_ports(self) -> dict[str, list[int]]:
+        """The ports each container (by IPv4 address) listens on, via Envoy."""
+        out: dict[str, list[int]] = {}
+        for k, _ in self._map("ctr_inbound_ports").items():
+            out.setdefault(str(ipaddress.IPv4Address(k.addr4.to_bytes(4, sys.byteorder))),
+                           []).append(k.port)
+        return {a: sorted(p) for a, p in out.items()}
+
+    def container_listening(self, netns_cookie: int, slot: str = "OUT_V4") -> bool:
+        """Is Envoy's listener inside this container namespace in the data path?"""
+        i = [c for c, _ in maplayout.LISTENER_SLOTS].index(slot)
+        return self._map("netns_listeners").get(
+            maplayout.NetnsSlot(netns=netns_cookie, slot=i)) is not None
 
     def set_exclusions(self, ports: dict[int, set[int]], cidrs: dict[int, set]) -> None:
         """Exclusions by workload id (0 = every workload): ports and networks."""

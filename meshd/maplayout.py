@@ -23,6 +23,10 @@ MAX_WORKLOADS = 256   # workload ids 1..255; 0 = "global" (applies to every work
 # connect4 binds a steered socket to WORKLOAD_NET4.<workload id>: Envoy tells
 # workloads apart by that source address.
 WORKLOAD_NET4 = ipaddress.IPv4Network("127.77.0.0/24")
+# In a Podman container's own network namespace, connect4 binds a steered
+# socket to CONTAINER_NET4 | <the container's index> instead: one Envoy listener
+# per container namespace, and 4-tuples that stay unique across namespaces.
+CONTAINER_NET4 = ipaddress.IPv4Network("127.78.0.0/16")
 # Envoy's connections to local applications come from here (Istio's choice);
 # sk_lookup lets them through instead of steering them back into Envoy.
 ENVOY_INBOUND_SOURCE4 = ipaddress.IPv4Address("127.0.0.6")
@@ -162,8 +166,27 @@ class AccelKey(Struct):
     _fields_ = [("netns", _u64), ("t", ConnTuple)]
 
 
+class CtrNetns(Struct):
+    """container_netns's value: a container namespace's index and IPv4 address."""
+    C_NAME = "ctr_netns"
+    _fields_ = [("index", _u32), ("addr4", _u32)]
+
+
+class NetnsSlot(Struct):
+    """netns_listeners's key: one of Envoy's listeners in one container namespace."""
+    C_NAME = "netns_slot"
+    _fields_ = [("netns", _u64), ("slot", _u32), ("pad", _u32)]
+
+
+class CtrPort(Struct):
+    """ctr_inbound_ports's key: a port (host order) of a container's address."""
+    C_NAME = "ctr_port"
+    _fields_ = [("addr4", _u32), ("port", _u16), ("pad", _u16)]
+
+
 STRUCTS = (MeshSettings, OrigDst, ConnTuple, PortKey, Cidr4Key, Cidr6Key,
-           Route4Key, Route6Key, Route6Src, AccelKey)
+           Route4Key, Route6Key, Route6Src, AccelKey, CtrNetns, NetnsSlot,
+           CtrPort)
 
 
 def _with_addr(cls: type, addr, **fields):
@@ -268,6 +291,12 @@ MAPS = {
     "accel_socks": MapSpec(AccelKey, _u32, "sockhash", ACCEL_MAX_SOCKETS),  # BCC's 4-byte value
     "accel_state": MapSpec(AccelKey, _u8, "lru_hash", ACCEL_MAX_SOCKETS),
     "accel_counters": MapSpec(_u32, _u64, "percpu_array", len(ACCEL_COUNTERS)),
+    "container_netns": MapSpec(_u64, CtrNetns, "hash", 4096),   # netns cookie -> container
+    # Envoy's listeners in container namespaces; a lookup returns the cookie
+    "netns_listeners": MapSpec(NetnsSlot, _u64, "sockhash", 8192),
+    "container_addr4": MapSpec(_u32, _u64, "hash", 4096),   # container IPv4 -> netns cookie
+    # a container's listening port -> workload id
+    "ctr_inbound_ports": MapSpec(CtrPort, _u32, "hash", "MESHD_MAX_INBOUND_PORTS"),
 }
 
 
@@ -283,6 +312,7 @@ def c_prelude(sizes: MapSizes = MapSizes()) -> str:
         "#define MESHD_LAYOUT_PRELUDE 1\n"
         f"#define MESHD_MAX_WORKLOADS {MAX_WORKLOADS}\n"
         f"#define WORKLOAD_NET4 {int(WORKLOAD_NET4.network_address):#010x}\n"
+        f"#define CONTAINER_NET4 {int(CONTAINER_NET4.network_address):#010x}\n"
         f"#define MESHD_ENVOY_INBOUND_SOURCE4 {int(ENVOY_INBOUND_SOURCE4):#010x}\n"
         f"#define WL_EXPLICIT_PORTS {WL_EXPLICIT_PORTS}\n"
         f"#define MESH_F_ACCEL {MESH_F_ACCEL}\n"

@@ -26,6 +26,9 @@ DOCUMENTED = {
     ml.Route6Key: (20, {"prefixlen": 0, "addr": 4}),
     ml.Route6Src: (16, {"addr": 0}),
     ml.AccelKey: (48, {"netns": 0, "t": 8}),
+    ml.CtrNetns: (8, {"index": 0, "addr4": 4}),
+    ml.NetnsSlot: (16, {"netns": 0, "slot": 8, "pad": 12}),
+    ml.CtrPort: (8, {"addr4": 0, "port": 4, "pad": 6}),
 }
 
 
@@ -148,8 +151,8 @@ def test_every_map_in_the_header_is_declared_as_the_layout_says():
         args = [a.strip() for a in m.group(2).split(",")]
         if m.group(1) == "MESHD_SOCKMAP":   # (name, size)
             in_header[args[0]] = ("sockmap", args[1], "0")
-        elif m.group(1) == "MESHD_SOCKHASH":   # (name, key, size)
-            in_header[args[0]] = ("sockhash", args[2], "0")
+        elif m.group(1) == "MESHD_SOCKHASH":   # (name, key, value, size)
+            in_header[args[0]] = ("sockhash", args[3], "0")
         else:                               # ("type", key, value, name, size, flags)
             in_header[args[3]] = (args[0].strip('"'), args[4], args[5])
     assert "settings" in in_header and "envoy_listeners" in in_header

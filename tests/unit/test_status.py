@@ -75,7 +75,7 @@ def test_status_json_keeps_its_field_names():
     d = json.loads(sample().to_json())
     assert set(d) == {"version", "pid", "state", "updated", "started", "config_dir",
                       "config_files", "config_errors", "mesh", "envoy", "datapath",
-                      "acceleration", "counters", "workloads"}
+                      "acceleration", "counters", "workloads", "containers"}
     assert set(d["mesh"]) == {"outbound_port", "inbound_port", "exclude_outbound_ports",
                               "exclude_outbound_cidrs", "bpffs_dir", "state_dir", "cgroup_root"}
     assert set(d["envoy"]) == {"state", "pid", "adopted", "restarts", "admin_socket",
