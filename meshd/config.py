@@ -59,6 +59,11 @@ class MeshConfig:
     protocols: tuple[tuple[int, str], ...] = ()
     # inbound HTTP: append the client's address to X-Forwarded-For
     http_forwarded_for: bool = False
+    # observability (docs/observability.md): Prometheus endpoint ("" = off),
+    # flow log destination and the share of records it keeps
+    metrics_address: str = "127.0.0.1:9464"
+    flow_logs: str = "auto"
+    flow_log_sample: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,26 @@ def _protocols(v: Any) -> tuple[tuple[int, str], ...]:
     return tuple(sorted(good.items()))
 _cidrs = _list_of(_cidr, "CIDR strings", sort_key=lambda n: (n.version, n.network_address, n.prefixlen))
 
+def _metrics_address(v: Any) -> str:
+    if _string(v):
+        from .metrics import parse_address
+        parse_address(v)
+    return v
+
+
+def _flow_logs(v: Any) -> str:
+    from .flowlog import MODES
+    if _string(v) not in MODES:
+        raise ValueError(f"must be one of {', '.join(MODES)}, got {v!r}")
+    return v
+
+
+def _fraction(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        raise ValueError(f"expected a number above 0 and at most 1, got {_describe(v)}")
+    return float(v)
+
+
 # key -> (converter, default)
 _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "outbound_port": (_port, 15001),
@@ -218,6 +243,9 @@ _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "preserve_client_address": (_bool, True),
     "protocols": (_protocols, ()),
     "http_forwarded_for": (_bool, False),
+    "metrics_address": (_metrics_address, "127.0.0.1:9464"),
+    "flow_logs": (_flow_logs, "auto"),
+    "flow_log_sample": (_fraction, 1.0),
 }
 _WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "cgroup": (_cgroup, None),

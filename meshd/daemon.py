@@ -14,7 +14,8 @@ import os
 import signal
 import time
 
-from . import __version__, cgroups, envoy_config, maplayout, notify, routing, sources
+from . import __version__, cgroups, envoy_config, flows, maplayout, notify, routing, sources, \
+    statefiles
 from .apply import Applier
 from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, DatapathError
@@ -34,7 +35,8 @@ log = logging.getLogger("meshd")
 
 # Keys that name where an instance lives: changing them live would orphan pins,
 # cgroups or files, so a reload keeps the running values and says so.
-RESTART_ONLY = ("bpffs_dir", "state_dir", "cgroup_root", "netns", "envoy_binary")
+RESTART_ONLY = ("bpffs_dir", "state_dir", "cgroup_root", "netns", "envoy_binary",
+                "metrics_address")
 STATUS_INTERVAL_MS = 1000
 RESCAN_INTERVAL_MS = 5000
 
@@ -76,6 +78,12 @@ class Daemon:
         self._netlink = None
         self._cgroup_watches: dict[str, int] = {}
         self.bus = None  # meshd.bus.BusService once the main loop runs
+        # observability (meshd/flows.py, flowlog.py, observe.py, metrics.py)
+        self.reloads = {"ok": 0, "rejected": 0}
+        self.flow_receiver = self.flowlog = self.observer = self.metrics = None
+        self._workload_names: dict[int, str] = {}
+        self._last_stats: dict[str, int] = {}
+        self._snapshot = None
 
     # -- start-up -------------------------------------------------------------
     def start(self) -> None:
@@ -179,6 +187,7 @@ class Daemon:
             failed.update(more)
         self._log_changes(previous, p)
         self.plan = p
+        self._workload_names = {w.id: w.name for w in p.workloads if w.id}
         if hasattr(self, "inotify"):
             self._update_cgroup_watches()
 
@@ -199,6 +208,7 @@ class Daemon:
             cfg = load_config(self.config_dir)
         except ConfigInvalid as e:
             self.config_errors = e.errors
+            self.reloads["rejected"] += 1
             for err in e.errors:
                 log.error("config rejected, last good config stays: %s", err,
                           extra={"CONFIG_FILE": err.file, "CONFIG_LINE": err.line,
@@ -215,6 +225,9 @@ class Daemon:
         if kept:
             cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **kept))
         self.config, self.config_errors = cfg, []
+        self.reloads["ok"] += 1
+        if (cfg.mesh.flow_logs, cfg.mesh.flow_log_sample) != (old.flow_logs, old.flow_log_sample):
+            self._open_flowlog()
         log.info("configuration reloaded (%s): %d workload(s)", why, len(cfg.workloads))
         self.apply()
         self.write_status()
@@ -237,12 +250,56 @@ class Daemon:
         wd_ms = notify.watchdog_interval_ms()
         if wd_ms:
             GLib.timeout_add(wd_ms, lambda: notify.send("WATCHDOG=1") or True)
+        self._start_observability()
         from .bus import BusService
         self.bus = BusService(self)
         self.bus.publish()  # False (and a warning) without a system bus: meshd works without
         self.write_status()
         self.loop.run()
         return 0
+
+    # -- observability ----------------------------------------------------------
+    def _start_observability(self) -> None:
+        """Flow records from Envoy (journal/file, `meshd observe`) and the
+        metrics endpoint. Each part that cannot start is logged and left off:
+        traffic and the rest of meshd do not depend on them."""
+        mesh = self.config.mesh
+        from .observe import ObserveServer
+        try:
+            self.observer = ObserveServer(statefiles.path(mesh.state_dir,
+                                                          statefiles.OBSERVE_SOCKET))
+            self._open_flowlog()
+            self.flow_receiver = flows.FlowReceiver(
+                envoy_config.flows_socket_path(mesh.state_dir), self._on_flow_records)
+        except (OSError, ImportError) as e:
+            log.warning("flow records are off: %s", e)
+        if mesh.metrics_address:
+            try:
+                from .metrics import MetricsServer
+                self.metrics = MetricsServer(mesh.metrics_address, lambda: self._snapshot,
+                                             envoy_config.admin_socket_path(mesh.state_dir))
+                log.info("metrics on %s", mesh.metrics_address)
+            except (OSError, ImportError) as e:
+                log.warning("metrics are off: cannot serve %s: %s", mesh.metrics_address, e)
+
+    def _open_flowlog(self) -> None:
+        from .flowlog import FlowLog
+        if self.flowlog is not None:
+            self.flowlog.close()
+        mesh = self.config.mesh
+        self.flowlog = FlowLog(mesh.flow_logs, mesh.flow_log_sample, mesh.state_dir,
+                               unit=getattr(self.envoy, "unit_name", ""))
+
+    def _on_flow_records(self, batch: list) -> None:
+        name = self._workload_names.get
+        records = [r for r in (flows.record(raw, name) for raw in batch) if r is not None]
+        self.observer.publish(records)
+        self.flowlog.write(records)
+
+    def _stop_observability(self) -> None:
+        for part in (self.flow_receiver, self.observer, self.flowlog, self.metrics):
+            if part is not None:
+                part.close()
 
     def _debounce(self, name: str, ms: int, fn) -> None:
         from gi.repository import GLib
@@ -314,6 +371,7 @@ class Daemon:
         self.write_status()
         if self.bus is not None:
             self.bus.close()
+        self._stop_observability()
         self.dp.close()
         self.loop.quit()
         return False
@@ -382,13 +440,15 @@ class Daemon:
 
     def _envoy_stats(self) -> dict[str, int]:
         if self.envoy.state != ENVOY_RUNNING:
+            self._last_stats = {}
             return {}
         try:
-            return envoy_admin.stats(envoy_config.admin_socket_path(self.config.mesh.state_dir),
-                                     timeout=0.5)
+            self._last_stats = envoy_admin.stats(
+                envoy_config.admin_socket_path(self.config.mesh.state_dir), timeout=0.5)
         except (OSError, ValueError) as e:
             log.debug("Envoy stats: %s", e)
-            return {}
+            self._last_stats = {}
+        return self._last_stats
 
     def write_status(self) -> None:
         """status.json and the D-Bus properties, from one Status."""
@@ -399,6 +459,13 @@ class Daemon:
             log.warning("cannot write status: %s", e)
         if self.bus is not None:
             self.bus.update(st)
+        from .metrics import Snapshot
+        fl, rx = self.flowlog, self.flow_receiver
+        self._snapshot = Snapshot(   # one reference swap: the scrape thread reads it whole
+            status=st, envoy_stats=self._last_stats, reloads=dict(self.reloads),
+            maps=self.dp.map_fill(st.datapath.tracked_connections) if self.dp.maps else {},
+            flows={"received": rx.received if rx else 0, "logged": fl.written if fl else 0,
+                   "log_failed": fl.failed if fl else 0})
 
 
 def run(config_dir: str) -> int:

@@ -34,13 +34,14 @@ LISTENER_INBOUND = "meshd_inbound"
 CLUSTER_ORIGINAL_DST = "meshd_original_dst"
 CLUSTER_INBOUND = "meshd_inbound"
 CLUSTER_BLACKHOLE = "meshd_blackhole"
+CLUSTER_FLOWS = "meshd_flows"
 # Envoy's connections to the local application come from here; sk_lookup lets
 # them through instead of steering them back into Envoy (as Istio's 127.0.0.6;
 # for IPv6 ::1, since ::6 is not a local address and replies to it get lost).
 INBOUND_SOURCE_V4 = str(maplayout.ENVOY_INBOUND_SOURCE4)
 INBOUND_SOURCE_V6 = "::1"
 T_ORIGINAL_SRC = _T + "envoy.extensions.filters.listener.original_src.v3.OriginalSrc"
-T_FILE_ACCESS_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+T_FLUENTD_ACCESS_LOG = _T + "envoy.extensions.access_loggers.fluentd.v3.FluentdAccessLogConfig"
 
 BOOTSTRAP = "bootstrap.json"
 LDS = "lds.json"
@@ -60,8 +61,8 @@ def admin_socket_path(state_dir: str) -> str:
     return statefiles.path(state_dir, statefiles.ENVOY_ADMIN)
 
 
-def access_log_path(state_dir: str) -> str:
-    return statefiles.path(state_dir, statefiles.ACCESS_LOG)
+def flows_socket_path(state_dir: str) -> str:
+    return statefiles.path(state_dir, statefiles.FLOWS_SOCKET)
 
 
 def bootstrap_path(state_dir: str) -> str:
@@ -89,9 +90,10 @@ def _discovery_response(type_url: str, resources: list[dict]) -> dict:
 
 
 def render_bootstrap(state_dir: str) -> dict:
-    sock = admin_socket_path(state_dir)
-    if len(sock.encode()) > _SUN_PATH_MAX:
-        raise ValueError(f"admin socket path too long for AF_UNIX ({len(sock)} bytes): {sock}")
+    sock, flows = admin_socket_path(state_dir), flows_socket_path(state_dir)
+    for path in (sock, flows):
+        if len(path.encode()) > _SUN_PATH_MAX:
+            raise ValueError(f"socket path too long for AF_UNIX ({len(path)} bytes): {path}")
     cdir = config_dir(state_dir)
     return {
         "node": {"id": "meshd", "cluster": "meshd"},
@@ -100,6 +102,7 @@ def render_bootstrap(state_dir: str) -> dict:
             "lds_config": _path_source(os.path.join(cdir, LDS), cdir),
             "cds_config": _path_source(os.path.join(cdir, CDS), cdir),
         },
+        "static_resources": {"clusters": [_flows_cluster(flows)]},
         "overload_manager": {
             "resource_monitors": [
                 {
@@ -114,25 +117,50 @@ def render_bootstrap(state_dir: str) -> dict:
     }
 
 
-def _access_log(path: str) -> list[dict]:
-    """One JSON line per connection/request, with the client's real address."""
-    fields = {"start": "%START_TIME%", "client": "%DOWNSTREAM_REMOTE_ADDRESS%",
-              "destination": "%DOWNSTREAM_LOCAL_ADDRESS%", "upstream": "%UPSTREAM_HOST%",
-              "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%", "code": "%RESPONSE_CODE%",
-              "bytes_received": "%BYTES_RECEIVED%", "bytes_sent": "%BYTES_SENT%",
-              "duration_ms": "%DURATION%"}
-    return [{"name": "envoy.access_loggers.file",
-             "typed_config": {"@type": T_FILE_ACCESS_LOG, "path": path,
-                              "log_format": {"json_format": fields}}}]
+# One record per connection (tcp_proxy) or request (HTTP), streamed to meshd
+# (meshd/flows.py) with the Fluentd forward protocol over a Unix socket: each
+# worker batches records in memory and sends them every FLOW_FLUSH, with no
+# file or disk write in Envoy; while meshd is not reading, a worker keeps at
+# most FLOW_BUFFER bytes and then drops records (counted by Envoy as
+# access_logs.meshd_flows.entries_lost), so traffic never waits for meshd.
+# Every chain has the same logger config, so a worker shares one connection;
+# meshd tells the chains apart by %FILTER_CHAIN_NAME% (named below).
+FLOW_FLUSH = "0.2s"
+FLOW_BUFFER = 256 * 1024
+FLOW_RECORD = {"t": "%START_TIME(%s.%3f)%", "chain": "%FILTER_CHAIN_NAME%",
+               "client": "%DOWNSTREAM_REMOTE_ADDRESS%", "local": "%DOWNSTREAM_LOCAL_ADDRESS%",
+               "upstream": "%UPSTREAM_HOST%", "proto": "%PROTOCOL%",
+               "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH):256%",
+               "code": "%RESPONSE_CODE%", "flags": "%RESPONSE_FLAGS%",
+               "rx": "%BYTES_RECEIVED%", "tx": "%BYTES_SENT%", "ms": "%DURATION%"}
 
 
-def _tcp_proxy(stat_prefix: str, cluster: str, access_log: str = "") -> dict:
+def _access_log() -> list[dict]:
+    return [{"name": "envoy.access_loggers.fluentd",
+             "typed_config": {"@type": T_FLUENTD_ACCESS_LOG, "cluster": CLUSTER_FLOWS,
+                              "tag": "meshd", "stat_prefix": "meshd_flows",
+                              "buffer_flush_interval": FLOW_FLUSH,
+                              "buffer_size_bytes": FLOW_BUFFER, "record": FLOW_RECORD,
+                              # Reconnect soon after meshd restarts, forever.
+                              "retry_options": {"backoff_options": {
+                                  "base_interval": "0.2s", "max_interval": "2s"}}}}]
+
+
+def _flows_cluster(socket_path: str) -> dict:
+    """Where the records go: meshd's socket. Static (the Fluentd logger wants
+    a bootstrap cluster), so it is in place before any listener."""
+    return {"name": CLUSTER_FLOWS, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": CLUSTER_FLOWS, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"pipe": {"path": socket_path}}}}]}]}}
+
+
+def _tcp_proxy(stat_prefix: str, cluster: str, access_log: bool = True) -> dict:
     cfg = {"@type": T_TCP_PROXY, "stat_prefix": stat_prefix, "cluster": cluster,
            # No idle timeout of our own (Envoy's default is 1 h): a quiet
            # connection lives as long as the kernel and the peers let it.
            "idle_timeout": "0s"}
     if access_log:
-        cfg["access_log"] = _access_log(access_log)
+        cfg["access_log"] = _access_log()
     return {"name": "envoy.filters.network.tcp_proxy", "typed_config": cfg}
 
 
@@ -148,7 +176,7 @@ _PRESERVE_CASE = {
 _HTTP_COMMON = {"idle_timeout": "0s", "max_headers_count": 10000}
 
 
-def _http_connection_manager(stat_prefix: str, cluster: str, access_log: str = "",
+def _http_connection_manager(stat_prefix: str, cluster: str, access_log: bool = True,
                              forwarded_for: bool = False) -> dict:
     """Envoy's HTTP handling, set to change as little as Envoy allows (README
     "Transparency" lists what it still changes)."""
@@ -191,7 +219,7 @@ def _http_connection_manager(stat_prefix: str, cluster: str, access_log: str = "
                           "typed_config": {"@type": T_ROUTER, "suppress_envoy_headers": True}}],
     }
     if access_log:
-        hcm["access_log"] = _access_log(access_log)
+        hcm["access_log"] = _access_log()
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
 
 
@@ -207,7 +235,7 @@ def is_http(protocol: str) -> bool:
 
 
 def _chain(name: str, match: dict, protocol: str, stat: str, cluster: str,
-           access_log: str = "", forwarded_for: bool = False) -> dict:
+           access_log: bool = True, forwarded_for: bool = False) -> dict:
     """One filter chain; its stat prefix is <stat's direction>_<http|tcp><stat's suffix>,
     e.g. outbound_http_3: the numbers status reads per workload."""
     direction, _, suffix = stat.partition("_")
@@ -221,7 +249,7 @@ def _chain(name: str, match: dict, protocol: str, stat: str, cluster: str,
     return chain
 
 
-def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str,
+def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: bool = True,
                             client_mark: int = 0,
                             workload_ports: dict[int, list[int]] | None = None,
                             protocols: dict[int, str] | None = None,
@@ -377,7 +405,7 @@ def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
         BOOTSTRAP: render_bootstrap(state_dir),
         LDS: _discovery_response(T_LISTENER, render_listeners(
             outbound_port, ipv6, (workload_ports or {}).keys(), protocols) + [
-                render_inbound_listener(inbound_port, ipv6, access_log_path(state_dir),
+                render_inbound_listener(inbound_port, ipv6, True,
                                         client_mark, workload_ports, protocols,
                                         workload_protocols, forwarded_for)]),
         CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6, client_mark)),

@@ -215,7 +215,7 @@ def test_static_equivalent_inlines_dynamic_files(tmp_path):
     assert [r["name"] for r in combined["static_resources"]["listeners"]] == [
         "meshd_outbound", "meshd_inbound"]
     assert "@type" not in combined["static_resources"]["listeners"][0]
-    assert len(combined["static_resources"]["clusters"]) == 3
+    assert len(combined["static_resources"]["clusters"]) == 4   # meshd_flows + CDS
 
 
 def test_inbound_listener(files):
@@ -230,7 +230,8 @@ def test_inbound_listener(files):
     assert miss["filters"][0]["typed_config"]["cluster"] == "meshd_blackhole"
     tcp = li["default_filter_chain"]["filters"][0]["typed_config"]
     assert tcp["stat_prefix"] == "inbound_tcp" and tcp["cluster"] == "meshd_inbound"
-    assert tcp["access_log"][0]["typed_config"]["path"] == "/run/meshd/access.log"
+    flows = tcp["access_log"][0]["typed_config"]
+    assert flows["cluster"] == "meshd_flows" and flows["record"]["chain"] == "%FILTER_CHAIN_NAME%"
 
 
 def test_inbound_protocols_per_workload_over_global():
