@@ -269,7 +269,7 @@ def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: bool = Tr
         # Somebody connected to the inbound port itself: nothing to forward to.
         "name": "inbound_miss",
         "filter_chain_match": {"destination_port": inbound_port},
-        "filters": [_tcp_proxy("inbound_miss", CLUSTER_BLACKHOLE)],
+        "filters": [_tcp_proxy("inbound_miss", CLUSTER_BLACKHOLE, access_log)],
     }]
     served = set()
     for wid, ports in sorted((workload_ports or {}).items()):
@@ -303,7 +303,8 @@ def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: bool = Tr
 
 
 def render_listeners(outbound_port: int, ipv6: bool, workload_ids=(),
-                     protocols: dict[int, str] | None = None) -> list[dict]:
+                     protocols: dict[int, str] | None = None,
+                     access_log: bool = True) -> list[dict]:
     """The outbound listener. A connection's chain is chosen by its original
     destination port (protocols) and its workload (source 127.77.0.<id>).
     Envoy matches the destination port before the source, so each workload
@@ -314,19 +315,19 @@ def render_listeners(outbound_port: int, ipv6: bool, workload_ids=(),
         # Fail it loudly and count it (tcp.outbound_miss.*).
         "name": "outbound_miss",
         "filter_chain_match": {"destination_port": outbound_port},
-        "filters": [_tcp_proxy("outbound_miss", CLUSTER_BLACKHOLE)],
+        "filters": [_tcp_proxy("outbound_miss", CLUSTER_BLACKHOLE, access_log)],
     }]
     for wid in sorted(workload_ids):
         src = {"source_prefix_ranges": [{"address_prefix": maplayout.workload_source4(wid), "prefix_len": 32}]}
         for port, proto in declared:
             chains.append(_chain(f"outbound_wl{wid}_port{port}", dict(src, destination_port=port),
-                                 proto, f"outbound_{wid}", CLUSTER_ORIGINAL_DST))
+                                 proto, f"outbound_{wid}", CLUSTER_ORIGINAL_DST, access_log))
         chains.append(_chain(f"outbound_wl{wid}", src, "tcp", f"outbound_{wid}",
-                             CLUSTER_ORIGINAL_DST))
+                             CLUSTER_ORIGINAL_DST, access_log))
     for port, proto in declared:   # connections no workload address tells apart (IPv6)
         chains.append(_chain(f"outbound_port{port}", {"destination_port": port}, proto,
-                             "outbound", CLUSTER_ORIGINAL_DST))
-    default = _chain("outbound_tcp", {}, "tcp", "outbound", CLUSTER_ORIGINAL_DST)
+                             "outbound", CLUSTER_ORIGINAL_DST, access_log))
+    default = _chain("outbound_tcp", {}, "tcp", "outbound", CLUSTER_ORIGINAL_DST, access_log)
     listener: dict = {
         "name": LISTENER_OUTBOUND,
         "address": _addr("127.0.0.1", outbound_port),
@@ -392,7 +393,7 @@ def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
            workload_ports: dict[int, list[int]] | None = None,
            protocols: dict[int, str] | None = None,
            workload_protocols: dict[int, dict[int, str]] | None = None,
-           forwarded_for: bool = False) -> dict[str, dict]:
+           forwarded_for: bool = False, access_log: bool = True) -> dict[str, dict]:
     """Return {"bootstrap.json": ..., "lds.json": ..., "cds.json": ...}.
 
     workload_ports: enrolled workload id -> its meshed inbound ports; each
@@ -404,8 +405,8 @@ def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
     return {
         BOOTSTRAP: render_bootstrap(state_dir),
         LDS: _discovery_response(T_LISTENER, render_listeners(
-            outbound_port, ipv6, (workload_ports or {}).keys(), protocols) + [
-                render_inbound_listener(inbound_port, ipv6, True,
+            outbound_port, ipv6, (workload_ports or {}).keys(), protocols, access_log) + [
+                render_inbound_listener(inbound_port, ipv6, access_log,
                                         client_mark, workload_ports, protocols,
                                         workload_protocols, forwarded_for)]),
         CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6, client_mark)),

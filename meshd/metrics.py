@@ -28,7 +28,7 @@ from .envoy import admin as envoy_admin
 log = logging.getLogger("meshd")
 
 STATES = ("starting", "running", "degraded", "stopped")
-ENVOY_STATES = ("starting", "running", "stopped", "failed", "restarting")
+ENVOY_STATES = ("starting", "running", "restarting", "stopped")
 DIRECTIONS = ("outbound", "inbound")
 KINDS = ("http", "tcp")
 # Envoy's tag extraction turns http.<prefix>. and tcp.<prefix>. into these labels.

@@ -85,6 +85,7 @@ class EnvoyInput:
     protocols: dict[int, str] = field(default_factory=dict)
     workload_protocols: dict[int, dict[int, str]] = field(default_factory=dict)
     forwarded_for: bool = False
+    access_log: bool = True   # Envoy streams flow records to meshd (off: flow_logs = "off")
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ def plan(config: Config, world: World, ids: dict[str, int], previous: Plan = EMP
             routing.MARK if mesh.preserve_client_address else 0,
             tuple(p.id for p in workloads if p.enrolled), dict(mesh.protocols),
             {ids[w.name]: dict(w.protocols) for w in config.workloads},
-            mesh.http_forwarded_for))
+            mesh.http_forwarded_for, mesh.flow_logs != "off"))
 
 
 def _inbound(config: Config, world: World, by_name: dict[str, WorkloadPlan],

@@ -277,3 +277,15 @@ def test_per_workload_chains():
     assert inbound["inbound_wl3_port8080"]["filter_chain_match"] == {"destination_port": 8080}
     assert not any(n.startswith("inbound_wl7") for n in inbound)   # no ports, no chains
 
+
+
+def test_flow_records_off_leaves_no_access_logger():
+    on = ec.render(15001, 15006, STATE, ipv6=True, workload_ports={3: [8080]},
+                   protocols={8080: "http"})
+    off = ec.render(15001, 15006, STATE, ipv6=True, workload_ports={3: [8080]},
+                    protocols={8080: "http"}, access_log=False)
+    assert json.dumps(on[ec.LDS]).count("envoy.access_loggers.fluentd") >= 6
+    assert "access_log" not in json.dumps(off[ec.LDS])
+    flows = on[ec.BOOTSTRAP]["static_resources"]["clusters"][0]
+    assert flows["name"] == "meshd_flows" and flows["load_assignment"]["endpoints"][0][
+        "lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"] == STATE + "/flows.sock"
