@@ -318,6 +318,22 @@ class BenchBase:
         sh(*cmd, "type", "veth", "peer", "name", name + "p", "netns", peer_ns)
         self.links_made.append((ns or "", name))
 
+    def two_hosts(self, net: int) -> tuple[str, str, str, str]:
+        """A client namespace <prefix>c (the meshed host) and a server namespace
+        <prefix>s joined by a veth, 10.<net>.N.1 and .2 (N random). Returns
+        (client ns, server ns, client ip, server ip)."""
+        ns_c, ns_s = f"{self.prefix}c", f"{self.prefix}s"
+        n = random.randint(1, 250)
+        ip_c, ip_s = f"10.{net}.{n}.1", f"10.{net}.{n}.2"
+        self.netns_add(ns_c)
+        self.netns_add(ns_s)
+        veth = f"{self.prefix}x"
+        self.veth_add(veth, ns_c, ns_s)
+        for ns, dev, ip in ((ns_c, veth, ip_c), (ns_s, veth + "p", ip_s)):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        return ns_c, ns_s, ip_c, ip_s
+
     # ---------------------------------------------------------------- processes
     def spawn_server(self, cgroup: str, netns: str, *cmd) -> subprocess.Popen:
         errlog = open(os.path.join(self.tmp, "servers.log"), "a")
@@ -598,6 +614,22 @@ def arg_parser(doc: str, modes, idle_wait: float = 20) -> argparse.ArgumentParse
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="results directory")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs) at the end")
     return ap
+
+
+def root_prelude(script: str) -> bool:
+    """For a script that is not a run_suite one: False (and why) without root; else
+    reap orphaned Envoys and turn SIGTERM/SIGHUP/SIGINT into SystemExit, so the
+    caller's finally cleans up."""
+    if os.geteuid() != 0:
+        print(f"bench/{script}.py needs root (netns, cgroups, BPF)", file=sys.stderr)
+        return False
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: reap orphaned Envoys
+
+    def on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(s, on_signal)
+    return True
 
 
 def run_suite(cls, args, ap: argparse.ArgumentParser, script: str) -> int:

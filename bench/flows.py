@@ -21,10 +21,8 @@ Latency is compared across the three: the records cost what "on" minus "off" sho
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import random
 import signal
 import statistics
 import subprocess
@@ -34,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (CLK_TCK, FILE_NAME, BenchBase, MeshdInstance, arg_parser, log,  # noqa: E402
-                    nginx_conf, sh, wait_for, write_www)
+from common import (root_prelude, CLK_TCK, FILE_NAME, BenchBase, MeshdInstance, arg_parser, log,  # noqa: E402
+                    nginx_conf, wait_for, write_www)
 
 # Open loop: a connection every 1/rate s whatever the previous ones do; one line per
 # connection: start time, latency in ms (-1: failed).
@@ -100,16 +98,7 @@ class Flows(BenchBase):
     name = "flows"
 
     def setup(self):
-        self.ns_c, self.ns_s = f"{self.prefix}c", f"{self.prefix}s"
-        n = random.randint(1, 250)
-        self.ip_c, self.ip_s = f"10.236.{n}.1", f"10.236.{n}.2"
-        self.netns_add(self.ns_c)
-        self.netns_add(self.ns_s)
-        veth = f"{self.prefix}x"
-        self.veth_add(veth, self.ns_c, self.ns_s)
-        for ns, dev, ip in ((self.ns_c, veth, self.ip_c), (self.ns_s, veth + "p", self.ip_s)):
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
+        self.ns_c, self.ns_s, self.ip_c, self.ip_s = self.two_hosts(236)
         self.wl = self.cg_make("wl")
         server = self.cg_make("server")
         write_www(self.tmp)
@@ -185,15 +174,8 @@ def main() -> int:
     ap.add_argument("--stalled", type=float, default=15, help="seconds with meshd stopped (15)")
     ap.add_argument("--window", type=float, default=10, help="sampling window, s (10)")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench/flows.py needs root (netns, cgroups, BPF)", file=sys.stderr)
+    if not root_prelude("flows"):
         return 1
-    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: reap orphaned Envoys
-
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)       # so the finally below cleans up
-    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(s, on_signal)
     bench = Flows(args)
     try:
         bench.setup()

@@ -10,10 +10,10 @@ receive only handles what arrived.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import socket
 from typing import Callable, Optional
+
+from .unixlisten import UnixListener
 
 log = logging.getLogger("meshd")
 
@@ -108,34 +108,16 @@ class FlowReceiver:
         self.received = 0
         self.errors = 0
         self._conns: dict[int, tuple] = {}   # fd -> (socket, unpacker, watch id)
-        try:
-            os.unlink(path)   # a previous meshd's; Envoy reconnects to the new one
-        except FileNotFoundError:
-            pass
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        self.sock.bind(path)
         # Envoy may run as another user (least privilege): the state directory's
         # own mode is what guards it.
-        os.chmod(path, 0o666)
-        self.sock.listen(64)
-        self._watch = GLib.io_add_watch(self.sock.fileno(), GLib.PRIORITY_DEFAULT,
-                                        GLib.IO_IN, self._on_accept)
+        self.listener = UnixListener(path, 0o666, self._on_conn, backlog=64)
 
-    def _on_accept(self, fd, cond) -> bool:
+    def _on_conn(self, conn) -> None:
         GLib = self._glib
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return True
-            except OSError as e:
-                log.warning("flow records: accept: %s", e)
-                return True
-            conn.setblocking(False)
-            unpacker = self._msgpack.Unpacker(raw=False, max_buffer_size=_MAX_BUFFER)
-            wid = GLib.io_add_watch(conn.fileno(), GLib.PRIORITY_DEFAULT,
-                                    GLib.IO_IN | GLib.IO_HUP | GLib.IO_ERR, self._on_data)
-            self._conns[conn.fileno()] = (conn, unpacker, wid)
+        unpacker = self._msgpack.Unpacker(raw=False, max_buffer_size=_MAX_BUFFER)
+        wid = GLib.io_add_watch(conn.fileno(), GLib.PRIORITY_DEFAULT,
+                                GLib.IO_IN | GLib.IO_HUP | GLib.IO_ERR, self._on_data)
+        self._conns[conn.fileno()] = (conn, unpacker, wid)
 
     def _drop(self, fd: int) -> None:
         conn, _, wid = self._conns.pop(fd)
@@ -173,9 +155,4 @@ class FlowReceiver:
     def close(self) -> None:
         for fd in list(self._conns):
             self._drop(fd)
-        self._glib.source_remove(self._watch)
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        self.listener.close()

@@ -12,10 +12,11 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import socket
 import time
 from typing import Iterator
+
+from .unixlisten import UnixListener
 
 log = logging.getLogger("meshd")
 
@@ -40,16 +41,8 @@ class ObserveServer:
         self.ring: collections.deque = collections.deque(maxlen=ring)
         self._clients: dict[int, _Client] = {}
         self.dropped_clients = 0
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        self.sock.bind(path)
-        os.chmod(path, 0o600)   # flow records name peers: root only, as the state files
-        self.sock.listen(16)
-        self._watch = GLib.io_add_watch(self.sock.fileno(), GLib.PRIORITY_DEFAULT,
-                                        GLib.IO_IN, self._on_accept)
+        # Flow records name peers: root only, as the state files.
+        self.listener = UnixListener(path, 0o600, self._on_conn)
 
     # -- records in --
     def publish(self, records: list[dict]) -> None:
@@ -62,20 +55,12 @@ class ObserveServer:
                 self._queue(c, data)
 
     # -- clients --
-    def _on_accept(self, fd, cond) -> bool:
+    def _on_conn(self, conn: socket.socket) -> None:
         GLib = self._glib
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return True
-            except OSError:
-                return True
-            conn.setblocking(False)
-            c = _Client(conn)
-            c.watch = GLib.io_add_watch(conn.fileno(), GLib.PRIORITY_DEFAULT,
-                                        GLib.IO_IN | GLib.IO_HUP | GLib.IO_ERR, self._on_in)
-            self._clients[conn.fileno()] = c
+        c = _Client(conn)
+        c.watch = GLib.io_add_watch(conn.fileno(), GLib.PRIORITY_DEFAULT,
+                                    GLib.IO_IN | GLib.IO_HUP | GLib.IO_ERR, self._on_in)
+        self._clients[conn.fileno()] = c
 
     def _on_in(self, fd, cond) -> bool:
         c = self._clients.get(fd)
@@ -167,12 +152,7 @@ class ObserveServer:
     def close(self) -> None:
         for fd, c in list(self._clients.items()):
             self._close(fd, c)
-        self._glib.source_remove(self._watch)
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        self.listener.close()
 
 
 # -- the client side (`meshd observe`) --
