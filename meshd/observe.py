@@ -47,11 +47,12 @@ class ObserveServer:
     # -- records in --
     def publish(self, records: list[dict]) -> None:
         self.ring.extend(records)
-        if not records:
+        followers = [c for c in self._clients.values() if c.started and c.follow]
+        if not records or not followers:
             return
         data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
-        for c in list(self._clients.values()):
-            if c.started and c.follow:
+        for c in followers:
+            if c.sock.fileno() in self._clients:   # not dropped by an earlier _queue
                 self._queue(c, data)
 
     # -- clients --
