@@ -33,6 +33,9 @@ class Applier:
         self.foreign: dict[str, dict[str, list[int]]] = {}   # workload -> hook -> prog ids
         self._envoy = None
         self._rendered_ports: dict[int, list[int]] = {}
+        # False while the running Envoy was started from a bootstrap without the
+        # flow-record cluster (an older meshd's): listeners naming it would be rejected.
+        self.flows_ok = True
 
     def attach(self, plan: Plan) -> dict[str, str]:
         """Every planned link; returns, by workload, why one could not be
@@ -82,7 +85,8 @@ class Applier:
         wl_ports = {wid: ports.get(wid, []) for wid in e.workload_ids}
         files = envoy_config.render(e.outbound_port, e.inbound_port, e.state_dir, e.ipv6,
                                     e.client_mark, wl_ports, e.protocols,
-                                    e.workload_protocols, e.forwarded_for, e.access_log)
+                                    e.workload_protocols, e.forwarded_for,
+                                    e.access_log and self.flows_ok)
         changed = envoy_config.write_config(e.state_dir, files)
         if changed:
             log.info("Envoy configuration updated: %s", ", ".join(changed))

@@ -84,6 +84,7 @@ class Daemon:
         self._workload_names: dict[int, str] = {}
         self._last_stats: dict[str, int] = {}
         self._snapshot = None
+        self._restarts_without_flows = 0
 
     # -- start-up -------------------------------------------------------------
     def start(self) -> None:
@@ -134,6 +135,7 @@ class Daemon:
             raise StartupError(f"cannot attach sk_lookup to the network namespace: {e} "
                                "(needs Linux >= 5.9 with CONFIG_BPF_SYSCALL)") from None
         self.applier = Applier(self.dp, mesh.state_dir)
+        envoy_knows_flows = envoy_config.bootstrap_has_flows(mesh.state_dir)
         try:
             self.apply()
         except routing.RoutingError as e:
@@ -149,6 +151,11 @@ class Daemon:
             self.envoy = EnvoySupervisor(binary, mesh.state_dir, self.envoy_cgroup,
                                          mesh.envoy_log_level, self._on_envoy_state)
         self.envoy.start()
+        if self.envoy.adopted and not envoy_knows_flows:
+            log.warning("Envoy was started by an older meshd: no flow records until it restarts")
+            self.applier.flows_ok = False
+            self.applier.render_envoy()
+            self._restarts_without_flows = self.envoy.restarts
 
     # -- applying the config --------------------------------------------------
     def apply(self) -> None:
@@ -378,6 +385,10 @@ class Daemon:
 
     def _on_envoy_state(self, state: str) -> None:
         log.info("Envoy is %s", state)
+        if (not self.applier.flows_ok and state == ENVOY_RUNNING
+                and self.envoy.restarts > self._restarts_without_flows):
+            self.applier.flows_ok = True    # restarted from the current bootstrap
+            self.applier.render_envoy()
         self._check_ready()
         self.write_status()
 

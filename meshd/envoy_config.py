@@ -69,6 +69,16 @@ def bootstrap_path(state_dir: str) -> str:
     return os.path.join(config_dir(state_dir), BOOTSTRAP)
 
 
+def bootstrap_has_flows(state_dir: str) -> bool:
+    """Does the bootstrap on disk (the one a running Envoy may have started from)
+    define the flow-record cluster? True when there is none yet."""
+    try:
+        with open(bootstrap_path(state_dir)) as f:
+            return CLUSTER_FLOWS in f.read()
+    except FileNotFoundError:
+        return True
+
+
 def _addr(ip: str, port: int) -> dict:
     return {"socket_address": {"address": ip, "port_value": port}}
 

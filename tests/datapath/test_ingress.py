@@ -55,8 +55,12 @@ def test_inbound_http_goes_through_envoy(inbound):
     assert VIA_ENVOY in echo["headers"]
     assert "x-forwarded-for" not in echo["headers"]    # not asked for (http_forwarded_for)
     # ... and the flow log has it too (a file here: meshd is not under systemd).
-    log = wait_for(lambda: [json.loads(l) for l in open(f"{mesh.state_dir}/flows.log")
-                            if server.ip4 in l], what="flow log line")
+    def flows():   # the file appears with the first record (Envoy sends every 0.2 s)
+        try:
+            return [json.loads(l) for l in open(f"{mesh.state_dir}/flows.log") if server.ip4 in l]
+        except FileNotFoundError:
+            return []
+    log = wait_for(flows, what="flow log line")
     assert log[-1]["peer"].startswith(server.ip4 + ":")
     assert log[-1]["destination"] == f"{server.host_ip4}:{http}"
 

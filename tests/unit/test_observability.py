@@ -179,3 +179,15 @@ def test_collector_per_workload_and_health():
             'meshd_state{state="running"} 1.0', 'meshd_workloads{state="enrolled"} 1.0'):
         assert want in lines, want
     assert _scrape(metrics.Snapshot()) == ""   # before the first tick: nothing
+
+
+def test_bootstrap_has_flows(tmp_path):
+    from meshd import envoy_config as ec
+    state = str(tmp_path)
+    assert ec.bootstrap_has_flows(state)                     # nothing yet: a fresh Envoy
+    old = ec.render_bootstrap(state)
+    del old["static_resources"]                               # an older meshd's bootstrap
+    ec.write_config(state, {ec.BOOTSTRAP: old})
+    assert not ec.bootstrap_has_flows(state)
+    ec.write_config(state, {ec.BOOTSTRAP: ec.render_bootstrap(state)})
+    assert ec.bootstrap_has_flows(state)
