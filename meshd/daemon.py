@@ -36,7 +36,7 @@ log = logging.getLogger("meshd")
 # Keys that name where an instance lives: changing them live would orphan pins,
 # cgroups or files, so a reload keeps the running values and says so.
 RESTART_ONLY = ("bpffs_dir", "state_dir", "cgroup_root", "netns", "envoy_binary",
-                "metrics_address")
+                "metrics_address", "max_connections", "max_exclusions", "max_inbound_ports")
 STATUS_INTERVAL_MS = 1000
 RESCAN_INTERVAL_MS = 5000
 
@@ -85,6 +85,7 @@ class Daemon:
         self._last_stats: dict[str, int] = {}
         self._snapshot = None
         self._restarts_without_flows = 0
+        self._table_full = 0   # the table_full counter when last logged
 
     # -- start-up -------------------------------------------------------------
     def start(self) -> None:
@@ -464,6 +465,7 @@ class Daemon:
     def write_status(self) -> None:
         """status.json and the D-Bus properties, from one Status."""
         st = self.status()
+        self._log_table_full(st.host_counters().get("table_full", 0))
         try:
             atomic_write(status_path(self.config.mesh.state_dir), st.to_json())
         except OSError as e:
@@ -479,11 +481,20 @@ class Daemon:
                    "log_failed": fl.failed if fl else 0})
 
 
+    def _log_table_full(self, total: int) -> None:
+        """The connection maps' fallback is counted in BPF; say it in the log too."""
+        if total > self._table_full:
+            log.warning("%d more connection(s) went direct, not through Envoy: the connection "
+                        "maps are full (mesh.max_connections = %d; counter table_full = %d)",
+                        total - self._table_full, self.config.mesh.max_connections, total)
+        self._table_full = total
+
+
 def run(config_dir: str) -> int:
-    d = Daemon(config_dir)
     try:
+        d = Daemon(config_dir)
         d.start()
-    except (StartupError, FootprintError, PlanError) as e:
+    except (StartupError, FootprintError, PlanError, cgroups.CgroupError) as e:
         log.error("%s", e)
         return 1
     return d.run()
