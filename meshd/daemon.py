@@ -300,9 +300,12 @@ class Daemon:
 
     def _on_flow_records(self, batch: list) -> None:
         name = self._workload_names.get
-        records = [r for r in (flows.record(raw, name) for raw in batch) if r is not None]
-        self.observer.publish(records)
-        self.flowlog.write(records)
+        try:
+            records = [r for r in (flows.record(raw, name) for raw in batch) if r is not None]
+            self.observer.publish(records)
+            self.flowlog.write(records)
+        except Exception:   # never lose the receiver's watch to one bad record
+            log.exception("flow records: a batch was dropped")
 
     def _stop_observability(self) -> None:
         for part in (self.flow_receiver, self.observer, self.flowlog, self.metrics):
