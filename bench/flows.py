@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (root_prelude, CLK_TCK, FILE_NAME, BenchBase, MeshdInstance, arg_parser, log,  # noqa: E402
-                    nginx_conf, wait_for, write_www)
+                    nginx_conf, sh, wait_for, write_www)
 
 # Open loop: a connection every 1/rate s whatever the previous ones do; one line per
 # connection: start time, latency in ms (-1: failed).
@@ -99,6 +99,9 @@ class Flows(BenchBase):
 
     def setup(self):
         self.ns_c, self.ns_s, self.ip_c, self.ip_s = self.two_hosts(236)
+        for ns in (self.ns_c, self.ns_s):   # 60,000+ short connections a minute: room for them
+            sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1",
+               "net.ipv4.ip_local_port_range=10000 65000")
         self.wl = self.cg_make("wl")
         server = self.cg_make("server")
         write_www(self.tmp)
