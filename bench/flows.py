@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (root_prelude, CLK_TCK, FILE_NAME, BenchBase, MeshdInstance, arg_parser, log,  # noqa: E402
-                    nginx_conf, sh, wait_for, write_www)
+from common import (CLK_TCK, FILE_NAME, BenchBase, MeshdInstance, arg_parser, log,  # noqa: E402
+                    nginx_conf, rss_mb, sh, take_charge, wait_for, write_www)
 
 # Open loop: a connection every 1/rate s whatever the previous ones do; one line per
 # connection: start time, latency in ms (-1: failed).
@@ -78,13 +78,6 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK   # utime + stime, all threads
 
 
-def proc_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def latency(rows: list[tuple[float, float]]) -> dict:
     ok = sorted(ms for _, ms in rows if ms >= 0)
     if not ok:
@@ -98,7 +91,8 @@ class Flows(BenchBase):
     name = "flows"
 
     def setup(self):
-        self.ns_c, self.ns_s, self.ip_c, self.ip_s = self.two_hosts(236)
+        self.ns_c, self.ns_s = f"{self.prefix}c", f"{self.prefix}s"
+        self.ip_c, self.ip_s = self.two_hosts(self.ns_c, self.ns_s, "10.236", f"{self.prefix}x")
         for ns in (self.ns_c, self.ns_s):   # 60,000+ short connections a minute: room for them
             sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1",
                "net.ipv4.ip_local_port_range=10000 65000")
@@ -160,7 +154,7 @@ class Flows(BenchBase):
             dt = now[0] - prev[0]
             samples.append({"t_s": round(now[0] - t_start, 1),
                             "meshd_cpu_pct": round(100 * (now[1] - prev[1]) / dt, 1),
-                            "meshd_rss_mb": round(proc_rss_mb(pid), 1),
+                            "meshd_rss_mb": round(rss_mb(pid) or 0, 1),
                             "envoy_cpu_pct": round(100 * (now[2] - prev[2]) / dt, 1),
                             "records_per_s": round((now[3] - prev[3]) / dt)})
             prev = now
@@ -170,14 +164,14 @@ class Flows(BenchBase):
 
 
 def main() -> int:
-    ap = arg_parser(__doc__, ())
+    ap = arg_parser(__doc__)
     ap.add_argument("--rate", type=float, default=1000, help="new connections a second (1000)")
     ap.set_defaults(duration=60)
     ap.add_argument("--baseline", type=float, default=20, help="seconds with flow_logs off (20)")
     ap.add_argument("--stalled", type=float, default=15, help="seconds with meshd stopped (15)")
     ap.add_argument("--window", type=float, default=10, help="sampling window, s (10)")
     args = ap.parse_args()
-    if not root_prelude("flows"):
+    if not take_charge("flows.py"):
         return 1
     bench = Flows(args)
     try:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (REPO, BenchBase, MeshdInstance, arg_parser, log, root_prelude,  # noqa: E402
+from common import (REPO, take_charge, BenchBase, MeshdInstance, arg_parser, log,  # noqa: E402
                     wait_for)
 from meshd import bpfsys  # noqa: E402
 
@@ -62,7 +62,8 @@ class Timings(BenchBase):
     name = "timings"
 
     def setup(self):
-        self.ns_c, self.ns_s, self.ip_c, self.ip_s = self.two_hosts(235)
+        self.ns_c, self.ns_s = f"{self.prefix}c", f"{self.prefix}s"
+        self.ip_c, self.ip_s = self.two_hosts(self.ns_c, self.ns_s, "10.237", f"{self.prefix}x")
         self.wl = self.cg_make("wl")
         server = self.cg_make("server")
         self.spawn_server(server, self.ns_s, sys.executable, ECHO_SERVER,
@@ -144,10 +145,10 @@ def figures(xs: list[float]) -> dict:
 
 
 def main() -> int:
-    ap = arg_parser(__doc__, ())
+    ap = arg_parser(__doc__)
     ap.set_defaults(reps=10)
     args = ap.parse_args()
-    if not root_prelude("timings"):
+    if not take_charge("timings.py"):
         return 1
     bench = Timings(args)
     try:
