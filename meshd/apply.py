@@ -34,6 +34,9 @@ class Applier:
         self._envoy = None
         self._rendered_ports: dict[int, list[int]] = {}
         self._routed: set[str] = set()   # container namespaces with policy routing
+        # False while the running Envoy was started from a bootstrap without the
+        # flow-record cluster (an older meshd's): listeners naming it would be rejected.
+        self.flows_ok = True
 
     def attach(self, plan: Plan) -> dict[str, str]:
         """Every planned link; returns, by workload, why one could not be
@@ -101,7 +104,9 @@ class Applier:
         wl_ports = {wid: ports.get(wid, []) for wid in e.workload_ids}
         files = envoy_config.render(e.outbound_port, e.inbound_port, e.state_dir, e.ipv6,
                                     e.client_mark, wl_ports, e.protocols,
-                                    e.workload_protocols, e.forwarded_for, e.containers)
+                                    e.workload_protocols, e.forwarded_for,
+                                    access_log=e.access_log and self.flows_ok,
+                                    containers=e.containers)
         changed = envoy_config.write_config(e.state_dir, files)
         if changed:
             log.info("Envoy configuration updated: %s", ", ".join(changed))

@@ -70,6 +70,11 @@ class MeshConfig:
     # socket acceleration of local pairs (sockops + sk_msg): "on" (true), "off"
     # (false) or "force" (also on a kernel not on meshd/acceleration.py's allowlist)
     acceleration: str = "off"
+    # observability (docs/observability.md): Prometheus endpoint ("" = off),
+    # flow log destination and the share of records it keeps
+    metrics_address: str = "127.0.0.1:9464"
+    flow_logs: str = "auto"
+    flow_log_sample: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,26 @@ def _acceleration(v: Any) -> str:
 _cidrs = _list_of(_cidr, "CIDR strings", sort_key=lambda n: (n.version, n.network_address, n.prefixlen))
 
 
+def _metrics_address(v: Any) -> str:
+    if _string(v):
+        from .metrics import parse_address
+        parse_address(v)
+    return v
+
+
+def _flow_logs(v: Any) -> str:
+    from .flowlog import MODES
+    if _string(v) not in MODES:
+        raise ValueError(f"must be one of {', '.join(MODES)}, got {v!r}")
+    return v
+
+
+def _fraction(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        raise ValueError(f"expected a number above 0 and at most 1, got {_describe(v)}")
+    return float(v)
+
+
 def _map_size(low: int, high: int):
     """A map size: an integer within what the kernel and meshd's memory allow."""
     def conv(v: Any) -> int:
@@ -253,6 +278,9 @@ _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "max_exclusions": (_map_size(16, 1_048_576), 16384),
     "max_inbound_ports": (_map_size(16, 65_535), 16384),
     "acceleration": (_acceleration, "off"),
+    "metrics_address": (_metrics_address, "127.0.0.1:9464"),
+    "flow_logs": (_flow_logs, "auto"),
+    "flow_log_sample": (_fraction, 1.0),
 }
 _WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "cgroup": (_cgroup, None),

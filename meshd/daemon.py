@@ -14,8 +14,8 @@ import os
 import signal
 import time
 
-from . import (__version__, acceleration, cgroups, containers, envoy_config, maplayout, notify,
-               routing, sources)
+from . import (__version__, acceleration, cgroups, containers, envoy_config, flows, maplayout,
+               notify, routing, sources, statefiles)
 from .apply import Applier
 from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, DatapathError
@@ -37,7 +37,7 @@ log = logging.getLogger("meshd")
 # Keys that name where an instance lives: changing them live would orphan pins,
 # cgroups or files, so a reload keeps the running values and says so.
 RESTART_ONLY = ("bpffs_dir", "state_dir", "cgroup_root", "netns", "envoy_binary",
-                "max_connections", "max_exclusions", "max_inbound_ports")
+                "metrics_address", "max_connections", "max_exclusions", "max_inbound_ports")
 STATUS_INTERVAL_MS = 1000
 RESCAN_INTERVAL_MS = 5000
 HOOK_WAIT_MS = 4000      # the hook fails open after this (its own timeout is longer)
@@ -84,6 +84,13 @@ class Daemon:
         self.bus = None  # meshd.bus.BusService once the main loop runs
         self.hooks = None  # meshd.hookserver.HookServer once the main loop runs
         self._enroll_waiting: list = []   # (container id, reply) from the hook
+        # observability (meshd/flows.py, flowlog.py, observe.py, metrics.py)
+        self.reloads = {"ok": 0, "rejected": 0}
+        self.flow_receiver = self.flowlog = self.observer = self.metrics = None
+        self._workload_names: dict[int, str] = {}
+        self._last_stats: dict[str, int] = {}
+        self._snapshot = None
+        self._restarts_without_flows = 0
         self._table_full = 0   # the table_full counter when last logged
 
     # -- start-up -------------------------------------------------------------
@@ -137,6 +144,7 @@ class Daemon:
             raise StartupError(f"cannot attach sk_lookup to the network namespace: {e} "
                                "(needs Linux >= 5.9 with CONFIG_BPF_SYSCALL)") from None
         self.applier = Applier(self.dp, mesh.state_dir)
+        envoy_knows_flows = envoy_config.bootstrap_has_flows(mesh.state_dir)
         try:
             self.apply()
         except routing.RoutingError as e:
@@ -152,6 +160,11 @@ class Daemon:
             self.envoy = EnvoySupervisor(binary, mesh.state_dir, self.envoy_cgroup,
                                          mesh.envoy_log_level, self._on_envoy_state)
         self.envoy.start()
+        if self.envoy.adopted and not envoy_knows_flows:
+            log.warning("Envoy was started by an older meshd: no flow records until it restarts")
+            self.applier.flows_ok = False
+            self.applier.render_envoy()
+            self._restarts_without_flows = self.envoy.restarts
 
     # -- applying the config --------------------------------------------------
     def apply(self) -> None:
@@ -210,6 +223,7 @@ class Daemon:
         self._log_changes(previous, p)
         self._forget_stopped(previous, p)
         self.plan = p
+        self._workload_names = {w.id: w.name for w in p.workloads if w.id}
         if hasattr(self, "inotify"):
             self._update_cgroup_watches()
 
@@ -284,6 +298,7 @@ class Daemon:
             cfg = load_config(self.config_dir)
         except ConfigInvalid as e:
             self.config_errors = e.errors
+            self.reloads["rejected"] += 1
             for err in e.errors:
                 log.error("config rejected, last good config stays: %s", err,
                           extra={"CONFIG_FILE": err.file, "CONFIG_LINE": err.line,
@@ -300,6 +315,9 @@ class Daemon:
         if kept:
             cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **kept))
         self.config, self.config_errors = cfg, []
+        self.reloads["ok"] += 1
+        if (cfg.mesh.flow_logs, cfg.mesh.flow_log_sample) != (old.flow_logs, old.flow_log_sample):
+            self._open_flowlog()
         log.info("configuration reloaded (%s): %d workload(s)", why, len(cfg.workloads))
         self.apply()
         self.write_status()
@@ -322,6 +340,7 @@ class Daemon:
         wd_ms = notify.watchdog_interval_ms()
         if wd_ms:
             GLib.timeout_add(wd_ms, lambda: notify.send("WATCHDOG=1") or True)
+        self._start_observability()
         from .bus import BusService
         self.bus = BusService(self)
         self.bus.publish()  # False (and a warning) without a system bus: meshd works without
@@ -331,6 +350,52 @@ class Daemon:
         self.write_status()
         self.loop.run()
         return 0
+
+    # -- observability ----------------------------------------------------------
+    def _start_observability(self) -> None:
+        """Flow records from Envoy (journal/file, `meshd observe`) and the
+        metrics endpoint. Each part that cannot start is logged and left off:
+        traffic and the rest of meshd do not depend on them."""
+        mesh = self.config.mesh
+        from .observe import ObserveServer
+        try:
+            self.observer = ObserveServer(statefiles.path(mesh.state_dir,
+                                                          statefiles.OBSERVE_SOCKET))
+            self._open_flowlog()
+            self.flow_receiver = flows.FlowReceiver(
+                envoy_config.flows_socket_path(mesh.state_dir), self._on_flow_records)
+        except (OSError, ImportError) as e:
+            log.warning("flow records are off: %s", e)
+        if mesh.metrics_address:
+            try:
+                from .metrics import MetricsServer
+                self.metrics = MetricsServer(mesh.metrics_address, lambda: self._snapshot,
+                                             envoy_config.admin_socket_path(mesh.state_dir))
+                log.info("metrics on %s", mesh.metrics_address)
+            except (OSError, ImportError) as e:
+                log.warning("metrics are off: cannot serve %s: %s", mesh.metrics_address, e)
+
+    def _open_flowlog(self) -> None:
+        from .flowlog import FlowLog
+        if self.flowlog is not None:
+            self.flowlog.close()
+        mesh = self.config.mesh
+        self.flowlog = FlowLog(mesh.flow_logs, mesh.flow_log_sample, mesh.state_dir,
+                               unit=getattr(self.envoy, "unit_name", ""))
+
+    def _on_flow_records(self, batch: list) -> None:
+        name = self._workload_names.get
+        try:
+            records = [r for r in (flows.record(raw, name) for raw in batch) if r is not None]
+            self.observer.publish(records)
+            self.flowlog.write(records)
+        except Exception:   # never lose the receiver's watch to one bad record
+            log.exception("flow records: a batch was dropped")
+
+    def _stop_observability(self) -> None:
+        for part in (self.flow_receiver, self.observer, self.flowlog, self.metrics):
+            if part is not None:
+                part.close()
 
     def _debounce(self, name: str, ms: int, fn) -> None:
         from gi.repository import GLib
@@ -405,12 +470,17 @@ class Daemon:
             self.bus.close()
         if self.hooks is not None:
             self.hooks.close()
+        self._stop_observability()
         self.dp.close()
         self.loop.quit()
         return False
 
     def _on_envoy_state(self, state: str) -> None:
         log.info("Envoy is %s", state)
+        if (not self.applier.flows_ok and state == ENVOY_RUNNING
+                and self.envoy.restarts > self._restarts_without_flows):
+            self.applier.flows_ok = True    # restarted from the current bootstrap
+            self.applier.render_envoy()
         self._check_ready()
         self.write_status()
 
@@ -486,13 +556,15 @@ class Daemon:
 
     def _envoy_stats(self) -> dict[str, int]:
         if self.envoy.state != ENVOY_RUNNING:
+            self._last_stats = {}
             return {}
         try:
-            return envoy_admin.stats(envoy_config.admin_socket_path(self.config.mesh.state_dir),
-                                     timeout=0.5)
+            self._last_stats = envoy_admin.stats(
+                envoy_config.admin_socket_path(self.config.mesh.state_dir), timeout=0.5)
         except (OSError, ValueError) as e:
             log.debug("Envoy stats: %s", e)
-            return {}
+            self._last_stats = {}
+        return self._last_stats
 
     def write_status(self) -> None:
         """status.json and the D-Bus properties, from one Status."""
@@ -504,6 +576,13 @@ class Daemon:
             log.warning("cannot write status: %s", e)
         if self.bus is not None:
             self.bus.update(st)
+        from .metrics import Snapshot
+        fl, rx = self.flowlog, self.flow_receiver
+        self._snapshot = Snapshot(   # one reference swap: the scrape thread reads it whole
+            status=st, envoy_stats=self._last_stats, reloads=dict(self.reloads),
+            maps=self.dp.map_fill(st.datapath.tracked_connections) if self.dp.maps else {},
+            flows={"received": rx.received if rx else 0, "logged": fl.written if fl else 0,
+                   "log_failed": fl.failed if fl else 0})
 
 
     def _log_table_full(self, total: int) -> None:

@@ -424,6 +424,19 @@ class Datapath:
     def tracked_connections(self) -> int:
         return len(self._map("cookie_dst").keys())
 
+    def map_fill(self, tracked: int) -> dict[str, tuple[int, int]]:
+        """(entries, max_entries) of the maps that fill with use: connections
+        (tracked_connections(), passed in: it was just counted), workload ids
+        and inbound ports. For the metrics (meshd/metrics.py)."""
+        if not hasattr(self, "_capacity"):
+            self._capacity = {n: bpfsys.map_info(self.maps[n]).max_entries
+                              for n in ("cookie_dst", "workload_ids", "inbound_ports")}
+        return {"cookie_dst": (tracked, self._capacity["cookie_dst"]),
+                "workload_ids": (len(self._map("workload_ids").keys()),
+                                 self._capacity["workload_ids"]),
+                "inbound_ports": (len(self._map("inbound_ports").keys()),
+                                  self._capacity["inbound_ports"])}
+
     # -- teardown -------------------------------------------------------------
     def close(self) -> None:
         """Forget our fds; pins (and so the data path) stay."""

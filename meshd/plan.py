@@ -111,6 +111,7 @@ class EnvoyInput:
     forwarded_for: bool = False
     # containers with their own namespace: (short id, namespace path, workload id)
     containers: tuple[tuple[str, str, int], ...] = ()
+    access_log: bool = True   # Envoy streams flow records to meshd (off: flow_logs = "off")
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,8 @@ def plan(config: Config, world: World, ids: dict[str, int], previous: Plan = EMP
             tuple(p.id for p in workloads if p.enrolled), dict(mesh.protocols),
             {ids[w.name]: dict(w.protocols) for w in config.workloads},
             mesh.http_forwarded_for,
-            tuple((c.short_id, c.netns, c.workload_id) for c in ctrs if c.enrolled and c.netns)),
+            tuple((c.short_id, c.netns, c.workload_id) for c in ctrs if c.enrolled and c.netns),
+            mesh.flow_logs != "off"),
         containers=ctrs,
         container_netns={c.netns_cookie: (c.index, c.ipv4) for c in ctrs
                          if c.enrolled and c.netns})

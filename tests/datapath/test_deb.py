@@ -148,6 +148,9 @@ def test_control_fields(deb):
     assert re.search(r"(^|, )meshd-envoy(,|$)", recommends), recommends
     assert "envoy" not in depends
     assert "envoy" in field(deb, "Description").lower()
+    # Metrics and flow records: recommended; without them meshd runs and says they are off.
+    for dep in ("python3-prometheus-client", "python3-msgpack"):
+        assert re.search(rf"(^|, ){dep}(,|$)", recommends) and dep not in depends
 
 
 def test_config_is_a_conffile(unpacked):

@@ -137,6 +137,32 @@ def test_start_returns_when_serving(installed):
     assert entries and entries[-1]["CGROUP"] == "/system.slice/webclient.service"
 
 
+def test_flow_records_in_the_journal_as_envoys_unit(installed):
+    """One journal entry per connection, sent by meshd for Envoy's unit: `journalctl -u
+    meshd-envoy WORKLOAD=client` lists whom the workload talked to."""
+    g = installed
+    def flows():
+        return journal(g, "WORKLOAD=client", "SYSLOG_IDENTIFIER=meshd-flow", unit=ENVOY_UNIT)
+    def settled():   # the earlier tests' records have arrived (Envoy sends every 0.2 s)
+        n = len(flows())
+        time.sleep(1)
+        return n == len(flows()) and n + 1
+    before = wait_for(settled, timeout=20, what="earlier records in") - 1
+    for _ in range(3):
+        echo(g)
+    entries = wait_for(lambda: (e := flows()) and len(e) >= before + 3 and e, timeout=20,
+                       what="3 flow records in the journal")
+    assert len(entries) == before + 3   # one per connection, nothing else
+    for e in entries[before:]:
+        assert e["OBJECT_SYSTEMD_UNIT"] == ENVOY_UNIT
+        assert (e["DIRECTION"], e["PROTOCOL"], e["STATUS"]) == ("outbound", "tcp", "ok")
+        assert e["PEER"] == e["DESTINATION"] == f"{SERVER}:8080"
+        assert int(e["BYTES_SENT"]) > 0 and int(e["BYTES_RECEIVED"]) > 0
+        assert int(e["DURATION_MS"]) >= 0
+    # journalctl's other matches narrow the same entries
+    assert len(journal(g, "WORKLOAD=client", f"PEER={SERVER}:8080", unit=ENVOY_UNIT)) >= 3
+
+
 def declared_hardening() -> dict[str, str]:
     """The settings in units/meshd.service's hardening section, as the file declares them."""
     text = (REPO / "units" / "meshd.service").read_text()

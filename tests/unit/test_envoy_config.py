@@ -225,7 +225,7 @@ def test_static_equivalent_inlines_dynamic_files(tmp_path):
     assert [r["name"] for r in combined["static_resources"]["listeners"]] == [
         "meshd_outbound", "meshd_inbound"]
     assert "@type" not in combined["static_resources"]["listeners"][0]
-    assert len(combined["static_resources"]["clusters"]) == 3
+    assert len(combined["static_resources"]["clusters"]) == 4   # meshd_flows + CDS
 
 
 def test_inbound_listener(files):
@@ -240,7 +240,8 @@ def test_inbound_listener(files):
     assert miss["filters"][0]["typed_config"]["cluster"] == "meshd_blackhole"
     tcp = li["default_filter_chain"]["filters"][0]["typed_config"]
     assert tcp["stat_prefix"] == "inbound_tcp" and tcp["cluster"] == "meshd_inbound"
-    assert tcp["access_log"][0]["typed_config"]["path"] == "/run/meshd/access.log"
+    flows = tcp["access_log"][0]["typed_config"]
+    assert flows["cluster"] == "meshd_flows" and flows["record"]["chain"] == "%FILTER_CHAIN_NAME%"
 
 
 def test_inbound_protocols_per_workload_over_global():
@@ -309,3 +310,15 @@ def test_container_listener_and_cluster_live_in_its_namespace():
     # the host's listeners are unchanged by a container
     assert _listener(files)["address"] == ec.render(15001, 15006, STATE, True)["lds.json"][
         "resources"][0]["address"]
+
+
+def test_flow_records_off_leaves_no_access_logger():
+    on = ec.render(15001, 15006, STATE, ipv6=True, workload_ports={3: [8080]},
+                   protocols={8080: "http"})
+    off = ec.render(15001, 15006, STATE, ipv6=True, workload_ports={3: [8080]},
+                    protocols={8080: "http"}, access_log=False)
+    assert json.dumps(on[ec.LDS]).count("envoy.access_loggers.fluentd") >= 6
+    assert "access_log" not in json.dumps(off[ec.LDS])
+    flows = on[ec.BOOTSTRAP]["static_resources"]["clusters"][0]
+    assert flows["name"] == "meshd_flows" and flows["load_assignment"]["endpoints"][0][
+        "lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"] == STATE + "/flows.sock"
