@@ -76,6 +76,7 @@ class Daemon:
         self._netlink = None
         self._cgroup_watches: dict[str, int] = {}
         self.bus = None  # meshd.bus.BusService once the main loop runs
+        self._status_error = ""
 
     # -- start-up -------------------------------------------------------------
     def start(self) -> None:
@@ -396,7 +397,11 @@ class Daemon:
         try:
             atomic_write(status_path(self.config.mesh.state_dir), st.to_json())
         except OSError as e:
-            log.warning("cannot write status: %s", e)
+            if str(e.strerror) != self._status_error:   # once, not every second
+                log.warning("cannot write status: %s", e)
+            self._status_error = str(e.strerror)
+        else:
+            self._status_error = ""
         if self.bus is not None:
             self.bus.update(st)
 

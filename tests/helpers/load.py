@@ -392,6 +392,22 @@ def start_mix(load: "Load", popen, host: str, http_port: int, tcp_port: int, sec
                    rate=rate, size=stream_size, events=events)
 
 
+def after(res: dict[str, dict], t: float, until: float = float("inf")) -> dict:
+    """What the clients run with events saw after a fault at time t (and before
+    `until`, the next fault): seconds from t until an operation started after t first
+    succeeded (`first_ok`; None: never), until one first went through Envoy
+    (`first_via_envoy`, HTTP only), how many operations started after t failed
+    (`failed_after`), and how many were under way at t and failed (`failed_in_flight`)."""
+    ev = [e for n, c in res.items() if n != "total" for e in c.get("events", ())
+          if e[1] >= t and e[0] < until]
+    ok_after = [e for e in ev if e[0] >= t and e[2]]
+    via = [e for e in ok_after if e[3] == 1]
+    return dict(first_ok=min((e[1] - t for e in ok_after), default=None),
+                first_via_envoy=min((e[0] - t for e in via), default=None),
+                failed_after=sum(1 for e in ev if e[0] >= t and not e[2]),
+                failed_in_flight=sum(1 for e in ev if e[0] < t and not e[2]))
+
+
 def summary(res: dict[str, dict]) -> str:
     """One line per client, for assertion messages."""
     return "; ".join(f"{n}: " + ", ".join(f"{k}={t[k]}" for k in SUMMED if t.get(k)) +
