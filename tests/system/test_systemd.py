@@ -313,10 +313,11 @@ def test_restarts_and_reloads_under_mixed_load_lose_nothing(installed):
     reloads_before = len(reloads(g, "SIGHUP"))
     g.sh("rm -rf /run/mtload && mkdir /run/mtload")
     client = "python3 /mnt/meshd/load.py client --seconds 300 --rate 50 --host " + SERVER
-    g.in_unit("webclient.service", " ; ".join(
+    # { ...; }: only the clients go to the background, after the shell joined the unit
+    g.in_unit("webclient.service", "{ " + " ".join(
         f"{client} --mode {m} --port {port} > /run/mtload/{m}.json 2>&1 & "
-        f"echo $! >> /run/mtload/pids" for m, port in
-        (("keepalive", 8081), ("newconn", 8081), ("stream", 9001))))
+        f"echo $! >> /run/mtload/pids;" for m, port in
+        (("keepalive", 8081), ("newconn", 8081), ("stream", 9001))) + " }")
     try:
         wait_for(lambda: g.sh("grep -c ready /run/mtload/*.json", check=False).stdout.count(":1") == 3,
                  what="load clients running")
