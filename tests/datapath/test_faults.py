@@ -8,8 +8,8 @@ several times. What must hold:
   a workload cgroup removed and re-created, the bus daemon restarted, the state
   directory read-only or full: zero failed requests, zero dropped connections, every
   HTTP answer through Envoy, Envoy never restarted;
-- Envoy killed: at most the operation in flight per client is lost, new connections
-  go direct while it is down (fail open) and through the new Envoy once it is back.
+- Envoy killed: each client loses the operation in flight (at most one more), new
+  connections go direct while it is down (fail open) and through the new Envoy after.
 
 Short form by default (a few injections); MESHD_TEST_FULL=1 runs the full counts.
 With MESHD_FAULTS_REPORT=<file> every test appends its figures as a JSON line
@@ -409,8 +409,9 @@ def test_no_fault_baseline(rig):
 # -- Envoy killed ------------------------------------------------------------------------
 
 def test_envoy_sigkill_under_load(rig):
-    """At most the operation in flight per client is lost per kill; new connections
-    go direct while Envoy is down and through the new Envoy once meshd restarted it."""
+    """A kill costs each client the operation in flight (and at most one more that
+    races the listener's close); new connections go direct while Envoy is down and
+    through the new Envoy once meshd restarted it."""
     mesh = rig.start().mesh
     n = scale(2, 10)
     ld = rig.load(seconds=60, events=True, rate=100)
