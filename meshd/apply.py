@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 
-from . import envoy_config, statefiles
+from . import containers, envoy_config, routing, statefiles
 from .datapath import Datapath
 from .fsutil import atomic_write
 from .plan import Owner, Plan
@@ -41,6 +41,7 @@ class Applier:
         self._rendered_ports: dict[int, list[int]] = {}
         self._unsaved: set[str] = set()        # "ids", "envoy": writes still to retry
         self._write_errors: set[str] = set()   # logged once each until writes work
+        self._routed: set[str] = set()   # container namespaces with policy routing
 
     def attach(self, plan: Plan) -> dict[str, str]:
         """Every planned link; returns, by workload, why one could not be
@@ -49,12 +50,28 @@ class Applier:
         for link in plan.links:
             try:
                 self.dp.attach(str(link.owner), link.cgroup_path, link.hooks)
+                if link.netns:
+                    self.dp.attach_netns(link.netns, str(link.owner))
+                    self._container_routing(link.netns, plan.envoy.client_mark)
                 self.foreign[link.owner.name] = self.dp.foreign_programs(link.cgroup_path,
                                                                          link.hooks)
             except OSError as e:
+                if link.owner.kind == "container":   # keyed "container:<short id>"
+                    c = next(c for c in plan.containers if c.short_id == link.owner.name)
+                    failed[str(link.owner)] = f"cannot attach to {c.cgroup}: {e.strerror or e}"
+                    continue
                 w = plan.workload(link.owner.name)
                 failed[link.owner.name] = f"cannot attach to {w.cgroup}: {e.strerror or e}"
         return failed
+
+    def _container_routing(self, netns: str, mark: int) -> None:
+        """Inside a container's namespace, the policy routing that brings the
+        application's replies to the client's address back to Envoy (as in
+        the served namespace: routing.py), set once per namespace."""
+        if not mark or netns in self._routed:
+            return
+        containers.in_netns(netns, routing.install_rules)
+        self._routed.add(netns)
 
     def apply(self, plan: Plan) -> dict[str, str]:
         """Make everything match the plan. If a link cannot be attached, stop
@@ -64,14 +81,16 @@ class Applier:
             return failed
         planned = {str(link.owner) for link in plan.links}
         for owner in self.dp.owners():
-            if Owner.parse(owner).kind == "workload" and owner not in planned:
+            if Owner.parse(owner).kind in ("workload", "container") and owner not in planned:
                 self.dp.detach(owner)
                 log.info("detached %s", owner)
         self.foreign = {k: v for k, v in self.foreign.items() if str(Owner.workload(k)) in planned}
+        self._routed &= {link.netns for link in plan.links if link.netns}
         if plan.ids != self.ids:
             self.ids = dict(plan.ids)
             self._save_ids()
         self.dp.set_workload_ids(plan.cgroup_ids)
+        self.dp.set_containers(plan.container_netns)
         self.dp.set_exclusions(plan.excluded_ports, plan.excluded_cidrs)
         i = plan.inbound
         self.dp.set_inbound(i.explicit, i.auto, i.excluded, i.discovered)
@@ -89,7 +108,7 @@ class Applier:
         wl_ports = {wid: ports.get(wid, []) for wid in e.workload_ids}
         files = envoy_config.render(e.outbound_port, e.inbound_port, e.state_dir, e.ipv6,
                                     e.client_mark, wl_ports, e.protocols,
-                                    e.workload_protocols, e.forwarded_for)
+                                    e.workload_protocols, e.forwarded_for, e.containers)
         try:
             changed = envoy_config.write_config(e.state_dir, files)
         except OSError as err:

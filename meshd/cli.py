@@ -90,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
             attached, remove its pins, its Envoy cgroup and its state files.
             Programs attached by anything else are left alone."""))
     _config_arg(cleanup)
+
+    hook = sub.add_parser(
+        "oci-hook", formatter_class=fmt, help="the OCI createRuntime hook Podman runs",
+        description=textwrap.dedent("""\
+            Read a container's OCI state on stdin (Podman runs this from
+            /usr/share/containers/oci/hooks.d/meshd.json for containers started with
+            --annotation io.meshd.workload=NAME), record the container and ask the
+            daemon to enroll it; return once its traffic goes through Envoy. With
+            meshd stopped or slow, or run by a non-root user (rootless Podman), the
+            container starts un-meshed with a log line (exit 0); input that is not
+            an OCI state is refused (exit 1)."""))
+    _config_arg(hook)
+    hook.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                      help="give up waiting for meshd after this long (default: 5)")
     return p
 
 
@@ -229,7 +243,13 @@ def _run(args) -> int:
     return run(args.config_dir)
 
 
-COMMANDS = {"check": cmd_check, "status": cmd_status, "cleanup": cmd_cleanup, "run": _run}
+def _oci_hook(args) -> int:
+    from .ocihook import main as hook_main
+    return hook_main(args.config_dir, min(max(args.timeout, 0.1), 60.0))
+
+
+COMMANDS = {"check": cmd_check, "status": cmd_status, "cleanup": cmd_cleanup, "run": _run,
+            "oci-hook": _oci_hook}
 
 
 def main(argv=None) -> int:

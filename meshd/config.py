@@ -67,6 +67,9 @@ class MeshConfig:
     max_connections: int = 65536   # steered connections open at once; beyond: direct, counted
     max_exclusions: int = 16384    # entries of each exclusion map (ports, IPv4 CIDRs, ...)
     max_inbound_ports: int = 16384  # meshed inbound ports
+    # socket acceleration of local pairs (sockops + sk_msg): "on" (true), "off"
+    # (false) or "force" (also on a kernel not on meshd/acceleration.py's allowlist)
+    acceleration: str = "off"
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,17 @@ def _protocols(v: Any) -> tuple[tuple[int, str], ...]:
     if bad:
         raise ValueError("; ".join(bad))
     return tuple(sorted(good.items()))
+
+
+def _acceleration(v: Any) -> str:
+    """true | false | "force" -> "on" | "off" | "force"."""
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if v == "force":
+        return v
+    raise ValueError(f'expected true, false or "force", got {_describe(v)}')
+
+
 _cidrs = _list_of(_cidr, "CIDR strings", sort_key=lambda n: (n.version, n.network_address, n.prefixlen))
 
 
@@ -238,6 +252,7 @@ _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "max_connections": (_map_size(64, 16_777_216), 65536),
     "max_exclusions": (_map_size(16, 1_048_576), 16384),
     "max_inbound_ports": (_map_size(16, 65_535), 16384),
+    "acceleration": (_acceleration, "off"),
 }
 _WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "cgroup": (_cgroup, None),
@@ -421,8 +436,10 @@ class _Parser:
             except ValueError as e:
                 self.err(self.at("workload", name, key), str(e))
         selectors = [k for k in ("cgroup", "unit") if k in table]
-        if len(selectors) != 1:
-            self.err(at, "needs exactly one of 'cgroup' or 'unit'" + (" (both are set)" if selectors else ""))
+        if len(selectors) > 1:
+            # neither is fine: a bare [workload.NAME] selects Podman containers only
+            # (podman run --annotation io.meshd.workload=NAME)
+            self.err(at, "needs at most one of 'cgroup' or 'unit' (both are set)")
         if len(self.errors) == errors_before:
             fields = {k: values.get(k, default) for k, (_, default) in _WORKLOAD_SCHEMA.items()}
             self.workloads[name] = Workload(name=name, source=str(at), **fields)

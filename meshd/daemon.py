@@ -14,7 +14,8 @@ import os
 import signal
 import time
 
-from . import __version__, cgroups, envoy_config, maplayout, notify, routing, sources
+from . import (__version__, acceleration, cgroups, containers, envoy_config, maplayout, notify,
+               routing, sources)
 from .apply import Applier
 from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, DatapathError
@@ -27,8 +28,9 @@ from .footprint import NETNS_SELF, Footprint, FootprintError
 from .fsutil import atomic_write
 from .inotify import Inotify
 from .plan import EMPTY, ENVOY_OWNER, Plan, PlanError, plan
-from .status import (DatapathStatus, EnvoyStatus, MeshSettings, Status, WorkloadEnvoy,
-                     WorkloadStatus, status_path)
+from .status import (AccelerationStatus, ContainerStatus, DatapathStatus, EnvoyStatus,
+                     MeshSettings, Status,
+                     WorkloadEnvoy, WorkloadStatus, status_path)
 
 log = logging.getLogger("meshd")
 
@@ -38,6 +40,8 @@ RESTART_ONLY = ("bpffs_dir", "state_dir", "cgroup_root", "netns", "envoy_binary"
                 "max_connections", "max_exclusions", "max_inbound_ports")
 STATUS_INTERVAL_MS = 1000
 RESCAN_INTERVAL_MS = 5000
+HOOK_WAIT_MS = 4000      # the hook fails open after this (its own timeout is longer)
+HOOK_POLL_MS = 5
 
 
 class StartupError(Exception):
@@ -75,9 +79,12 @@ class Daemon:
         self._timers: dict[str, int] = {}
         self._route_sources: dict = {}
         self._netlink = None
+        self.accel = acceleration.Decision(False, "not applied yet")
         self._cgroup_watches: dict[str, int] = {}
         self.bus = None  # meshd.bus.BusService once the main loop runs
         self._status_error = ""
+        self.hooks = None  # meshd.hookserver.HookServer once the main loop runs
+        self._enroll_waiting: list = []   # (container id, reply) from the hook
         self._table_full = 0   # the table_full counter when last logged
 
     # -- start-up -------------------------------------------------------------
@@ -91,6 +98,8 @@ class Daemon:
         self.footprint = fp = Footprint(mesh)
         fp.enter_netns()   # first: Envoy, the links and every socket live there
         fp.lock()
+        # a container whose namespace is this one (--network host) is a host process
+        self.discovery.own_netns_inode = os.stat(NETNS_SELF).st_ino
         binary = fp.envoy_binary()
 
         self.dp = fp.datapath()
@@ -150,9 +159,22 @@ class Daemon:
         """The mesh-wide settings, then the workloads (reconcile)."""
         mesh = self.config.mesh
         self.footprint.policy_routing(mesh.preserve_client_address)
-        self.dp.set_settings(mesh.outbound_port, mesh.inbound_port)
+        self._decide_acceleration(mesh.acceleration)
+        self.dp.set_settings(mesh.outbound_port, mesh.inbound_port, self.accel.active)
         self._update_route_sources()
         self.reconcile()
+
+    def _decide_acceleration(self, mode: str) -> None:
+        """Whether sockops/sk_msg accelerate local pairs from now on. Turning it
+        off or on touches no established connection's data (sk_msg.c's latch);
+        a refusal (kernel not on the allowlist) is logged as an error."""
+        new = acceleration.decide(mode)
+        if new != self.accel:
+            if mode == "on" and not new.active:
+                log.error("socket acceleration %s", new.reason)
+            else:
+                log.info("socket acceleration %s (%s)", "on" if new.active else "off", new.reason)
+        self.accel = new
 
     def _update_route_sources(self) -> None:
         """The source addresses getsockname shows steered sockets follow the
@@ -168,8 +190,10 @@ class Daemon:
         """discover -> plan -> apply: make links, workload ids, exclusions,
         inbound ports and Envoy's files match config + existing cgroups."""
         cfg, previous = self.config, self.plan
+        self.records = containers.load_all(cfg.mesh.state_dir)
         world = self.discovery.scan(
-            cfg.workloads, lambda name, cgid: not previous.enrolled_on(name, cgid))
+            cfg.workloads, lambda name, cgid: not previous.enrolled_on(name, cgid),
+            self.records.values())
         now, failed = time.time(), {}
         for _ in range(len(cfg.workloads) + 1):   # each round drops >= 1 failed workload
             p = plan(cfg, world, self.applier.ids, previous, now, failed)
@@ -177,10 +201,15 @@ class Daemon:
             if not more:
                 break
             for name, error in more.items():
+                if name.startswith("container:"):
+                    c = p.container(next(i for i in world.containers if i[:12] == name[10:]))
+                    log.warning("container %s: %s", c.short_id, error, extra=_ctr_fields(c))
+                    continue
                 log.warning("workload %s: %s", name, error,
                             extra={"WORKLOAD": name, "CGROUP": world.cgroups[name].rel})
             failed.update(more)
         self._log_changes(previous, p)
+        self._forget_stopped(previous, p)
         self.plan = p
         if hasattr(self, "inotify"):
             self._update_cgroup_watches()
@@ -196,6 +225,60 @@ class Daemon:
             if was and not w.enrolled:
                 log.info("workload %s no longer enrolled: %s", w.name, w.error,
                          extra={"WORKLOAD": w.name, "CGROUP": before.cgroup})
+
+    def _forget_stopped(self, old: Plan, new: Plan) -> None:
+        """Log container changes; a recorded container whose cgroup is gone has
+        stopped: its record goes (its links, map entries and listener went with
+        the plan that no longer has it)."""
+        for c in new.containers:
+            before = old.container(c.id)
+            if c.enrolled and not (before and before.enrolled):
+                log.info("container %s enrolled into workload %s (cgroup %s%s)", c.short_id,
+                         c.workload, c.cgroup, f", address {c.ipv4}" if c.ipv4 else "",
+                         extra=_ctr_fields(c))
+            elif not c.enrolled and (before is None or before.error != c.error):
+                log.warning("container %s: %s", c.short_id, c.error, extra=_ctr_fields(c))
+        for cid, rec in self.records.items():
+            if new.container(cid) is None:
+                containers.remove(self.config.mesh.state_dir, cid)
+                log.info("container %s stopped: un-enrolled from workload %s", cid[:12],
+                         rec.workload, extra={"CONTAINER_ID": cid, "CONTAINER_NAME": rec.name,
+                                              "WORKLOAD": rec.workload})
+
+    # -- the OCI hook -----------------------------------------------------------
+    def enroll_container(self, cid: str, reply) -> None:
+        """The hook recorded a container: enroll it (batched with others that
+        arrive within a few ms) and answer once Envoy listens inside it."""
+        self._enroll_waiting.append((cid, reply, time.monotonic()))
+        self._debounce("enroll", HOOK_POLL_MS, self._enroll_batch)
+
+    def _enroll_batch(self) -> None:
+        self._reconcile_logged()
+        self._answer_hooks()
+
+    def _answer_hooks(self) -> bool:
+        from gi.repository import GLib
+        waiting = []
+        for cid, reply, since in self._enroll_waiting:
+            c = self.plan.container(cid)
+            if c is None:
+                reply(False, "meshd has no record of it, or its cgroup is gone")
+            elif not c.enrolled:
+                reply(False, c.error)
+            elif not c.netns or (self.dp.container_listening(c.netns_cookie, "OUT_V4") and
+                                 self.dp.container_listening(c.netns_cookie, "IN_V4")):
+                reply(True, "meshed")
+            elif time.monotonic() - since > HOOK_WAIT_MS / 1000:
+                log.warning("container %s: Envoy's listeners inside it are not up after %d ms; "
+                            "it starts failing open (direct) until it is", c.short_id,
+                            HOOK_WAIT_MS, extra=_ctr_fields(c))
+                reply(False, "Envoy's listener in its namespace is not up yet (fails open)")
+            else:
+                waiting.append((cid, reply, since))
+        self._enroll_waiting = waiting
+        if waiting and "hook-poll" not in self._timers:
+            self._debounce("hook-poll", HOOK_POLL_MS, self._answer_hooks)
+        return False
 
     def reload(self, why: str) -> bool:
         try:
@@ -243,6 +326,9 @@ class Daemon:
         from .bus import BusService
         self.bus = BusService(self)
         self.bus.publish()  # False (and a warning) without a system bus: meshd works without
+        from .hookserver import HookServer
+        from .ocihook import socket_path
+        self.hooks = HookServer(socket_path(self.config.mesh.state_dir), self.enroll_container)
         self.write_status()
         self.loop.run()
         return 0
@@ -280,7 +366,8 @@ class Daemon:
     def _update_cgroup_watches(self) -> None:
         """Watch where each configured cgroup is (or will appear), then rescan:
         a cgroup created between the scan and the watch is not missed."""
-        want = self.discovery.watch_dirs(self.config.workloads)
+        want = (self.discovery.watch_dirs(self.config.workloads)
+                | self.discovery.container_watch_dirs(getattr(self, "records", {}).values()))
         added = False
         for d in set(self._cgroup_watches) - want:
             self.inotify.unwatch(self._cgroup_watches.pop(d))
@@ -317,6 +404,8 @@ class Daemon:
         self.write_status()
         if self.bus is not None:
             self.bus.close()
+        if self.hooks is not None:
+            self.hooks.close()
         self.dp.close()
         self.loop.quit()
         return False
@@ -354,6 +443,7 @@ class Daemon:
             return {name: counters.get(wid, {}).get(name, 0) for name in maplayout.COUNTERS}
         stats = self._envoy_stats()
         inbound = self.dp.inbound_ports() if live else {}
+        ctr_ports = self.dp.container_ports() if live else {}
         mesh = self.config.mesh
         return Status(
             version=__version__, pid=os.getpid(), state=self.state, updated=time.time(),
@@ -374,6 +464,11 @@ class Daemon:
                 pins=self.dp.root, adopted=self.dp.adopted,
                 links=tuple(self.dp.pinned_links()) if live else (),
                 tracked_connections=self.dp.tracked_connections() if live else 0),
+            acceleration=AccelerationStatus(
+                mode=mesh.acceleration, active=self.accel.active, kernel=os.uname().release,
+                reason=self.accel.reason,
+                counters=self.dp.accel_counters() if live else
+                {n: 0 for n in maplayout.ACCEL_COUNTERS}),
             counters=row(0),
             workloads=tuple(WorkloadStatus(
                 name=w.name, id=w.id, cgroup=w.cgroup, cgroup_id=w.cgroup_id,
@@ -381,7 +476,14 @@ class Daemon:
                 other_programs={h: tuple(ids) for h, ids in
                                 self.applier.foreign.get(w.name, {}).items()} if w.enrolled else {},
                 counters=row(w.id), inbound_ports=tuple(inbound.get(w.id, ())),
-                envoy=workload_envoy_stats(stats, w.id)) for w in self.plan.workloads))
+                envoy=workload_envoy_stats(stats, w.id)) for w in self.plan.workloads),
+            containers=tuple(ContainerStatus(
+                id=c.id, name=c.name, workload=c.workload, cgroup=c.cgroup,
+                network="host" if not c.netns else c.netns, addresses=(c.ipv4,) if c.ipv4 else (),
+                inbound_ports=tuple(ctr_ports.get(c.ipv4, ())) if c.enrolled else (),
+                enrolled_since=c.enrolled_since, error=c.error,
+                counters=row(c.workload_id) if c.workload_id else {})
+                for c in self.plan.containers))
 
     def _envoy_stats(self) -> dict[str, int]:
         if self.envoy.state != ENVOY_RUNNING:
@@ -416,6 +518,12 @@ class Daemon:
                         "maps are full (mesh.max_connections = %d; counter table_full = %d)",
                         total - self._table_full, self.config.mesh.max_connections, total)
         self._table_full = total
+
+
+def _ctr_fields(c) -> dict:
+    """Journal fields of a log line about a container."""
+    return {"CONTAINER_ID": c.id, "CONTAINER_NAME": c.name, "WORKLOAD": c.workload,
+            "CGROUP": c.cgroup}
 
 
 def run(config_dir: str) -> int:

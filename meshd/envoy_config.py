@@ -375,12 +375,84 @@ def render_clusters(ipv6: bool = True, client_mark: int = 0) -> list[dict]:
     ]
 
 
+CONTAINER_PREFIX = "meshd_ctr_"
+
+
+def _in_netns(addr: dict, netns: str) -> dict:
+    return {"socket_address": dict(addr["socket_address"], network_namespace_filepath=netns)}
+
+
+def render_container(short_id: str, netns: str, workload_id: int, outbound_port: int,
+                     protocols: dict[int, str] | None = None) -> tuple[dict, dict]:
+    """A container with its own network namespace: Envoy's outbound listener
+    inside that namespace (connect4 there sends to 127.0.0.1:<outbound_port>),
+    and an ORIGINAL_DST cluster whose connections are made from inside it too,
+    so the server sees the container's own address, as without meshd. Its
+    chains count into the workload's numbers (same stat prefixes)."""
+    name = CONTAINER_PREFIX + short_id
+    chains = [{"name": "outbound_miss", "filter_chain_match": {"destination_port": outbound_port},
+               "filters": [_tcp_proxy("outbound_miss", CLUSTER_BLACKHOLE)]}]
+    for port, proto in sorted((protocols or {}).items()):
+        chains.append(_chain(f"outbound_port{port}", {"destination_port": port}, proto,
+                             f"outbound_{workload_id}", name))
+    listener = {
+        "name": name,
+        "address": _in_netns(_addr("127.0.0.1", outbound_port), netns),
+        "listener_filters": [_original_dst_filter()],
+        "filter_chains": chains,
+        "default_filter_chain": _chain("outbound_tcp", {}, "tcp", f"outbound_{workload_id}",
+                                       name),
+    }
+    cluster = _original_dst_cluster(name)
+    cluster["upstream_bind_config"] = {"source_address": _in_netns(_addr("0.0.0.0", 0), netns)[
+        "socket_address"]}
+    return listener, cluster
+
+
+def render_container_inbound(short_id: str, netns: str, workload_id: int, inbound_port: int,
+                             client_mark: int = 0, protocols: dict[int, str] | None = None,
+                             access_log: str = "", forwarded_for: bool = False
+                             ) -> tuple[dict, dict]:
+    """A container's inbound listener inside its namespace (sk_lookup linked
+    there hands it connections for the ports the container listens on), and
+    the cluster that connects to the application from inside the namespace:
+    from the client's own address (original_src, with the mark the policy
+    routing in that namespace follows), or from 127.0.0.6."""
+    name = f"{CONTAINER_PREFIX}{short_id}_in"
+    log = dict(access_log=access_log, forwarded_for=forwarded_for)
+    chains = [{"name": "inbound_miss", "filter_chain_match": {"destination_port": inbound_port},
+               "filters": [_tcp_proxy("inbound_miss", CLUSTER_BLACKHOLE)]}]
+    for port, proto in sorted((protocols or {}).items()):
+        if port != inbound_port:
+            chains.append(_chain(f"inbound_port{port}", {"destination_port": port}, proto,
+                                 f"inbound_{workload_id}", name, **log))
+    listener = {
+        "name": name,
+        "address": _in_netns(_addr("127.0.0.1", inbound_port), netns),
+        "transparent": True,
+        "listener_filters": [_original_dst_filter()],
+        "filter_chains": chains,
+        "default_filter_chain": _chain("inbound_tcp", {}, "tcp", f"inbound_{workload_id}",
+                                       name, access_log),
+    }
+    if client_mark:
+        listener["listener_filters"].append(
+            {"name": "envoy.filters.listener.original_src",
+             "typed_config": {"@type": T_ORIGINAL_SRC, "mark": client_mark}})
+    cluster = _original_dst_cluster(name)
+    source = "0.0.0.0" if client_mark else INBOUND_SOURCE_V4
+    cluster["upstream_bind_config"] = {"source_address": _in_netns(_addr(source, 0), netns)[
+        "socket_address"]}
+    return listener, cluster
+
+
 def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
            client_mark: int = 0,
            workload_ports: dict[int, list[int]] | None = None,
            protocols: dict[int, str] | None = None,
            workload_protocols: dict[int, dict[int, str]] | None = None,
-           forwarded_for: bool = False) -> dict[str, dict]:
+           forwarded_for: bool = False,
+           containers: tuple[tuple[str, str, int], ...] = ()) -> dict[str, dict]:
     """Return {"bootstrap.json": ..., "lds.json": ..., "cds.json": ...}.
 
     workload_ports: enrolled workload id -> its meshed inbound ports; each
@@ -389,14 +461,22 @@ def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
     for name, port in (("outbound_port", outbound_port), ("inbound_port", inbound_port)):
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError(f"{name}: invalid port {port!r}")
+    ctr = []
+    for cid, netns, wid in sorted(containers):
+        protos = {**(protocols or {}), **(workload_protocols or {}).get(wid, {})}
+        ctr.append(render_container(cid, netns, wid, outbound_port, protos))
+        ctr.append(render_container_inbound(cid, netns, wid, inbound_port, client_mark, protos,
+                                            access_log_path(state_dir), forwarded_for))
     return {
         BOOTSTRAP: render_bootstrap(state_dir),
         LDS: _discovery_response(T_LISTENER, render_listeners(
             outbound_port, ipv6, (workload_ports or {}).keys(), protocols) + [
                 render_inbound_listener(inbound_port, ipv6, access_log_path(state_dir),
                                         client_mark, workload_ports, protocols,
-                                        workload_protocols, forwarded_for)]),
-        CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6, client_mark)),
+                                        workload_protocols, forwarded_for)]
+            + [listener for listener, _ in ctr]),
+        CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6, client_mark)
+                                 + [cluster for _, cluster in ctr]),
     }
 
 

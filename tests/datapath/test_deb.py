@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -120,6 +121,15 @@ def test_dbus_policy_is_shipped_when_the_tree_has_one(contents):
     if not (REPO / "etc" / "dbus-1" / "io.meshd.Mesh1.conf").exists():
         pytest.skip("no D-Bus policy in the tree yet")
     assert "/usr/share/dbus-1/system.d/io.meshd.Mesh1.conf" in contents
+
+
+def test_podman_hook_is_shipped_where_podman_reads_hooks(contents):
+    # Podman's default hooks directory; the hook runs /usr/bin/meshd oci-hook
+    assert "/usr/share/containers/oci/hooks.d/meshd.json" in contents
+    assert contents["/usr/share/containers/oci/hooks.d/meshd.json"].startswith("-rw-r--r--")
+    hook = json.loads((REPO / "etc/containers/oci/hooks.d/meshd.json").read_text())
+    assert hook["hook"]["path"] == "/usr/bin/meshd" and hook["stages"] == ["createRuntime"]
+    assert hook["hook"]["args"][1:3] == ["oci-hook", "--config-dir"]
 
 
 def test_control_fields(deb):

@@ -37,6 +37,9 @@ class FakeDatapath:
     def set_workload_ids(self, ids):
         self.maps["workload_ids"] = dict(ids)
 
+    def set_containers(self, netns):
+        self.maps["container_netns"] = dict(netns)
+
     def set_exclusions(self, ports, cidrs):
         self.maps["exclusions"] = (dict(ports), dict(cidrs))
 

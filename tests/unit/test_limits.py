@@ -68,3 +68,17 @@ def test_listed_inbound_ports_beyond_the_map_are_refused():
     assert errors_of(files) == [
         "a.toml:2: mesh.max_inbound_ports: 17 inbound ports listed by workloads "
         "(inbound_ports) exceed mesh.max_inbound_ports = 16"]
+
+
+def test_status_text_says_when_connections_went_direct_because_the_maps_were_full():
+    import dataclasses
+
+    from meshd.status import Status, WorkloadStatus, format_text
+    row = dict.fromkeys(maplayout.COUNTERS, 0)
+    st = Status(workloads=(WorkloadStatus(name="web", id=1, counters=dict(row, table_full=7)),),
+                counters=dict(row, table_full=2))
+    text = format_text(st, True, "status file")
+    assert ("  full:      9 connections went direct because the connection maps were full "
+            "(raise mesh.max_connections)") in text.splitlines()
+    quiet = dataclasses.replace(st, workloads=(), counters=row)
+    assert "full:" not in format_text(quiet, True, "status file")
