@@ -2,6 +2,12 @@
 match a meshd/plan.py Plan. Idempotent: applying the same plan twice changes
 nothing (links to the same cgroup are kept, maps are synced, files are written
 only when their content changes).
+
+The kernel side never waits for the state directory: when it cannot be written
+(read-only, full) the maps and links are applied anyway, the error is logged once
+with the file's path, and the files (Envoy's config, the workload ids) are written
+again on every status tick until it works. Until then Envoy keeps its previous
+listeners: a new workload's connections take its catch-all chains, still proxied.
 """
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ class Applier:
         self.foreign: dict[str, dict[str, list[int]]] = {}   # workload -> hook -> prog ids
         self._envoy = None
         self._rendered_ports: dict[int, list[int]] = {}
+        self._unsaved: set[str] = set()        # "ids", "envoy": writes still to retry
+        self._write_errors: set[str] = set()   # logged once each until writes work
         self._routed: set[str] = set()   # container namespaces with policy routing
         # False while the running Envoy was started from a bootstrap without the
         # flow-record cluster (an older meshd's): listeners naming it would be rejected.
@@ -82,9 +90,8 @@ class Applier:
         self.foreign = {k: v for k, v in self.foreign.items() if str(Owner.workload(k)) in planned}
         self._routed &= {link.netns for link in plan.links if link.netns}
         if plan.ids != self.ids:
-            atomic_write(statefiles.path(self.state_dir, statefiles.WORKLOAD_IDS),
-                         json.dumps(plan.ids, indent=1, sort_keys=True))
             self.ids = dict(plan.ids)
+            self._save_ids()
         self.dp.set_workload_ids(plan.cgroup_ids)
         self.dp.set_containers(plan.container_netns)
         self.dp.set_exclusions(plan.excluded_ports, plan.excluded_cidrs)
@@ -107,13 +114,46 @@ class Applier:
                                     e.workload_protocols, e.forwarded_for,
                                     access_log=e.access_log and self.flows_ok,
                                     containers=e.containers)
-        changed = envoy_config.write_config(e.state_dir, files)
+        try:
+            changed = envoy_config.write_config(e.state_dir, files)
+        except OSError as err:
+            self._write_failed("envoy", envoy_config.config_dir(e.state_dir), err,
+                               "Envoy keeps its previous listeners")
+            return
+        self._written("envoy")
         if changed:
             log.info("Envoy configuration updated: %s", ", ".join(changed))
         self._rendered_ports = wl_ports
 
     def refresh_envoy(self) -> None:
-        """Re-render if workloads opened or closed listeners since the last render."""
+        """Re-render if workloads opened or closed listeners since the last render,
+        or if a write failed (retried every tick until the state directory works)."""
+        if "ids" in self._unsaved:
+            self._save_ids()
         ports = self.dp.inbound_ports()
-        if {i: ports.get(i, []) for i in self._rendered_ports} != self._rendered_ports:
+        if ("envoy" in self._unsaved and self._envoy is not None
+                or {i: ports.get(i, []) for i in self._rendered_ports} != self._rendered_ports):
             self.render_envoy(ports)
+
+    def _save_ids(self) -> None:
+        path = statefiles.path(self.state_dir, statefiles.WORKLOAD_IDS)
+        try:
+            atomic_write(path, json.dumps(self.ids, indent=1, sort_keys=True))
+        except OSError as err:
+            self._write_failed("ids", path, err, "the ids are kept in memory")
+            return
+        self._written("ids")
+
+    def _write_failed(self, what: str, path: str, err: OSError, meanwhile: str) -> None:
+        self._unsaved.add(what)
+        msg = f"cannot write {path}: {err.strerror or err}"
+        if msg not in self._write_errors:
+            self._write_errors.add(msg)
+            log.error("%s; the data path is applied, %s; retrying every second", msg, meanwhile)
+
+    def _written(self, what: str) -> None:
+        if what in self._unsaved:
+            self._unsaved.discard(what)
+            if not self._unsaved:
+                log.info("state directory %s writable again: files written", self.state_dir)
+                self._write_errors.clear()

@@ -82,6 +82,7 @@ class Daemon:
         self.accel = acceleration.Decision(False, "not applied yet")
         self._cgroup_watches: dict[str, int] = {}
         self.bus = None  # meshd.bus.BusService once the main loop runs
+        self._status_error = ""
         self.hooks = None  # meshd.hookserver.HookServer once the main loop runs
         self._enroll_waiting: list = []   # (container id, reply) from the hook
         # observability (meshd/flows.py, flowlog.py, observe.py, metrics.py)
@@ -573,7 +574,11 @@ class Daemon:
         try:
             atomic_write(status_path(self.config.mesh.state_dir), st.to_json())
         except OSError as e:
-            log.warning("cannot write status: %s", e)
+            if str(e.strerror) != self._status_error:   # once, not every second
+                log.warning("cannot write status: %s", e)
+            self._status_error = str(e.strerror)
+        else:
+            self._status_error = ""
         if self.bus is not None:
             self.bus.update(st)
         from .metrics import Snapshot

@@ -160,7 +160,8 @@ class Guest:
 
 @pytest.fixture(scope="module")
 def guest(rootfs, debs, tmp_path_factory):
-    """A booted guest with the two .debs and the test server script at /mnt/meshd.
+    """A booted guest with the two .debs and the test scripts (echo_server.py, load.py)
+    at /mnt/meshd.
     Nothing else: no Envoy, no pip; the guest gets Envoy from meshd-envoy."""
     name = "mt" + os.urandom(3).hex() + "g"
     share = tmp_path_factory.mktemp(name)
@@ -169,6 +170,7 @@ def guest(rootfs, debs, tmp_path_factory):
         shutil.copy(deb, share / deb.name)
         os.chmod(share / deb.name, 0o644)   # readable by apt's _apt sandbox user
     shutil.copy(REPO / "tests" / "helpers" / "echo_server.py", share / "echo_server.py")
+    shutil.copy(REPO / "tests" / "helpers" / "load.py", share / "load.py")   # the load harness
     g = Guest(rootfs, name, share)
     try:
         yield g.boot()
