@@ -82,7 +82,7 @@ class Applier:
         wl_ports = {wid: ports.get(wid, []) for wid in e.workload_ids}
         files = envoy_config.render(e.outbound_port, e.inbound_port, e.state_dir, e.ipv6,
                                     e.client_mark, wl_ports, e.protocols,
-                                    e.workload_protocols, e.forwarded_for)
+                                    e.workload_protocols, e.forwarded_for, e.mtls)
         changed = envoy_config.write_config(e.state_dir, files)
         if changed:
             log.info("Envoy configuration updated: %s", ", ".join(changed))

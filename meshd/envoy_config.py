@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 
-from . import fsutil, maplayout, statefiles
+from . import envoy_mtls, fsutil, maplayout, statefiles
 
 # v3 type URLs ----------------------------------------------------------------------------
 _T = "type.googleapis.com/"
@@ -120,7 +120,11 @@ def _access_log(path: str) -> list[dict]:
               "destination": "%DOWNSTREAM_LOCAL_ADDRESS%", "upstream": "%UPSTREAM_HOST%",
               "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%", "code": "%RESPONSE_CODE%",
               "bytes_received": "%BYTES_RECEIVED%", "bytes_sent": "%BYTES_SENT%",
-              "duration_ms": "%DURATION%"}
+              "duration_ms": "%DURATION%",
+              # identity (docs/identity.md): the caller's verified SPIFFE ID ("-" for
+              # plaintext), and why Envoy refused a request/connection (RBAC)
+              "peer": "%DOWNSTREAM_PEER_URI_SAN%", "details": "%RESPONSE_CODE_DETAILS%",
+              "termination": "%CONNECTION_TERMINATION_DETAILS%"}
     return [{"name": "envoy.access_loggers.file",
              "typed_config": {"@type": T_FILE_ACCESS_LOG, "path": path,
                               "log_format": {"json_format": fields}}}]
@@ -226,7 +230,8 @@ def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str,
                             workload_ports: dict[int, list[int]] | None = None,
                             protocols: dict[int, str] | None = None,
                             workload_protocols: dict[int, dict[int, str]] | None = None,
-                            forwarded_for: bool = False) -> dict:
+                            forwarded_for: bool = False,
+                            mtls: envoy_mtls.MtlsInput | None = None) -> dict:
     """sk_lookup hands connections for workload ports to this listener's socket;
     they keep their real addresses, so the local address is the destination.
 
@@ -243,6 +248,9 @@ def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str,
         "filter_chain_match": {"destination_port": inbound_port},
         "filters": [_tcp_proxy("inbound_miss", CLUSTER_BLACKHOLE)],
     }]
+    if mtls:   # plaintext from other hosts refused (strict, allow_from)
+        chains += envoy_mtls.refused_chains(
+            mtls, workload_ports or {}, lambda stat: _tcp_proxy(stat, CLUSTER_BLACKHOLE, access_log))
     served = set()
     for wid, ports in sorted((workload_ports or {}).items()):
         for port in sorted(set(ports) - {inbound_port} - served):
@@ -265,17 +273,48 @@ def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str,
         "default_filter_chain": _chain("inbound_tcp", {}, "tcp", "inbound", CLUSTER_INBOUND,
                                        access_log),
     }
-    if client_mark:
-        listener["listener_filters"].append(
-            {"name": "envoy.filters.listener.original_src",
-             "typed_config": {"@type": T_ORIGINAL_SRC, "mark": client_mark}})
+    listener["listener_filters"] += _original_src(client_mark)
     if ipv6:
         listener["additional_addresses"] = [{"address": _addr("::1", inbound_port)}]
     return listener
 
 
+def _original_src(client_mark: int) -> list[dict]:
+    if not client_mark:
+        return []
+    return [{"name": "envoy.filters.listener.original_src",
+             "typed_config": {"@type": T_ORIGINAL_SRC, "mark": client_mark}}]
+
+
+def render_mtls_listener(mtls: envoy_mtls.MtlsInput, ipv6: bool, access_log: str,
+                         client_mark: int, workload_ports: dict[int, list[int]],
+                         protocols: dict[int, str], workload_protocols: dict[int, dict[int, str]],
+                         forwarded_for: bool = False) -> dict:
+    """The listener other meshd hosts call with mTLS (meshd/envoy_mtls.py); it
+    forwards to the workload as the inbound listener does."""
+    def proxy(port: int, stat: str, allow) -> dict:
+        wid = int(stat.rpartition("_")[2])
+        proto = workload_protocols.get(wid, {}).get(port, protocols.get(port, "tcp"))
+        if not is_http(proto):
+            return _tcp_proxy(f"inbound_tcp_{wid}", CLUSTER_INBOUND, access_log)
+        hcm = _http_connection_manager(f"inbound_http_{wid}", CLUSTER_INBOUND, access_log,
+                                       forwarded_for)
+        tc = hcm["typed_config"]
+        # The caller's verified identity for the application: x-forwarded-client-cert
+        # "By=<this workload's ID>;Hash=<cert sha256>;URI=<the caller's SPIFFE ID>"
+        # (a client's own header is replaced, never trusted).
+        tc["forward_client_cert_details"] = "SANITIZE_SET"
+        tc["set_current_client_cert_details"] = {"uri": True}
+        if allow is not None:
+            tc["http_filters"].insert(0, envoy_mtls.http_rbac(allow))
+        return hcm
+    return envoy_mtls.mtls_listener(mtls, workload_ports, ipv6, _original_src(client_mark),
+                                    proxy)
+
+
 def render_listeners(outbound_port: int, ipv6: bool, workload_ids=(),
-                     protocols: dict[int, str] | None = None) -> list[dict]:
+                     protocols: dict[int, str] | None = None,
+                     mtls: envoy_mtls.MtlsInput | None = None) -> list[dict]:
     """The outbound listener. A connection's chain is chosen by its original
     destination port (protocols) and its workload (source 127.77.0.<id>).
     Envoy matches the destination port before the source, so each workload
@@ -295,6 +334,11 @@ def render_listeners(outbound_port: int, ipv6: bool, workload_ids=(),
                                  proto, f"outbound_{wid}", CLUSTER_ORIGINAL_DST))
         chains.append(_chain(f"outbound_wl{wid}", src, "tcp", f"outbound_{wid}",
                              CLUSTER_ORIGINAL_DST))
+    if mtls:   # to meshed workloads on other hosts: mTLS with the caller's identity
+        chains += envoy_mtls.outbound_chains(
+            mtls, maplayout.workload_source4,
+            lambda name, match, port, stat, cluster: _chain(
+                name, match, (protocols or {}).get(port, "tcp"), stat, cluster))
     for port, proto in declared:   # connections no workload address tells apart (IPv6)
         chains.append(_chain(f"outbound_port{port}", {"destination_port": port}, proto,
                              "outbound", CLUSTER_ORIGINAL_DST))
@@ -339,7 +383,8 @@ def _original_dst_cluster(name: str) -> dict:
     }
 
 
-def render_clusters(ipv6: bool = True, client_mark: int = 0) -> list[dict]:
+def render_clusters(ipv6: bool = True, client_mark: int = 0,
+                    mtls: envoy_mtls.MtlsInput | None = None) -> list[dict]:
     inbound = _original_dst_cluster(CLUSTER_INBOUND)
     if not client_mark:   # else original_src binds the client's address
         bind = {"source_address": {"address": INBOUND_SOURCE_V4, "port_value": 0}}
@@ -356,7 +401,7 @@ def render_clusters(ipv6: bool = True, client_mark: int = 0) -> list[dict]:
             "connect_timeout": "1s",
             "load_assignment": {"cluster_name": CLUSTER_BLACKHOLE, "endpoints": []},
         },
-    ]
+    ] + (envoy_mtls.clusters(mtls, _original_dst_cluster) if mtls else [])
 
 
 def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
@@ -364,23 +409,30 @@ def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
            workload_ports: dict[int, list[int]] | None = None,
            protocols: dict[int, str] | None = None,
            workload_protocols: dict[int, dict[int, str]] | None = None,
-           forwarded_for: bool = False) -> dict[str, dict]:
+           forwarded_for: bool = False,
+           mtls: envoy_mtls.MtlsInput | None = None) -> dict[str, dict]:
     """Return {"bootstrap.json": ..., "lds.json": ..., "cds.json": ...}.
 
     workload_ports: enrolled workload id -> its meshed inbound ports; each
     workload gets its own filter chains, so Envoy counts it separately.
-    protocols / workload_protocols: see render_inbound_listener."""
+    protocols / workload_protocols: see render_inbound_listener.
+    mtls: identities are on (mesh.trust_domain): see meshd/envoy_mtls.py."""
     for name, port in (("outbound_port", outbound_port), ("inbound_port", inbound_port)):
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError(f"{name}: invalid port {port!r}")
+    log = access_log_path(state_dir)
+    listeners = render_listeners(outbound_port, ipv6, (workload_ports or {}).keys(), protocols,
+                                 mtls) + [
+        render_inbound_listener(inbound_port, ipv6, log, client_mark, workload_ports, protocols,
+                                workload_protocols, forwarded_for, mtls)]
+    if mtls:
+        listeners.append(render_mtls_listener(mtls, ipv6, log, client_mark, workload_ports or {},
+                                              protocols or {}, workload_protocols or {},
+                                              forwarded_for))
     return {
         BOOTSTRAP: render_bootstrap(state_dir),
-        LDS: _discovery_response(T_LISTENER, render_listeners(
-            outbound_port, ipv6, (workload_ports or {}).keys(), protocols) + [
-                render_inbound_listener(inbound_port, ipv6, access_log_path(state_dir),
-                                        client_mark, workload_ports, protocols,
-                                        workload_protocols, forwarded_for)]),
-        CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6, client_mark)),
+        LDS: _discovery_response(T_LISTENER, listeners),
+        CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6, client_mark, mtls)),
     }
 
 

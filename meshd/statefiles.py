@@ -16,11 +16,13 @@ ACCESS_LOG = "access.log"            # Envoy's inbound access log
 ENVOY_ADMIN = "envoy-admin.sock"     # Envoy's admin API (AF_UNIX)
 FWMARK_SAVED = "tcp_fwmark_accept.orig"   # the sysctl's value before meshd set it
 ENVOY_CONFIG_DIR = "envoy"           # bootstrap and filesystem-xDS files (a directory)
+IDENTITY_DIR = "identity"            # workload certificates and keys as SDS files (0750)
+CATALOG = "catalog.json"             # the last catalog seen in etcd (served while it is down)
 
 # What cleanup removes. FWMARK_SAVED is not here: routing.remove deletes it once it
 # has restored the value (and keeps it while another meshd serves the namespace).
-FILES = (STATUS, MESHD_PID, ENVOY_PID, WORKLOAD_IDS, ENVOY_LOG, ACCESS_LOG, ENVOY_ADMIN)
-DIRS = (ENVOY_CONFIG_DIR,)
+FILES = (STATUS, MESHD_PID, ENVOY_PID, WORKLOAD_IDS, ENVOY_LOG, ACCESS_LOG, ENVOY_ADMIN, CATALOG)
+DIRS = (ENVOY_CONFIG_DIR, IDENTITY_DIR)
 
 
 def path(state_dir: str, name: str) -> str:
