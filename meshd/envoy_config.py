@@ -124,7 +124,8 @@ def _access_log(path: str) -> list[dict]:
               # identity (docs/identity.md): the caller's verified SPIFFE ID ("-" for
               # plaintext), and why Envoy refused a request/connection (RBAC)
               "peer": "%DOWNSTREAM_PEER_URI_SAN%", "details": "%RESPONSE_CODE_DETAILS%",
-              "termination": "%CONNECTION_TERMINATION_DETAILS%"}
+              "termination": "%CONNECTION_TERMINATION_DETAILS%",
+              "tls_failure": "%DOWNSTREAM_TRANSPORT_FAILURE_REASON%"}
     return [{"name": "envoy.access_loggers.file",
              "typed_config": {"@type": T_FILE_ACCESS_LOG, "path": path,
                               "log_format": {"json_format": fields}}}]

@@ -179,17 +179,15 @@ def mtls_listener(m: MtlsInput, workload_ports: dict[int, list[int]], ipv6: bool
         if name is None:
             continue
         allow = m.policies.get(wid, LocalPolicy()).allow_from
-        tls = {"name": "envoy.transport_sockets.tls", "typed_config": {
-            "@type": T_DOWNSTREAM_TLS, "require_client_certificate": True,
-            "common_tls_context": _common_tls(
-                m, name, {"prefix": f"spiffe://{m.trust_domain}/"})}}
         for port in sorted(set(ports) - served):
             served.add(port)
             for v6 in ((False, True) if ipv6 else (False,)):
                 filters = [_set_original_dst(port, v6)]
                 last = proxy_filter(port, f"inbound_{wid}", allow)
-                if allow is not None and last["name"].endswith("tcp_proxy"):
+                tcp = last["name"].endswith("tcp_proxy")
+                if allow is not None and tcp:
                     filters.insert(0, network_rbac(f"mtls_{wid}.", allow))
+                tls = _downstream_tls(m, name, allow if tcp else None)
                 chains.append({
                     "name": f"mtls_wl{wid}_port{port}{'_v6' if v6 else ''}",
                     "filter_chain_match": {
@@ -211,6 +209,24 @@ def mtls_listener(m: MtlsInput, workload_ports: dict[int, list[int]], ipv6: bool
         listener["additional_addresses"] = [{"address": {"socket_address": {
             "address": "::", "port_value": m.mtls_port}}}]
     return listener
+
+
+def _downstream_tls(m: MtlsInput, workload: str, allow: tuple[str, ...] | None) -> dict:
+    """Any SPIFFE ID of the trust domain, from a certificate of the trust bundle.
+    allow: only these IDs, checked in the handshake itself. For plain TCP that is
+    where a caller must be stopped: Envoy connects upstream as soon as the TLS
+    connection is accepted and RBAC only looks at the first byte the client
+    sends, so a server that speaks first would have talked to a refused caller."""
+    if allow is None:
+        matchers = [{"prefix": f"spiffe://{m.trust_domain}/"}]
+    else:
+        matchers = [{"exact": i} for i in allow] or [{"exact": "spiffe://nobody.invalid/"}]
+    ctx = _common_tls(m, workload, matchers[0])
+    ctx["combined_validation_context"]["default_validation_context"][
+        "match_typed_subject_alt_names"] = [{"san_type": "URI", "matcher": x} for x in matchers]
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": T_DOWNSTREAM_TLS, "require_client_certificate": True,
+        "common_tls_context": ctx}}
 
 
 def refused_chains(m: MtlsInput, workload_ports: dict[int, list[int]], tcp_proxy) -> list[dict]:

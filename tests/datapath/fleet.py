@@ -174,6 +174,15 @@ class Fleet:
             return callee in ident.get("catalog_hosts", ()) and self._has_port(caller, callee, port)
         wait_for(seen, timeout, what=f"{callee}:{port} in {caller}'s catalog")
 
+    def wait_mtls(self, caller: str, callee: str, port: int, timeout: float = 30) -> None:
+        """Until both Envoys serve the port with mTLS: the caller's Envoy has the
+        cluster to callee:port, the callee's its chain for the port (Envoy's
+        config_dump: what Envoy really runs, not the files meshd wrote)."""
+        self.wait_remote(caller, callee, port, timeout)
+        want = {caller: f"_{self.ip[callee]}_{port}\"", callee: f"\"{port}.mtls.meshd\""}
+        wait_for(lambda: all(text in envoy_config_dump(self.hosts[n]) for n, text in want.items()),
+                 timeout, what=f"mTLS for {callee}:{port} in both Envoys")
+
     def _has_port(self, caller: str, callee: str, port: int) -> bool:
         from meshd.catalog import load_saved
         hosts, _ = load_saved(self.hosts[caller].state_dir)
@@ -191,6 +200,15 @@ class Fleet:
             netns_del(ns)
         netns_del(self.lan)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def envoy_config_dump(m: Mesh) -> str:
+    from meshd.envoy import admin
+    try:
+        code, body = admin.get(os.path.join(m.state_dir, "envoy-admin.sock"), "/config_dump")
+    except OSError:
+        return ""
+    return body.decode(errors="replace") if code == 200 else ""
 
 
 class Capture:
