@@ -21,8 +21,10 @@ def cgroup2_mount(mountinfo: str = mounts.MOUNTINFO) -> str:
     point = mounts.first_of_type("cgroup2", mountinfo)
     if point is not None:
         return point
-    raise CgroupError("no cgroup2 hierarchy is mounted (meshd needs cgroup v2: "
-                      "mount -t cgroup2 none /sys/fs/cgroup)")
+    raise CgroupError("no cgroup2 hierarchy is mounted here (meshd needs cgroup v2: "
+                      "mount -t cgroup2 none /sys/fs/cgroup); under `ip netns exec`, which "
+                      "mounts a /sys without it, run meshd in the host's mounts with "
+                      "mesh.netns = \"/run/netns/NAME\" instead")
 
 
 def path_of(root: str, rel: str) -> str:

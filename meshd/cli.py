@@ -167,18 +167,12 @@ def _mesh_despite_errors(config_dir: str):
     invalid: a rejected change is exactly when `meshd status` (and possibly
     `meshd cleanup`) is needed."""
     import dataclasses
-    from .config import MeshConfig, tomllib
+    from .config import MeshConfig, parse_toml, read_files
     found = {}
-    try:
-        names = sorted(n for n in os.listdir(config_dir)
-                       if n.endswith(".toml") and not n.startswith("."))
-    except OSError:
-        names = []
-    for name in names:
+    for text in read_files(config_dir)[0].values():   # the same hostile-file rules as check
         try:
-            with open(os.path.join(config_dir, name), "rb") as f:
-                mesh = tomllib.load(f).get("mesh", {})
-        except (OSError, ValueError, AttributeError):
+            mesh = parse_toml(text).get("mesh", {})
+        except ValueError:
             continue
         for key in ("state_dir", "bpffs_dir", "cgroup_root", "netns"):
             value = mesh.get(key) if isinstance(mesh, dict) else None
@@ -220,8 +214,18 @@ def cmd_status(args) -> int:
     return 0 if running else 3
 
 
+def _need_root(command: str) -> None:
+    if os.geteuid() != 0:
+        raise PermissionError("must run as root (it loads and removes eBPF "
+                              "programs, cgroups and routing)")
+
+
 def cmd_cleanup(args) -> int:
     from .footprint import Footprint, FootprintError
+    _need_root("cleanup")
+    if not os.path.isdir(args.config_dir):   # a typo must not clean up the default instance
+        print(f"meshd cleanup: {args.config_dir}: no such config directory", file=sys.stderr)
+        return 1
     try:
         Footprint(_mesh_or_lenient(args.config_dir)).cleanup()
     except FootprintError as e:
@@ -230,19 +234,51 @@ def cmd_cleanup(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "check":
-        return cmd_check(args)
-    if args.command == "status":
-        return cmd_status(args)
-    if args.command == "cleanup":
-        return cmd_cleanup(args)
-    if args.command == "ca":
-        return cmd_ca(args)
+def describe(e: BaseException) -> str:
+    """One line for an expected error: an OSError names its file, not its errno."""
+    if isinstance(e, OSError) and e.strerror and e.errno:
+        where = f": {e.filename}" if e.filename else ""
+        hint = " (meshd needs root)" if isinstance(e, PermissionError) and os.geteuid() else ""
+        return f"{e.strerror}{where}{hint}"
+    return str(e)
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """What the environment (not a bug) can make a command fail with."""
+    from .cgroups import CgroupError
+    from .datapath import DatapathError
+    from .envoy.systemd_manager import SystemdError
+    from .footprint import FootprintError
+    from .plan import PlanError
+    from .routing import RoutingError
+    return (OSError, CgroupError, DatapathError, SystemdError, FootprintError, PlanError,
+            RoutingError, ConfigInvalid)
+
+
+def _run(args) -> int:
+    _need_root("run")
     _setup_logging(args.log_level)
     from .daemon import run
     return run(args.config_dir)
+
+
+COMMANDS = {"check": cmd_check, "status": cmd_status, "cleanup": cmd_cleanup, "run": _run,
+            "ca": cmd_ca}
+
+
+def main(argv=None) -> int:
+    """Every command: its exit status, or one line on stderr and 1 for an expected
+    error (never a traceback); 130 on Ctrl-C."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if not isinstance(e, expected_errors()):
+            raise
+        print(f"meshd {args.command}: {describe(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

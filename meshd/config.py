@@ -6,10 +6,12 @@ load_config(); parse_files() is the side-effect-free core, fed path -> text.
 from __future__ import annotations
 
 import difflib
+import errno
 import functools
 import ipaddress
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -19,6 +21,7 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
 DEFAULT_CONFIG_DIR = "/etc/meshd"
+MAX_WORKLOAD_COUNT = 255   # workload ids 1..255 (maplayout.MAX_WORKLOADS - 1)
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,8 @@ class ConfigError:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.key}: {self.message}"
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
 
 
 class ConfigInvalid(Exception):
@@ -65,6 +69,10 @@ class MeshConfig:
     cert_lifetime: int = 86400                   # workload certificates, seconds
     mtls_port: int = 15008                       # Envoy's mTLS listener (other hosts call it)
     inbound_mode: str = "permissive"             # or "strict": no plaintext from other hosts
+    # map sizes (maplayout.MapSizes; take effect at restart, the maps keep their contents)
+    max_connections: int = 65536   # steered connections open at once; beyond: direct, counted
+    max_exclusions: int = 16384    # entries of each exclusion map (ports, IPv4 CIDRs, ...)
+    max_inbound_ports: int = 16384  # meshed inbound ports
 
 
 @dataclass(frozen=True)
@@ -287,6 +295,14 @@ _CATALOG_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "host_name": (_host_name, ""),
 }
 
+def _map_size(low: int, high: int):
+    """A map size: an integer within what the kernel and meshd's memory allow."""
+    def conv(v: Any) -> int:
+        if not low <= _expect(v, int, "integer") <= high:
+            raise ValueError(f"{v} out of range {low}..{high}")
+        return v
+    return conv
+
 # key -> (converter, default)
 _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "outbound_port": (_port, 15001),
@@ -308,6 +324,9 @@ _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "cert_lifetime": (_seconds, 86400),
     "mtls_port": (_port, 15008),
     "inbound_mode": (_inbound_mode, "permissive"),
+    "max_connections": (_map_size(64, 16_777_216), 65536),
+    "max_exclusions": (_map_size(16, 1_048_576), 16384),
+    "max_inbound_ports": (_map_size(16, 65_535), 16384),
 }
 _WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "cgroup": (_cgroup, None),
@@ -341,6 +360,9 @@ _HEADER_RE = re.compile(rf"^\s*\[\[?\s*({_DOTTED})\s*\]\]?\s*(?:#.*)?$")
 _KEYVAL_RE = re.compile(rf"^\s*({_DOTTED})\s*=")
 _INLINE_KEY_RE = re.compile(rf"[{{,]\s*({_DOTTED})\s*=")
 _PART_RE = re.compile(_PART)
+# tomllib recurses once per nesting level: a file nested deeper than Python's stack
+# allows would end in RecursionError. No meshd key nests more than 2 levels.
+MAX_NESTING = 64
 _STRING_RE = re.compile(r"""\"\"\"|'''|"(?:[^"\\]|\\.)*"|'[^']*'""")
 
 
@@ -348,24 +370,37 @@ def _split_key(dotted: str) -> tuple[str, ...]:
     return tuple(p[1:-1] if p[0] in "\"'" else p for p in _PART_RE.findall(dotted))
 
 
-def _nesting(code: str) -> int:
-    """Net count of [ and { a line opens, ignoring strings and comments."""
+def _nesting(code: str) -> tuple[int, int]:
+    """Net count of [ and { a line opens, and the deepest it gets on the way,
+    ignoring strings and comments."""
     code = _STRING_RE.sub("", code).split("#", 1)[0]
-    return code.count("[") + code.count("{") - code.count("]") - code.count("}")
+    depth = peak = 0
+    for c in code:
+        if c in "[{":
+            depth += 1
+            peak = max(peak, depth)
+        elif c in "]}":
+            depth -= 1
+    return depth, peak
 
 
 class _Locator:
     def __init__(self, text: str):
         self.lines: dict[tuple[str, ...], int] = {}
+        self.keys: list[tuple[str, ...]] = []  # line n-1 -> the key (or table) it belongs to
+        self.too_deep = 0  # the first line nested deeper than MAX_NESTING (0: none)
         table: tuple[str, ...] = ()
+        path: tuple[str, ...] = ()  # the key whose value is being read
         depth, in_string = 0, None  # inside a multi-line array / string value
         for n, line in enumerate(text.split("\n"), 1):
+            deepest = 0
             if in_string:
                 in_string = None if line.count(in_string) % 2 else in_string
             elif depth > 0:
-                depth += _nesting(line)
+                net, peak = _nesting(line)
+                depth, deepest = depth + net, depth + peak
             elif m := _HEADER_RE.match(line):
-                table = _split_key(m.group(1))
+                table = path = _split_key(m.group(1))
                 self._add(table, n)
             elif m := _KEYVAL_RE.match(line):
                 path, rest = table + _split_key(m.group(1)), line[m.end():]
@@ -374,7 +409,13 @@ class _Locator:
                     for im in _INLINE_KEY_RE.finditer(rest):
                         self._add(path + _split_key(im.group(1)), n)
                 in_string = next((q for q in ('"""', "'''") if rest.count(q) % 2), None)
-                depth = 0 if in_string else max(_nesting(rest), 0)
+                net, deepest = _nesting(rest)
+                depth = 0 if in_string else max(net, 0)
+            else:
+                path = table
+            if deepest > MAX_NESTING and not self.too_deep:
+                self.too_deep = n
+            self.keys.append(path)
 
     def _add(self, path: tuple[str, ...], line: int) -> None:
         for i in range(1, len(path) + 1):  # prefixes too: `web.cgroup = ...` declares `web`
@@ -383,6 +424,10 @@ class _Locator:
     def line(self, *path: str) -> int:
         found = (self.lines[path[:i]] for i in range(len(path), 0, -1) if path[:i] in self.lines)
         return next(found, 1)
+
+    def key_at(self, line: int) -> str:
+        """The dotted key (or table) a line belongs to; "" before the first."""
+        return ".".join(self.keys[line - 1]) if 0 < line <= len(self.keys) else ""
 
 
 # ---------------------------------------------------------------- parsing
@@ -422,12 +467,14 @@ class _Parser:
         return isinstance(value, dict)
 
     def add_file(self, path: str, text: str) -> None:
+        locator = _Locator(text)
         try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            self.errors.append(ConfigError(path, _decode_error_line(e, text), "", f"invalid TOML: {e}"))
+            doc = parse_toml(text, locator)
+        except ValueError as e:
+            line = _decode_error_line(e, text) if not locator.too_deep else locator.too_deep
+            self.errors.append(ConfigError(path, line, locator.key_at(line), str(e)))
             return
-        self.file, self.locators[path] = path, _Locator(text)
+        self.file, self.locators[path] = path, locator
         for key, value in doc.items():
             if key not in ("mesh", "workload", "catalog"):
                 hint = _unknown("table/key", key, ("mesh", "workload", "catalog"))
@@ -512,6 +559,7 @@ class _Parser:
             if envoy & set(getattr(mesh, key)):
                 self.err(self.mesh_key_at(key, "outbound_port", "inbound_port"),
                          _envoy_clash(envoy, getattr(mesh, key), f"mesh.{key}"))
+        self.check_limits(mesh)
         selected: dict[tuple[str, str], Workload] = {}  # (selector, value) -> first workload to use it
         for w in sorted(self.workloads.values(), key=lambda w: self.workload_at[w.name]):
             at = functools.partial(self.at, "workload", w.name, file=self.workload_at[w.name].file)
@@ -549,6 +597,36 @@ class _Parser:
                 self.err(at or self.mesh_key_at("trust_domain"),
                          f"{what} needs mesh.trust_domain (workload identities)")
 
+    def check_limits(self, mesh: MeshConfig) -> None:
+        """What the data path's maps can hold: workload ids, exclusions, inbound ports."""
+        ordered = sorted(self.workloads.values(), key=lambda w: self.workload_at[w.name])
+        if len(ordered) > MAX_WORKLOAD_COUNT:
+            w = ordered[MAX_WORKLOAD_COUNT]
+            self.err(self.workload_at[w.name],
+                     f"workload {len(ordered)}: at most {MAX_WORKLOAD_COUNT} workloads (each gets "
+                     f"an id 1..{MAX_WORKLOAD_COUNT} and the source address 127.77.0.<id>)")
+        ws = self.workloads.values()
+        v4 = lambda nets: [n for n in nets if n.version == 4]   # noqa: E731
+        v6 = lambda nets: [n for n in nets if n.version == 6]   # noqa: E731
+        for key, what, count in (
+                ("exclude_outbound_ports", "excluded outbound ports",
+                 len(mesh.exclude_outbound_ports) + sum(len(w.exclude_outbound_ports) for w in ws)),
+                ("exclude_outbound_cidrs", "excluded IPv4 networks",
+                 len(v4(mesh.exclude_outbound_cidrs)) + sum(len(v4(w.exclude_outbound_cidrs)) for w in ws)),
+                ("exclude_outbound_cidrs", "excluded IPv6 networks",
+                 len(v6(mesh.exclude_outbound_cidrs)) + sum(len(v6(w.exclude_outbound_cidrs)) for w in ws)),
+                ("exclude_inbound_ports", "excluded inbound ports",
+                 len(mesh.exclude_inbound_ports) + sum(len(w.exclude_inbound_ports) for w in ws))):
+            if count > mesh.max_exclusions:
+                self.err(self.mesh_key_at("max_exclusions", key),
+                         f"{count} {what} ([mesh] and every workload's {key} together) exceed "
+                         f"mesh.max_exclusions = {mesh.max_exclusions}")
+        inbound = sum(len(w.inbound_ports or ()) for w in ws)
+        if inbound > mesh.max_inbound_ports:
+            self.err(self.mesh_key_at("max_inbound_ports"),
+                     f"{inbound} inbound ports listed by workloads (inbound_ports) exceed "
+                     f"mesh.max_inbound_ports = {mesh.max_inbound_ports}")
+
 
 def _envoy_clash(envoy: set[int], ports: tuple[int, ...], key: str) -> str:
     return f"Envoy's listener port(s) {', '.join(map(str, sorted(envoy & set(ports))))} must not be in {key}"
@@ -556,6 +634,19 @@ def _envoy_clash(envoy: set[int], ports: tuple[int, ...], key: str) -> str:
 
 def _within(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor + "/")
+
+
+def parse_toml(text: str, locator: _Locator | None = None) -> dict:
+    """tomllib.loads, with every failure a ValueError: nesting deeper than
+    MAX_NESTING is refused before tomllib could exhaust the stack."""
+    if (locator or _Locator(text)).too_deep:
+        raise ValueError(f"nested more than {MAX_NESTING} arrays/inline tables deep")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"invalid TOML: {e}") from None
+    except RecursionError:  # nesting the locator did not count (inside a multi-line string?)
+        raise ValueError("invalid TOML: nested too deeply") from None
 
 
 def _decode_error_line(exc: Exception, text: str) -> int:
@@ -588,21 +679,91 @@ def parse_files(files: dict[str, str]) -> Config:
     return config
 
 
-def load_config(config_dir: str) -> Config:
-    """Read every *.toml in config_dir (not recursive) and validate them together."""
+# ---------------------------------------------------------------- reading files
+# A config directory is anyone's to fill: every odd file ends in a ConfigError,
+# never a traceback or a hang.
+
+MAX_FILE_BYTES = 8 << 20   # 10,000 workloads take < 1 MiB; more is a mistake, not a config
+
+
+def read_file(path: str) -> str:
+    """One config file's text, or ValueError(message). O_NONBLOCK: a FIFO named
+    *.toml must not block meshd; only regular files (symlinks to them too) are read."""
     try:
-        names = sorted(os.listdir(config_dir))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as e:
-        raise ConfigInvalid([ConfigError(config_dir, 0, "", f"cannot read config directory: {e.strerror}")])
+        if e.errno == errno.ELOOP:
+            raise ValueError("cannot read: symbolic link loop") from None
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            raise ValueError(f"cannot read: symbolic link to {os.readlink(path)!r}, which "
+                             "does not exist") from None
+        raise ValueError(f"cannot read: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ValueError(f"{kind}: *.toml in a config directory must be regular files")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)   # the size may change between fstat and read
+    except OSError as e:
+        raise ValueError(f"cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_FILE_BYTES >> 20} MiB")
+    return decode(data)
+
+
+def decode(data: bytes) -> str:
+    """UTF-8 text (as TOML requires), or ValueError naming where the first bad byte is."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise _BadByte(line, column, data[e.start], e.start,
+                       data.decode("utf-8", errors="replace")) from None
+
+
+class _BadByte(ValueError):
+    def __init__(self, line: int, column: int, byte: int, offset: int, lossy: str):
+        self.line, self.key = line, _Locator(lossy).key_at(line)  # the key on that line
+        super().__init__(f"not UTF-8: byte 0x{byte:02x} at line {line}, column {column} "
+                         f"(offset {offset}); TOML files must be UTF-8")
+
+
+def config_names(config_dir: str) -> list[str]:
+    """The *.toml files of config_dir (not recursive), sorted. Dotfiles are editor
+    locks/temporaries (emacs' .#meshd.toml): skipped."""
+    return [os.path.join(config_dir, n) for n in sorted(os.listdir(config_dir))
+            if n.endswith(".toml") and not n.startswith(".")]
+
+
+def read_files(config_dir: str) -> tuple[dict[str, str], list[ConfigError]]:
+    """The texts of config_dir's files (path -> text) and the errors of those that
+    cannot be read (a dangling symlink, a FIFO, bad UTF-8, ...). A file removed between listing and reading (an editor's rename)
+    is gone, not an error: the change that removed it triggers a new reload."""
+    try:
+        paths = config_names(config_dir)
+    except OSError as e:
+        return {}, [ConfigError(config_dir, 0, "", f"cannot read config directory: {e.strerror}")]
     texts, errors = {}, []
-    for path in (os.path.join(config_dir, n) for n in names if n.endswith(".toml") and not n.startswith(".")):
-        if not os.path.isfile(path):  # dotfiles above are editor locks/temporaries, e.g. emacs' .#meshd.toml
+    for path in paths:
+        if os.path.isdir(path):   # subdirectories are not read, whatever their name
             continue
         try:
-            with open(path, encoding="utf-8", newline="") as f:  # newline="": line numbers as tomllib counts
-                texts[path] = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            errors.append(ConfigError(path, 0, "", f"cannot read: {e}"))
+            texts[path] = read_file(path)
+        except _BadByte as e:
+            errors.append(ConfigError(path, e.line, e.key, str(e)))
+        except ValueError as e:
+            if os.path.lexists(path):
+                errors.append(ConfigError(path, 0, "", str(e)))
+    return texts, errors
+
+
+def load_config(config_dir: str) -> Config:
+    """Read every *.toml in config_dir (not recursive) and validate them together."""
+    texts, errors = read_files(config_dir)
     config, parse_errors = _parse(texts)
     _raise(errors + parse_errors)
     return config

@@ -81,3 +81,48 @@ def test_status_reads_the_status_file_and_says_so(tmp_path: Path, monkeypatch):
     r = run("status", "--json", "--config-dir", str(tmp_path))
     assert r.returncode == 3
     assert Status.from_json(r.stdout) == st
+
+
+def _no_traceback(r):
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+
+
+def test_check_and_status_locate_a_deeply_nested_file(tmp_path: Path, monkeypatch):
+    """5,000 nested arrays: one located error line, no RecursionError traceback."""
+    bad = tmp_path / "a.toml"
+    bad.write_text(f'[mesh]\nstate_dir = "{tmp_path}/state"\nx = ' + "[" * 5000 + "]" * 5000 + "\n")
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus")
+    r = run("check", "--config-dir", str(tmp_path))
+    _no_traceback(r)
+    assert (r.returncode, r.stderr) == (1, f"{bad}:3: mesh.x: nested more than 64 arrays/inline "
+                                           "tables deep\n")
+    r = run("status", "--config-dir", str(tmp_path))
+    _no_traceback(r)
+    assert r.returncode == 3 and f"  {bad}:3: mesh.x: nested more than 64" in r.stderr
+
+
+def test_check_names_line_column_and_key_of_invalid_utf8(tmp_path: Path):
+    bad = tmp_path / "a.toml"
+    bad.write_bytes(b'[mesh]\n# caf\xc3\xa9\nenvoy_log_level = "\xe9"\n')
+    r = run("check", "--config-dir", str(tmp_path))
+    _no_traceback(r)
+    assert (r.returncode, r.stderr) == (1, f"{bad}:3: mesh.envoy_log_level: not UTF-8: byte 0xe9 "
+                                           "at line 3, column 20 (offset 34); TOML files must be UTF-8\n")
+
+
+def test_cleanup_refuses_a_config_dir_that_does_not_exist(tmp_path: Path):
+    """A typo must not clean up the default instance."""
+    r = run("cleanup", "--config-dir", str(tmp_path / "typo"))
+    _no_traceback(r)
+    assert r.returncode == 1 and r.stderr.strip().endswith("no such config directory")
+
+
+def test_run_and_cleanup_as_non_root_say_so_in_one_line(tmp_path: Path):
+    tmp_path.chmod(0o755)
+    for cmd in ("run", "cleanup"):
+        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                            *MESHD, cmd, "--config-dir", str(tmp_path)],
+                           capture_output=True, text=True)
+        _no_traceback(r)
+        assert r.returncode == 1, r
+        assert r.stderr.startswith(f"meshd {cmd}: must run as root") and r.stderr.count("\n") == 1

@@ -159,11 +159,11 @@ def test_parse_error_reports_its_line(tmp_path):
     (tmp_path / "a.toml").write_text("[mesh]\noutbound_port = 15001\ninbound_port = \n")
     with pytest.raises(ConfigInvalid) as exc:
         load_config(str(tmp_path))
-    assert str(exc.value).startswith(f"{tmp_path / 'a.toml'}:3: : invalid TOML")
+    assert str(exc.value).startswith(f"{tmp_path / 'a.toml'}:3: mesh.inbound_port: invalid TOML")
 
 
 def test_parse_error_at_end_of_document():
-    assert only_error("[mesh]\nexclude_inbound_ports = [1,\n").startswith("a.toml:2: : invalid TOML")
+    assert only_error("[mesh]\nexclude_inbound_ports = [1,\n").startswith("a.toml:2: mesh.exclude_inbound_ports: invalid TOML")
 
 
 @pytest.mark.parametrize("text, prefix, message", [
