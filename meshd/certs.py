@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes
 
 from . import identity, statefiles
 from .ca import HostCA
-from .fsutil import atomic_write
+from .fsutil import write_if_changed
 
 log = logging.getLogger("meshd")
 
@@ -170,16 +170,10 @@ class Certificates:
         return _fingerprints(chain[1:2]) == _fingerprints(self.ca.chain[:1])
 
     def _write(self, path: str, doc: dict, gid: int) -> None:
-        data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
-        try:
-            with open(path, "rb") as f:
-                if f.read() == data:
-                    return
-        except FileNotFoundError:
-            pass
         # Written as 0600 root, then given Envoy's group before the rename makes
         # it visible: at no moment is the key readable by anyone else.
-        atomic_write(path, data, mode=0o640, gid=gid)
+        write_if_changed(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode(),
+                         mode=0o640, gid=gid)
 
     def next_due(self) -> float | None:
         """When the next renewal is due (epoch seconds), None without leaves."""

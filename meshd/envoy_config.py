@@ -456,13 +456,6 @@ def write_config(state_dir: str, files: dict[str, dict]) -> list[str]:
         if os.sep in name or name.startswith("."):
             raise ValueError(f"bad config file name: {name!r}")
         path = os.path.join(cdir, name)
-        data = dumps(files[name])
-        try:
-            with open(path, "rb") as f:
-                if f.read() == data:
-                    continue
-        except FileNotFoundError:
-            pass
-        fsutil.atomic_write(path, data)
-        changed.append(name)
+        if fsutil.write_if_changed(path, dumps(files[name])):
+            changed.append(name)
     return changed
