@@ -264,7 +264,7 @@ class Catalog:
                     indent=1, sort_keys=True))
             except OSError as e:
                 log.warning("catalog: cannot save %s: %s", catalog_path(self.state_dir), e)
-        if (self.state.connected, self.state.hosts) != old or "error" in changes:
+        if (self.state.connected, self.state.hosts) != old:   # not each retry's error
             self.on_change(self.snapshot())
 
     def snapshot(self) -> CatalogState:
