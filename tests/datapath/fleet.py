@@ -202,13 +202,22 @@ class Fleet:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def envoy_config_dump(m: Mesh) -> str:
+def envoy_admin_text(m: Mesh, path: str) -> str:
     from meshd.envoy import admin
     try:
-        code, body = admin.get(os.path.join(m.state_dir, "envoy-admin.sock"), "/config_dump")
+        code, body = admin.get(os.path.join(m.state_dir, "envoy-admin.sock"), path)
     except OSError:
         return ""
     return body.decode(errors="replace") if code == 200 else ""
+
+
+def envoy_config_dump(m: Mesh) -> str:
+    return envoy_admin_text(m, "/config_dump")
+
+
+def envoy_clusters(m: Mesh) -> str:
+    """Envoy's active clusters, one "<name>::<field>::..." line each."""
+    return envoy_admin_text(m, "/clusters")
 
 
 class Capture:
