@@ -201,6 +201,11 @@ DataPathPins          s        datapath.pins                -              -    
 DataPathAdopted       b        datapath.adopted             -              -              -
 DataPathLinks         as       datapath.links               -              -              -
 TrackedConnections    t        datapath.tracked_connections -              -              -
+AccelerationMode      s        acceleration.mode            -              -              -
+AccelerationActive    b        acceleration.active          -              -              -
+AccelerationKernel    s        acceleration.kernel          -              -              const
+AccelerationReason    s        acceleration.reason          -              -              -
+AccelerationCounters  a{st}    acceleration.counters        -              -              -
 Counters              a{st}    -                            -              host_counters  -
 UnattributedCounters  a{st}    counters                     -              -              -
 # identity and catalog (docs/identity.md)

@@ -73,6 +73,9 @@ class MeshConfig:
     max_connections: int = 65536   # steered connections open at once; beyond: direct, counted
     max_exclusions: int = 16384    # entries of each exclusion map (ports, IPv4 CIDRs, ...)
     max_inbound_ports: int = 16384  # meshed inbound ports
+    # socket acceleration of local pairs (sockops + sk_msg): "on" (true), "off"
+    # (false) or "force" (also on a kernel not on meshd/acceleration.py's allowlist)
+    acceleration: str = "off"
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,17 @@ def _protocols(v: Any) -> tuple[tuple[int, str], ...]:
     if bad:
         raise ValueError("; ".join(bad))
     return tuple(sorted(good.items()))
+
+
+def _acceleration(v: Any) -> str:
+    """true | false | "force" -> "on" | "off" | "force"."""
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if v == "force":
+        return v
+    raise ValueError(f'expected true, false or "force", got {_describe(v)}')
+
+
 _cidrs = _list_of(_cidr, "CIDR strings", sort_key=lambda n: (n.version, n.network_address, n.prefixlen))
 
 # ---------------------------------------------------------------- identity and catalog keys
@@ -327,6 +341,7 @@ _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "max_connections": (_map_size(64, 16_777_216), 65536),
     "max_exclusions": (_map_size(16, 1_048_576), 16384),
     "max_inbound_ports": (_map_size(16, 65_535), 16384),
+    "acceleration": (_acceleration, "off"),
 }
 _WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "cgroup": (_cgroup, None),

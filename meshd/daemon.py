@@ -14,7 +14,7 @@ import os
 import signal
 import time
 
-from . import __version__, cgroups, envoy_config, maplayout, notify, routing, sources
+from . import __version__, acceleration, cgroups, envoy_config, maplayout, notify, routing, sources
 from .apply import Applier
 from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, DatapathError
@@ -27,8 +27,8 @@ from .footprint import NETNS_SELF, Footprint, FootprintError
 from .fsutil import atomic_write
 from .inotify import Inotify
 from .plan import EMPTY, ENVOY_OWNER, Plan, PlanError, plan
-from .status import (DatapathStatus, EnvoyStatus, MeshSettings, Status, WorkloadEnvoy,
-                     WorkloadStatus, status_path)
+from .status import (AccelerationStatus, DatapathStatus, EnvoyStatus, MeshSettings, Status,
+                     WorkloadEnvoy, WorkloadStatus, status_path)
 from .ca import CAError
 from .meshidentity import IdentityService
 
@@ -77,6 +77,7 @@ class Daemon:
         self._timers: dict[str, int] = {}
         self._route_sources: dict = {}
         self._netlink = None
+        self.accel = acceleration.Decision(False, "not applied yet")
         self._cgroup_watches: dict[str, int] = {}
         self.bus = None  # meshd.bus.BusService once the main loop runs
         self.identity: IdentityService | None = None   # mesh.trust_domain set
@@ -159,9 +160,22 @@ class Daemon:
         """The mesh-wide settings, then the workloads (reconcile)."""
         mesh = self.config.mesh
         self.footprint.policy_routing(mesh.preserve_client_address)
-        self.dp.set_settings(mesh.outbound_port, mesh.inbound_port)
+        self._decide_acceleration(mesh.acceleration)
+        self.dp.set_settings(mesh.outbound_port, mesh.inbound_port, self.accel.active)
         self._update_route_sources()
         self.reconcile()
+
+    def _decide_acceleration(self, mode: str) -> None:
+        """Whether sockops/sk_msg accelerate local pairs from now on. Turning it
+        off or on touches no established connection's data (sk_msg.c's latch);
+        a refusal (kernel not on the allowlist) is logged as an error."""
+        new = acceleration.decide(mode)
+        if new != self.accel:
+            if mode == "on" and not new.active:
+                log.error("socket acceleration %s", new.reason)
+            else:
+                log.info("socket acceleration %s (%s)", "on" if new.active else "off", new.reason)
+        self.accel = new
 
     def _update_route_sources(self) -> None:
         """The source addresses getsockname shows steered sockets follow the
@@ -415,6 +429,11 @@ class Daemon:
                 pins=self.dp.root, adopted=self.dp.adopted,
                 links=tuple(self.dp.pinned_links()) if live else (),
                 tracked_connections=self.dp.tracked_connections() if live else 0),
+            acceleration=AccelerationStatus(
+                mode=mesh.acceleration, active=self.accel.active, kernel=os.uname().release,
+                reason=self.accel.reason,
+                counters=self.dp.accel_counters() if live else
+                {n: 0 for n in maplayout.ACCEL_COUNTERS}),
             counters=row(0),
             workloads=tuple(WorkloadStatus(
                 name=w.name, id=w.id, cgroup=w.cgroup, cgroup_id=w.cgroup_id,

@@ -27,7 +27,7 @@ log = logging.getLogger("meshd.datapath")
 
 LAYOUT = "v1"  # bump when a map's layout or a pin name changes
 SOURCES = ("connect.c", "sockops.c", "getsockopt.c", "getpeername.c", "getsockname.c",
-           "sk_lookup.c")
+           "sk_lookup.c", "sk_msg.c")
 MAPS = tuple(maplayout.MAPS)
 
 
@@ -53,6 +53,8 @@ HOOKS = {
     "envoy_sockops": Hook("meshd_envoy_sockops", bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
     "getsockopt": Hook("meshd_getsockopt", bpfsys.PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_GETSOCKOPT),
     "sk_lookup": Hook("meshd_sk_lookup", bpfsys.PROG_SK_LOOKUP, bpfsys.SK_LOOKUP),
+    # attached to the accel_socks map, not to a cgroup (open() does it)
+    "sk_msg": Hook("meshd_sk_msg", bpfsys.PROG_SK_MSG, bpfsys.SK_MSG_VERDICT),
 }
 WORKLOAD_HOOKS = ("connect4", "connect6", "getpeername4", "getpeername6", "getsockname4",
                   "getsockname6", "sockops")
@@ -150,6 +152,11 @@ class Datapath:
                 raise DatapathError(f"the pins under {self.root} are not this build's after "
                                     "installing it (another meshd on the same bpffs_dir?)")
         self._check_maps()
+        # sk_msg runs on the sends of sockets sockops puts in accel_socks; the
+        # map holds the attachment (pinned with it), so this only matters
+        # after a load, and repeating it on adoption changes nothing.
+        bpfsys.prog_attach(self.progs["sk_msg"], self.maps["accel_socks"],
+                           bpfsys.SK_MSG_VERDICT)
         return how
 
     def install(self) -> str:
@@ -308,9 +315,13 @@ class Datapath:
         return out
 
     # -- map contents ---------------------------------------------------------
-    def set_settings(self, outbound_port: int, inbound_port: int) -> None:
-        self._map("settings").set(0, maplayout.MeshSettings(outbound_port=outbound_port,
-                                                            inbound_port=inbound_port))
+    def set_settings(self, outbound_port: int, inbound_port: int,
+                     acceleration: bool = False) -> None:
+        """Envoy's ports, and whether sockops/sk_msg accelerate local pairs
+        (off: no socket joins accel_socks and sends take the TCP path)."""
+        flags = maplayout.MESH_F_ACCEL if acceleration else 0
+        self._map("settings").set(0, maplayout.MeshSettings(
+            outbound_port=outbound_port, inbound_port=inbound_port, flags=flags))
 
     def set_workload_ids(self, ids: dict[int, int]) -> None:
         """cgroup id -> workload id; entries not in `ids` are removed."""
@@ -370,6 +381,12 @@ class Datapath:
             if any(row.values()):
                 out[wl] = row
         return out
+
+    def accel_counters(self) -> dict[str, int]:
+        """Acceleration's counters (maplayout.ACCEL_COUNTERS), summed over CPUs."""
+        m = self._map("accel_counters")
+        return {name: sum(m.get(slot) or ()) for slot, name in
+                enumerate(maplayout.ACCEL_COUNTERS)}
 
     def envoy_listening(self) -> dict[str, bool]:
         """Which of Envoy's listeners are in the SOCKMAP (i.e. alive).

@@ -57,6 +57,17 @@ class DatapathStatus:
 
 
 @dataclass(frozen=True)
+class AccelerationStatus:
+    """Socket acceleration of local pairs: configured mode, whether it is on
+    here and why, and its counters (maplayout.ACCEL_COUNTERS, every name)."""
+    mode: str = "off"                    # on, off, force ([mesh] acceleration)
+    active: bool = False
+    kernel: str = ""
+    reason: str = ""
+    counters: Counters = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class WorkloadEnvoy:
     """A workload's numbers from its own Envoy filter chains; bytes from the
     workload's side (sent = what it wrote)."""
@@ -116,6 +127,7 @@ class Status:
     mesh: MeshSettings = MeshSettings()
     envoy: EnvoyStatus = EnvoyStatus()
     datapath: DatapathStatus = DatapathStatus()
+    acceleration: AccelerationStatus = AccelerationStatus()
     counters: Counters = field(default_factory=dict)   # unattributed (slot 0)
     workloads: Tuple[WorkloadStatus, ...] = ()
     identity: IdentityStatus = IdentityStatus()
@@ -228,6 +240,11 @@ def format_text(st: Status, running: bool, source: str) -> str:
         out.append("             workloads FAIL OPEN (connect directly) until Envoy is back")
     out.append(f"  datapath:  {dp.pins} ({'adopted' if dp.adopted else 'loaded'}), "
                f"{len(dp.links)} links, {dp.tracked_connections} tracked connections")
+    ac = st.acceleration
+    out.append(f"  accel:     {'active' if ac.active else 'inactive'} (mode {ac.mode}; "
+               f"{ac.reason})")
+    if any(ac.counters.values()):
+        out.append("             " + " ".join(f"{k}={v}" for k, v in ac.counters.items()))
     out.append(f"  excluded:  ports {list(mesh.exclude_outbound_ports)} "
                f"cidrs {list(mesh.exclude_outbound_cidrs)}")
     out += _identity_lines(st.identity)
@@ -251,4 +268,7 @@ def format_text(st: Status, running: bool, source: str) -> str:
     if st.counters.get("miss"):
         out.append(f"  misses:    {st.counters['miss']} connections reached Envoy without an "
                    "original destination (failed, not forwarded)")
+    if full := st.host_counters().get("table_full"):
+        out.append(f"  full:      {full} connections went direct because the connection maps "
+                   "were full (raise mesh.max_connections)")
     return "\n".join(out)
