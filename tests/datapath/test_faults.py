@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, wait_for
+from conftest import HTTP_PORT, VIA_ENVOY, free_port, wait_for
 from helpers import load as loadmod
 from helpers.dbus import PrivateBus
 
@@ -533,6 +533,5 @@ def test_fds_flat_across_reloads_and_workload_churn(mesh, server):
 
 
 def via_envoy_curl(mesh, server) -> bool:
-    from conftest import HTTP_PORT, VIA_ENVOY
     r = mesh.curl(f"http://{server.ip4}:{HTTP_PORT}/echo")
     return r.returncode == 0 and VIA_ENVOY in json.loads(r.stdout)["headers"]
