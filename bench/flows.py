@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (CLK_TCK, FILE_NAME, BenchBase, MeshdInstance, arg_parser, log,  # noqa: E402
-                    nginx_conf, rss_mb, sh, take_charge, wait_for, write_www)
+                    nginx_conf, rss_mb, save_results, sh, take_charge, wait_for, write_www)
 
 # Open loop: a connection every 1/rate s whatever the previous ones do; one line per
 # connection: start time, latency in ms (-1: failed).
@@ -201,9 +201,7 @@ def main() -> int:
         "meshd_samples": samples,
         "records_written": written, "requests_on": len(on),
     }
-    os.makedirs(args.out, exist_ok=True)
-    out = Path(args.out, f"flows-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = save_results(args.out, "flows", result)
     print("| phase | requests | failed | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|")
     for k, f in result["latency"].items():
         print(f"| {k} | {f['n']} | {f['failed']} | {f.get('p50_ms')} | {f.get('p99_ms')} | "

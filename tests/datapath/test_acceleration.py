@@ -226,8 +226,13 @@ def test_envoy_restart_mid_stream(accel):
     res = json.loads(out)
     assert res["result"] in ("eof", "reset"), res
     assert res["n"] < 2 * 1024 * MB
-    wait_for(lambda: mesh.status()["envoy"]["state"] == "running" and mesh.envoy_pid() != old,
-             timeout=30, what="Envoy restarted")
+
+    def restarted() -> bool:
+        try:
+            return mesh.status()["envoy"]["state"] == "running" and mesh.envoy_pid() != old
+        except FileNotFoundError:   # between Envoy's exit and its successor's PID file
+            return False
+    wait_for(restarted, timeout=30, what="Envoy restarted")
     wait_for(lambda: mesh.status()["envoy"]["listeners"]["ipv4"], what="Envoy listening")
     c = wait_for(lambda: (c := accel.counters())["closed"] > 0 and c, what="sockets closed")
     assert_intact(accel.client("source", MB), MB)
