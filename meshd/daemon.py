@@ -150,6 +150,10 @@ class Daemon:
         self.applier = Applier(self.dp, mesh.state_dir)
         envoy_knows_flows = envoy_config.bootstrap_has_flows(mesh.state_dir)
         if mesh.trust_domain:
+            # GLib's first import happens here, before the catalog thread can
+            # race it: a concurrent first import in two threads leaves one of
+            # them a GLib without its overrides (no GLib.IO_IN, seen at start).
+            from gi.repository import GLib  # noqa: F401
             self.identity = IdentityService(self.config, self._on_catalog_change)
             try:
                 self.identity.start()
