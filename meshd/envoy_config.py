@@ -215,6 +215,14 @@ def _http_connection_manager(stat_prefix: str, cluster: str, access_log: bool = 
         "upgrade_configs": [{"upgrade_type": "websocket"}, {"upgrade_type": "CONNECT"}],
         "route_config": {
             "name": f"meshd_{stat_prefix}",
+            # An inline route config names its clusters, and Envoy checks them
+            # when the listener arrives: a chain to a cluster added in the same
+            # update (an mTLS cluster still waiting for its SDS certificate, or
+            # simply read after lds.json) made Envoy reject the whole listener,
+            # and file-based LDS is not read again until lds.json changes. The
+            # chains then kept sending plaintext to a host that refuses it.
+            # Unchecked, a request meets the cluster as soon as it is warm.
+            "validate_clusters": False,
             # What use_remote_address adds besides X-Forwarded-For.
             "request_headers_to_remove": (["x-envoy-external-address", "x-envoy-internal"]
                                           if forwarded_for else []),

@@ -179,8 +179,11 @@ class Fleet:
         cluster to callee:port, the callee's its chain for the port (Envoy's
         config_dump: what Envoy really runs, not the files meshd wrote)."""
         self.wait_remote(caller, callee, port, timeout)
-        want = {caller: f"_{self.ip[callee]}_{port}\"", callee: f"\"{port}.mtls.meshd\""}
-        wait_for(lambda: all(text in envoy_config_dump(self.hosts[n]) for n, text in want.items()),
+        want = {caller: f"_mtls_{self.ip[callee]}_{port}\"", callee: f"\"{port}.mtls.meshd\""}
+        cluster = f"_{self.ip[callee]}_{port}::"
+        wait_for(lambda: all(text in envoy_active_listeners(self.hosts[n])
+                             for n, text in want.items())
+                 and cluster in envoy_clusters(self.hosts[caller]),
                  timeout, what=f"mTLS for {callee}:{port} in both Envoys")
 
     def _has_port(self, caller: str, callee: str, port: int) -> bool:
@@ -213,6 +216,16 @@ def envoy_admin_text(m: Mesh, path: str) -> str:
 
 def envoy_config_dump(m: Mesh) -> str:
     return envoy_admin_text(m, "/config_dump")
+
+
+def envoy_active_listeners(m: Mesh) -> str:
+    """The listeners Envoy serves new connections with (not those it warms,
+    drains, or was offered and rejected), as JSON text."""
+    try:
+        dump = json.loads(envoy_admin_text(m, "/config_dump?resource=dynamic_listeners"))
+    except ValueError:
+        return ""
+    return json.dumps([c.get("active_state") for c in dump.get("configs", [])])
 
 
 def envoy_clusters(m: Mesh) -> str:
