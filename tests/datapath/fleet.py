@@ -89,10 +89,14 @@ class Etcd:
 
 
 class Fleet:
-    def __init__(self, prefix: str, cgroups, names=("a", "b", "c"), cert_lifetime: int = 3600):
+    def __init__(self, prefix: str, cgroups, names=("a", "b", "c"), cert_lifetime: int = 3600,
+                 ipv6: bool = False):
         self.prefix, self.cgroups, self.names = prefix, cgroups, names
         n = random.randint(1, 250)
         self.net = f"10.233.{n}"
+        # ipv6: every host also gets fd00:233:<n>::<index>/64 (in self.ip6)
+        self.net6 = f"fd00:233:{n:x}::" if ipv6 else ""
+        self.ip6: dict[str, str] = {}
         self.lan = f"{prefix}n"
         self.bridge = f"{prefix}br"
         self.tmp = tempfile.mkdtemp(prefix=f"{prefix}f-")
@@ -113,6 +117,9 @@ class Fleet:
            "netns", self.lan)
         sh("ip", "-n", self.lan, "link", "set", veth + "p", "master", self.bridge, "up")
         sh("ip", "-n", ns, "addr", "add", f"{self.ip[name]}/24", "dev", veth)
+        if self.net6:   # nodad: usable at once
+            self.ip6[name] = f"{self.net6}{index}"
+            sh("ip", "-n", ns, "addr", "add", f"{self.ip6[name]}/64", "dev", veth, "nodad")
         sh("ip", "-n", ns, "link", "set", veth, "up")
 
     def veth_on_lan(self, name: str) -> str:
@@ -233,6 +240,9 @@ def envoy_clusters(m: Mesh) -> str:
     return envoy_admin_text(m, "/clusters")
 
 
+SO_RCVBUFFORCE = 33   # <asm-generic/socket.h>; not in Python's socket module
+
+
 class Capture:
     """Every frame on one interface of a namespace (a raw AF_PACKET socket), while
     the `with` block runs."""
@@ -247,6 +257,9 @@ class Capture:
         with inside_netns(self.netns):
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
             self.sock.bind((self.ifname, 0))
+        # Room for a burst (a 256 KiB response arrives in a few ms): a full
+        # buffer drops frames, and a GSO frame may exceed 64 KiB
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
         self.sock.settimeout(0.1)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -255,7 +268,7 @@ class Capture:
     def _run(self):
         while not self._stop.is_set():
             try:
-                self.frames.append(self.sock.recv(65535))
+                self.frames.append(self.sock.recv(1 << 18))
             except socket.timeout:
                 continue
 
@@ -265,25 +278,28 @@ class Capture:
         self.thread.join()
         self.sock.close()
 
-    def tcp_payloads(self, port: int) -> bytes:
-        """The TCP payload bytes of IPv4 frames to or from `port`, concatenated."""
-        out = []
-        for f in self.frames:
-            if len(f) < 34 or f[12:14] != b"\x08\x00" or f[23] != 6:
-                continue
-            ihl = (f[14] & 0x0F) * 4
-            tcp = f[14 + ihl:]
-            sport, dport = int.from_bytes(tcp[0:2], "big"), int.from_bytes(tcp[2:4], "big")
-            if port in (sport, dport):
-                out.append(tcp[(tcp[12] >> 4) * 4:])
-        return b"".join(out)
-
-    def ports(self) -> set[int]:
-        """Every TCP port seen (either side)."""
-        out = set()
+    def _segments(self, family: int | None = None):
+        """(family, source port, destination port, payload) of each TCP frame
+        (IPv4, and IPv6 without extension headers)."""
         for f in self.frames:
             if len(f) >= 34 and f[12:14] == b"\x08\x00" and f[23] == 6:
-                ihl = (f[14] & 0x0F) * 4
-                tcp = f[14 + ihl:]
-                out |= {int.from_bytes(tcp[0:2], "big"), int.from_bytes(tcp[2:4], "big")}
+                fam, tcp = 4, f[14 + (f[14] & 0x0F) * 4:]
+            elif len(f) >= 74 and f[12:14] == b"\x86\xdd" and f[20] == 6:
+                fam, tcp = 6, f[54:]
+            else:
+                continue
+            if family in (None, fam):
+                yield (fam, int.from_bytes(tcp[0:2], "big"), int.from_bytes(tcp[2:4], "big"),
+                       tcp[(tcp[12] >> 4) * 4:])
+
+    def tcp_payloads(self, port: int, family: int | None = None) -> bytes:
+        """The TCP payload bytes of frames to or from `port`, concatenated."""
+        return b"".join(data for _, sport, dport, data in self._segments(family)
+                        if port in (sport, dport))
+
+    def ports(self, family: int | None = None) -> set[int]:
+        """Every TCP port seen (either side)."""
+        out = set()
+        for _, sport, dport, _ in self._segments(family):
+            out |= {sport, dport}
         return out

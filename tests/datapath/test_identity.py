@@ -53,8 +53,8 @@ def two_hosts(fleet, server_extra="", **mesh_extra):
     return a, b, port
 
 
-def echo(a, url, **kw):
-    r = a.curl(url, **kw)
+def echo(a, url, *extra, **kw):
+    r = a.curl(url, *extra, **kw)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -428,3 +428,42 @@ def test_renewal_keeps_established_connections(fleet, tmp_path):
     # the two connections are still the first ones: one mTLS stream each way on B
     assert b.stat("tcp.inbound_tcp_1.downstream_cx_total") == 1
     assert b.stat("http.inbound_http_1.downstream_cx_total") == 1
+
+
+@pytest.fixture
+def fleet6(prefix, cgroups):
+    f = Fleet(prefix, cgroups, names=("a", "b"), ipv6=True)
+    try:
+        yield f.start()
+    finally:
+        f.stop()
+
+
+def test_ipv6_stays_plain(fleet6):
+    """IPv6 callers are not attributed to a workload (docs/identity.md), so a
+    call to a meshed workload's IPv6 address stays plain even though the
+    catalog lists that address: byte-exact, no identity, plaintext on the wire,
+    while the same caller's IPv4 call is mTLS. A strict host refuses it as any
+    plaintext from elsewhere."""
+    f = fleet6
+    a, b, port = two_hosts(f)
+    from meshd.catalog import load_saved
+    wait_for(lambda: f.ip6["b"] in load_saved(a.state_dir)[0]["b"]["workloads"]["server"]["addresses"],
+             what="B's IPv6 address in A's catalog")
+    url4, url6 = f"http://{f.ip['b']}:{port}", f"http://[{f.ip6['b']}]:{port}"
+    with Capture(f.lan, f.veth_on_lan("b")) as cap:
+        r = a.curl(url6 + PAYLOAD_PATH, "-g")
+        plain = echo(a, url6 + "/echo", "-g")
+        meshed = echo(a, url4 + "/echo")
+    assert r.returncode == 0 and r.stdout == payload(), r.stderr
+    assert "x-forwarded-client-cert" not in plain["headers"]
+    assert plain["client"] == f.ip6["a"]
+    assert f"URI={CLIENT_ID}" in meshed["headers"]["x-forwarded-client-cert"]
+    # on the wire: IPv6 to the workload's own port, the payload in clear; mTLS only over IPv4
+    assert payload()[:4096] in cap.tcp_payloads(port, family=6)
+    assert b.mtls_port not in cap.ports(family=6) and b.mtls_port in cap.ports(family=4)
+    assert port not in cap.ports(family=4)
+    b.configure_mesh([port], trust_domain=b.trust_domain, identity_dir=b.identity_dir,
+                     mtls_port=b.mtls_port, cert_lifetime=f.cert_lifetime, inbound_mode="strict")
+    wait_for(lambda: a.curl(url6 + "/echo", "-g").returncode != 0, what="IPv6 plaintext refused")
+    assert f"URI={CLIENT_ID}" in echo(a, url4 + "/echo")["headers"]["x-forwarded-client-cert"]
