@@ -155,11 +155,18 @@ def test_allow_from(fleet):
                                 if r["peer_id"] == CLIENT_ID and r["status"] == "403"],
                        what="the denied request in B's flow log")
     assert records[0]["workload"] == "server"
+    assert records[0]["denied"] == "rbac_access_denied_matched_policy[none]"
     # TCP: refused in the TLS handshake, before the server's first byte could leave
     assert "hello" not in tcp_hello(a, fleet.ip["b"], tcp_port)
     stats = b.stats()
     assert sum(v for k, v in stats.items() if k.endswith("ssl.fail_verify_san")) >= 1, \
         {k: v for k, v in stats.items() if "ssl" in k}
+    # logged with the caller's identity (its certificate, refused) and why
+    refused = wait_for(lambda: [r for r in map(json.loads, _flow_log(b).splitlines())
+                                if r["protocol"] == "tcp"],
+                       what="the refused handshake in B's flow log")
+    assert refused[0]["peer_id"] == CLIENT_ID and refused[0]["status"] == "denied", refused
+    assert "CERTIFICATE_VERIFY_FAILED" in refused[0]["tls_failure"], refused
     # allowed by name (a live reload)
     b.write("10-workloads.toml", f'[workload.server]\ncgroup = "{b.workload}"\n'
                                  'allow_from = ["client"]\n')
