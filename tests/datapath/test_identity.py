@@ -61,13 +61,20 @@ def echo(a, url, *extra, **kw):
 
 def test_a_calls_b_with_mtls(fleet):
     """The server sees A's verified SPIFFE ID; the bytes between the hosts are
-    TLS; the response is byte-exact."""
+    TLS; the response is byte-exact. A destination outside the mesh on the
+    same host stays plain."""
     a, b, port = two_hosts(fleet)
     url = f"http://{fleet.ip['b']}:{port}"
+    outside_port = free_port()       # a server on B outside the mesh: not in the catalog
+    fleet.apps.append(b.echo_server("--http", outside_port, cgroup=b.outside))
     with Capture(fleet.lan, fleet.veth_on_lan("b")) as cap:
         r = a.curl(url + PAYLOAD_PATH)
         got = echo(a, url + "/echo")
+        outside = echo(a, f"http://{fleet.ip['b']}:{outside_port}/echo")
     assert r.returncode == 0, r.stderr
+    # the destination outside the mesh: plain, straight to its port
+    assert "x-forwarded-client-cert" not in outside["headers"]
+    assert b"GET /echo" in cap.tcp_payloads(outside_port)
     assert r.stdout == payload()
     xfcc = got["headers"].get("x-forwarded-client-cert", "")
     assert f"URI={CLIENT_ID}" in xfcc and f"By={SERVER_ID}" in xfcc, got["headers"]
