@@ -28,29 +28,65 @@ TRUST_DOMAIN = "fleet.test"
 CLIENT_PORT, PEER_PORT = 2379, 2380
 
 
-class Etcd:
-    """Three etcd members in the LAN namespace, one address each."""
+def etcd_certificates(d: str, ips: list[str]) -> dict[str, str]:
+    """A CA, a server certificate for the members' addresses and a client
+    certificate (openssl), as files in d: {"ca", "cert", "key", "client_cert",
+    "client_key"}."""
+    os.makedirs(d)
+    p = {k: os.path.join(d, f) for k, f in (
+        ("ca", "ca.crt"), ("ca_key", "ca.key"), ("cert", "server.crt"), ("key", "server.key"),
+        ("client_cert", "client.crt"), ("client_key", "client.key"))}
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    sh("openssl", "req", "-x509", *ec, "-keyout", p["ca_key"], "-out", p["ca"], "-days", "2",
+       "-subj", "/CN=meshd test etcd CA")
+    for cert, key, cn, ext in (
+            (p["cert"], p["key"], "etcd", "subjectAltName=" + ",".join(f"IP:{ip}" for ip in ips)
+             # clientAuth too: etcd's HTTP gateway calls its own gRPC server
+             # with the server certificate as its client certificate
+             + "\nextendedKeyUsage=serverAuth,clientAuth"),
+            (p["client_cert"], p["client_key"], "meshd", "extendedKeyUsage=clientAuth")):
+        csr, extfile = cert + ".csr", cert + ".ext"
+        with open(extfile, "w") as f:
+            f.write(ext + "\n")
+        sh("openssl", "req", *ec, "-keyout", key, "-out", csr, "-subj", f"/CN={cn}")
+        sh("openssl", "x509", "-req", "-in", csr, "-CA", p["ca"], "-CAkey", p["ca_key"],
+           "-CAcreateserial", "-out", cert, "-days", "2", "-extfile", extfile)
+    return p
 
-    def __init__(self, lan: str, ips: list[str], tmp: str, token: str):
+
+class Etcd:
+    """Three etcd members in the LAN namespace, one address each; tls: clients
+    speak TLS and must present a client certificate (etcd_certificates())."""
+
+    def __init__(self, lan: str, ips: list[str], tmp: str, token: str, tls: bool = False):
         self.lan, self.ips, self.tmp, self.token = lan, ips, tmp, token
         self.procs: dict[int, subprocess.Popen] = {}
         self.cluster = ",".join(f"m{i}=http://{ip}:{PEER_PORT}" for i, ip in enumerate(ips))
+        self.tls = etcd_certificates(os.path.join(tmp, "etcd-tls"), ips) if tls else None
 
     @property
     def endpoints(self) -> list[str]:
-        return [f"http://{ip}:{CLIENT_PORT}" for ip in self.ips]
+        scheme = "https" if self.tls else "http"
+        return [f"{scheme}://{ip}:{CLIENT_PORT}" for ip in self.ips]
+
+    def client_args(self) -> list[str]:
+        """curl's and etcdctl's (the same flags)."""
+        t = self.tls
+        return ["--cacert", t["ca"], "--cert", t["client_cert"], "--key", t["client_key"]] if t else []
 
     def start_member(self, i: int, state: str = "new") -> None:
         ip = self.ips[i]
         log = open(os.path.join(self.tmp, f"etcd{i}.log"), "a")
         self.procs[i] = subprocess.Popen(
             [ETCD, "--name", f"m{i}", "--data-dir", os.path.join(self.tmp, f"etcd{i}"),
-             "--listen-client-urls", f"http://{ip}:{CLIENT_PORT}",
-             "--advertise-client-urls", f"http://{ip}:{CLIENT_PORT}",
+             "--listen-client-urls", self.endpoints[i],
+             "--advertise-client-urls", self.endpoints[i],
              "--listen-peer-urls", f"http://{ip}:{PEER_PORT}",
              "--initial-advertise-peer-urls", f"http://{ip}:{PEER_PORT}",
              "--initial-cluster", self.cluster, "--initial-cluster-state", state,
-             "--initial-cluster-token", self.token, "--log-level", "warn"],
+             "--initial-cluster-token", self.token, "--log-level", "warn",
+             *(["--cert-file", self.tls["cert"], "--key-file", self.tls["key"],
+                "--client-cert-auth", "--trusted-ca-file", self.tls["ca"]] if self.tls else [])],
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec(netns=self.lan))
 
     def start(self) -> "Etcd":
@@ -61,7 +97,7 @@ class Etcd:
 
     def healthy(self, i: int | None = None) -> bool:
         for j in ([i] if i is not None else range(len(self.ips))):
-            r = run_in_netns(self.lan, "curl", "-sS", "--max-time", "2",
+            r = run_in_netns(self.lan, "curl", "-sS", "--max-time", "2", *self.client_args(),
                              f"{self.endpoints[j]}/health", timeout=10, check=False)
             if '"health":"true"' not in r.stdout:
                 return False
@@ -71,7 +107,8 @@ class Etcd:
         """The keys below prefix, read from any live member (etcdctl)."""
         live = [self.endpoints[i] for i, p in self.procs.items() if p.poll() is None]
         r = run_in_netns(self.lan, "env", "ETCDCTL_API=3", "etcdctl", "--endpoints",
-                         ",".join(live), "get", "--prefix", prefix, "-w", "json", timeout=20, check=False)
+                         ",".join(live), *self.client_args(), "get", "--prefix", prefix,
+                         "-w", "json", timeout=20, check=False)
         import base64
         doc = json.loads(r.stdout or "{}")
         return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")).decode()
@@ -90,8 +127,9 @@ class Etcd:
 
 class Fleet:
     def __init__(self, prefix: str, cgroups, names=("a", "b", "c"), cert_lifetime: int = 3600,
-                 ipv6: bool = False):
+                 ipv6: bool = False, etcd_tls: bool = False):
         self.prefix, self.cgroups, self.names = prefix, cgroups, names
+        self.etcd_tls = etcd_tls
         n = random.randint(1, 250)
         self.net = f"10.233.{n}"
         # ipv6: every host also gets fd00:233:<n>::<index>/64 (in self.ip6)
@@ -133,7 +171,7 @@ class Fleet:
         for ip in etcd_ips:
             sh("ip", "-n", self.lan, "addr", "add", f"{ip}/24", "dev", self.bridge)
         sh("ip", "-n", self.lan, "link", "set", self.bridge, "up")
-        self.etcd = Etcd(self.lan, etcd_ips, self.tmp, self.prefix).start()
+        self.etcd = Etcd(self.lan, etcd_ips, self.tmp, self.prefix, tls=self.etcd_tls).start()
         trust_domains = trust_domains or {}
         for i, name in enumerate(self.names, 1):
             self._plug(name, i)
@@ -163,9 +201,15 @@ class Fleet:
             m.write("20-catalog.toml", self.catalog_toml(name))
         return m
 
-    def catalog_toml(self, name: str, lease_ttl: int = 3) -> str:
-        return ("[catalog]\n" + f"endpoints = {json.dumps(self.etcd.endpoints)}\n"
-                f'host_name = "{name}"\nlease_ttl = {lease_ttl}\n')
+    def catalog_toml(self, name: str, lease_ttl: int = 3, client_cert: bool = True) -> str:
+        out = ("[catalog]\n" + f"endpoints = {json.dumps(self.etcd.endpoints)}\n"
+               f'host_name = "{name}"\nlease_ttl = {lease_ttl}\n')
+        if self.etcd.tls:
+            out += f'ca_file = "{self.etcd.tls["ca"]}"\n'
+            if client_cert:
+                out += (f'cert_file = "{self.etcd.tls["client_cert"]}"\n'
+                        f'key_file = "{self.etcd.tls["client_key"]}"\n')
+        return out
 
     def server(self, name: str, *port_args) -> subprocess.Popen:
         """tests/helpers/echo_server.py as host `name`'s workload."""

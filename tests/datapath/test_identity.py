@@ -28,9 +28,8 @@ def payload():
     return random.Random(20261126).randbytes(256 * 1024)
 
 
-@pytest.fixture
-def fleet(prefix, cgroups):
-    f = Fleet(prefix, cgroups, names=("a", "b"))
+def _fleet(prefix, cgroups, names=("a", "b"), **kw):
+    f = Fleet(prefix, cgroups, names=names, **kw)
     try:
         yield f.start()
     finally:
@@ -38,6 +37,11 @@ def fleet(prefix, cgroups):
             for m in f.hosts.values():
                 print(m.log_text())
         f.stop()
+
+
+@pytest.fixture
+def fleet(prefix, cgroups):
+    yield from _fleet(prefix, cgroups)
 
 
 def two_hosts(fleet, server_extra="", **mesh_extra):
@@ -313,11 +317,7 @@ def test_etcd_failures(fleet):
 
 @pytest.fixture
 def fleet3(prefix, cgroups):
-    f = Fleet(prefix, cgroups, names=("a", "b", "c"))
-    try:
-        yield f.start()
-    finally:
-        f.stop()
+    yield from _fleet(prefix, cgroups, names=("a", "b", "c"))
 
 
 def test_host_killed_leaves_the_catalogs(fleet3):
@@ -446,11 +446,7 @@ def test_renewal_keeps_established_connections(fleet, tmp_path):
 
 @pytest.fixture
 def fleet6(prefix, cgroups):
-    f = Fleet(prefix, cgroups, names=("a", "b"), ipv6=True)
-    try:
-        yield f.start()
-    finally:
-        f.stop()
+    yield from _fleet(prefix, cgroups, ipv6=True)
 
 
 def test_ipv6_stays_plain(fleet6):
@@ -481,3 +477,29 @@ def test_ipv6_stays_plain(fleet6):
                      mtls_port=b.mtls_port, cert_lifetime=f.cert_lifetime, inbound_mode="strict")
     wait_for(lambda: a.curl(url6 + "/echo", "-g").returncode != 0, what="IPv6 plaintext refused")
     assert f"URI={CLIENT_ID}" in echo(a, url4 + "/echo")["headers"]["x-forwarded-client-cert"]
+
+
+@pytest.fixture
+def fleet_tls(prefix, cgroups):
+    yield from _fleet(prefix, cgroups, etcd_tls=True)
+
+
+def test_catalog_over_tls_with_client_certificates(fleet_tls):
+    """etcd speaking TLS and requiring client certificates: with [catalog]'s
+    ca_file/cert_file/key_file the hosts find each other and call with mTLS;
+    without the client certificate etcd turns meshd away (status says so) and
+    meshd serves the catalog it saved."""
+    f = fleet_tls
+    a, b, port = two_hosts(f)
+    url = f"http://{f.ip['b']}:{port}/echo"
+    assert f"URI={CLIENT_ID}" in echo(a, url)["headers"]["x-forwarded-client-cert"]
+    st = a.status()["identity"]
+    assert st["catalog"] == "connected" and st["catalog_endpoint"].startswith("https://")
+    a.kill()
+    a.write("20-catalog.toml", f.catalog_toml("a", client_cert=False))
+    a.start()
+    wait_for(lambda: (s := a.status()["identity"])["catalog"] == "unreachable"
+             and s["catalog_error"], what="A turned away without a client certificate")
+    assert "b" in a.status()["identity"]["catalog_hosts"]      # the saved catalog
+    f.wait_mtls("a", "b", port)
+    assert f"URI={CLIENT_ID}" in echo(a, url)["headers"]["x-forwarded-client-cert"]
