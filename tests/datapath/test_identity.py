@@ -503,3 +503,41 @@ def test_catalog_over_tls_with_client_certificates(fleet_tls):
     assert "b" in a.status()["identity"]["catalog_hosts"]      # the saved catalog
     f.wait_mtls("a", "b", port)
     assert f"URI={CLIENT_ID}" in echo(a, url)["headers"]["x-forwarded-client-cert"]
+
+
+def test_certificate_expiry_in_status_and_on_the_bus(fleet, monkeypatch):
+    """`meshd status` and the D-Bus API (a private system bus with the shipped
+    policy) show each workload's SPIFFE ID and certificate expiry, and the
+    catalog's state."""
+    from helpers.dbus import PrivateBus
+    port = free_port()
+    a = fleet.configure("a", "client", http_ports=[port])
+    b = fleet.configure("b", "server", http_ports=[port])
+    a.start()
+    bus = PrivateBus().start()
+    try:
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)   # B's meshd only
+        b.start()
+        monkeypatch.delenv("DBUS_SYSTEM_BUS_ADDRESS")
+        wait_for(lambda: "io.meshd.Mesh1" in bus.busctl("list", "--acquired").stdout,
+                 what="B's meshd on the bus")
+        wait_for(lambda: b.status()["identity"]["catalog_hosts"] == ["a", "b"], what="catalog")
+        leaf = b.status()["workloads"][0]
+        manager = ("io.meshd.Mesh1", "/io/meshd/Mesh1", "io.meshd.Mesh1.Manager")
+        wl = ("io.meshd.Mesh1", "/io/meshd/Mesh1/workload/server", "io.meshd.Mesh1.Workload")
+
+        def prop(obj, name):
+            r = bus.busctl("get-property", *obj, name, "--json=short", user=65534)
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)["data"]
+        assert prop(wl, "SpiffeId") == SERVER_ID
+        assert prop(wl, "CertificateNotAfter") == int(leaf["cert_not_after"] * 1e6)
+        assert prop(wl, "CertificateRenewAt") == int(leaf["cert_renew_at"] * 1e6)
+        assert prop(manager, "TrustDomain") == TRUST_DOMAIN
+        assert prop(manager, "CatalogState") == "connected"
+        assert sorted(prop(manager, "CatalogHosts")) == ["a", "b"]
+        text = b.cli("status").stdout
+        assert f"identity: {SERVER_ID}, certificate expires " in text, text
+    finally:
+        b.kill()
+        bus.stop()
