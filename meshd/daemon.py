@@ -31,6 +31,8 @@ from .plan import EMPTY, ENVOY_OWNER, Plan, PlanError, plan
 from .status import (AccelerationStatus, ContainerStatus, DatapathStatus, EnvoyStatus,
                      MeshSettings, Status,
                      WorkloadEnvoy, WorkloadStatus, status_path)
+from .ca import CAError
+from .meshidentity import IdentityService
 
 log = logging.getLogger("meshd")
 
@@ -92,6 +94,7 @@ class Daemon:
         self._last_stats: dict[str, int] = {}
         self._snapshot = None
         self._restarts_without_flows = 0
+        self.identity: IdentityService | None = None   # mesh.trust_domain set
         self._table_full = 0   # the table_full counter when last logged
 
     # -- start-up -------------------------------------------------------------
@@ -146,6 +149,17 @@ class Daemon:
                                "(needs Linux >= 5.9 with CONFIG_BPF_SYSCALL)") from None
         self.applier = Applier(self.dp, mesh.state_dir)
         envoy_knows_flows = envoy_config.bootstrap_has_flows(mesh.state_dir)
+        if mesh.trust_domain:
+            # GLib's first import happens here, before the catalog thread can
+            # race it: a concurrent first import in two threads leaves one of
+            # them a GLib without its overrides (no GLib.IO_IN, seen at start).
+            from gi.repository import GLib  # noqa: F401
+            self.identity = IdentityService(self.config, self._on_catalog_change)
+            try:
+                self.identity.start()
+            except CAError as e:
+                raise StartupError(f"mesh.trust_domain is set but {e} "
+                                   "(docs/identity.md: meshd ca issue-intermediate)") from None
         try:
             self.apply()
         except routing.RoutingError as e:
@@ -208,8 +222,11 @@ class Daemon:
             cfg.workloads, lambda name, cgid: not previous.enrolled_on(name, cgid),
             self.records.values())
         now, failed = time.time(), {}
+        remotes = self.identity.remotes() if self.identity else ()
         for _ in range(len(cfg.workloads) + 1):   # each round drops >= 1 failed workload
-            p = plan(cfg, world, self.applier.ids, previous, now, failed)
+            p = plan(cfg, world, self.applier.ids, previous, now, failed, remotes)
+            if self.identity:   # the certificates exist before Envoy's files name them
+                self.identity.sync_certificates(_enrolled(p))
             more = self.applier.apply(p)
             if not more:
                 break
@@ -319,10 +336,32 @@ class Daemon:
         self.reloads["ok"] += 1
         if (cfg.mesh.flow_logs, cfg.mesh.flow_log_sample) != (old.flow_logs, old.flow_log_sample):
             self._open_flowlog()
+        self._reload_identity(cfg)
         log.info("configuration reloaded (%s): %d workload(s)", why, len(cfg.workloads))
         self.apply()
         self.write_status()
         return True
+
+    def _reload_identity(self, cfg: Config) -> None:
+        """Identities follow the config; the catalog's endpoints and a trust
+        domain switched on or off take effect at restart (as said in the log)."""
+        if self.identity is None:
+            if cfg.mesh.trust_domain:
+                log.warning("mesh.trust_domain set; identities start when meshd restarts")
+            return
+        if cfg.catalog != self.identity.config.catalog or not cfg.mesh.trust_domain:
+            log.warning("[catalog] or mesh.trust_domain changed; this takes effect when meshd "
+                        "restarts (keeping the running ones)")
+            cfg = dataclasses.replace(
+                cfg, catalog=self.identity.config.catalog,
+                mesh=dataclasses.replace(cfg.mesh, trust_domain=self.identity.config.mesh.trust_domain))
+            self.config = cfg
+        self.identity.reload(cfg)
+
+    def _on_catalog_change(self) -> None:
+        """From the catalog's thread: re-plan on the main loop."""
+        from gi.repository import GLib
+        GLib.idle_add(lambda: self._debounce("catalog", 50, self._reconcile_logged) and False)
 
     # -- main loop ------------------------------------------------------------
     def run(self) -> int:
@@ -451,6 +490,11 @@ class Daemon:
 
     def _tick(self) -> bool:
         self.applier.refresh_envoy()   # workloads opened or closed listeners
+        if self.identity:
+            try:
+                self.identity.tick(_enrolled(self.plan), self.dp.inbound_ports())
+            except Exception:
+                log.exception("identity: renewal/registration failed; retried next second")
         self._update_route_sources()
         self._check_ready()
         self.write_status()
@@ -465,6 +509,8 @@ class Daemon:
         log.info("stopping; the data path and Envoy stay up for the next meshd")
         notify.send("STOPPING=1")
         self.envoy.detach()
+        if self.identity:
+            self.identity.stop()
         self.state = "stopped"
         self.write_status()
         if self.bus is not None:
@@ -546,14 +592,17 @@ class Daemon:
                 other_programs={h: tuple(ids) for h, ids in
                                 self.applier.foreign.get(w.name, {}).items()} if w.enrolled else {},
                 counters=row(w.id), inbound_ports=tuple(inbound.get(w.id, ())),
-                envoy=workload_envoy_stats(stats, w.id)) for w in self.plan.workloads),
+                envoy=workload_envoy_stats(stats, w.id),
+                **(self.identity.workload_fields(w.name) if self.identity else {}))
+                for w in self.plan.workloads),
             containers=tuple(ContainerStatus(
                 id=c.id, name=c.name, workload=c.workload, cgroup=c.cgroup,
                 network="host" if not c.netns else c.netns, addresses=(c.ipv4,) if c.ipv4 else (),
                 inbound_ports=tuple(ctr_ports.get(c.ipv4, ())) if c.enrolled else (),
                 enrolled_since=c.enrolled_since, error=c.error,
                 counters=row(c.workload_id) if c.workload_id else {})
-                for c in self.plan.containers))
+                for c in self.plan.containers),
+            **({"identity": self.identity.status()} if self.identity else {}))
 
     def _envoy_stats(self) -> dict[str, int]:
         if self.envoy.state != ENVOY_RUNNING:
@@ -603,6 +652,8 @@ def _ctr_fields(c) -> dict:
     """Journal fields of a log line about a container."""
     return {"CONTAINER_ID": c.id, "CONTAINER_NAME": c.name, "WORKLOAD": c.workload,
             "CGROUP": c.cgroup}
+def _enrolled(p: Plan) -> dict[str, int]:
+    return {w.name: w.id for w in p.workloads if w.enrolled}
 
 
 def run(config_dir: str) -> int:
