@@ -1,0 +1,80 @@
+"""Podman containers selected by name or by label (no annotation), with real
+Podman, eBPF and Envoy: discovery (cgroup inotify, conmon, `podman inspect`)
+enrolls them after they start, Envoy counts their connections, and stopping
+them, or a configuration that no longer selects them, leaves nothing behind.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from conftest import wait_for
+from test_podman import (CX, configure, containers, ctr_links, ctr_listeners, echo,
+                         envoy_listeners, http_get)
+
+
+def enrolled(mesh, how: str) -> list[dict]:
+    return [c for c in containers(mesh) if c["enrolled_since"] and c["selected_by"] == how]
+
+
+def nothing_left(mesh) -> None:
+    wait_for(lambda: containers(mesh) == [] and ctr_links(mesh) == [], timeout=30,
+             what="the container un-enrolled")
+    assert ctr_listeners(mesh) == []
+    wait_for(lambda: not any(n.startswith("meshd_ctr_") for n in envoy_listeners(mesh)),
+             what="Envoy dropped its listeners")
+    assert os.listdir(os.path.join(mesh.state_dir, "containers")) == []
+
+
+def test_label_selected_container_is_enrolled_and_counted(mesh, server, podman):
+    label = f"{podman.prefix}-web"
+    configure(mesh, f'[workload.web]\ncontainer_labels = {{ "io.meshd.test/app" = "{label}" }}\n')
+    mesh.start()
+    other = podman.run("other", "sleep", "300", detach=True,
+                       options=["--label", "io.meshd.test/app=something-else"])
+    assert other.returncode == 0, other.stderr
+    r = podman.run("lbl", "sleep", "300", detach=True,
+                   options=["--label", f"io.meshd.test/app={label}"])
+    assert r.returncode == 0, r.stderr
+    started = time.monotonic()
+    wait_for(lambda: enrolled(mesh, "label"), what="the label-selected container enrolled")
+    print(f"label-selected container enrolled {time.monotonic() - started:.2f} s after "
+          "`podman run -d` returned (status is written every second)")
+    (c,) = containers(mesh)                       # the other label is not selected
+    assert c["name"] == f"{podman.prefix}-lbl" and c["workload"] == "web"
+    assert c["addresses"] and c["cgroup"].endswith(c["id"])
+    assert len(ctr_links(mesh)) == 8 and len(ctr_listeners(mesh)) == 2
+    wait_for(lambda: any(n.startswith("meshd_ctr_") for n in envoy_listeners(mesh)),
+             what="its listener in Envoy")
+    cx = mesh.stat(CX)
+    seen = echo(podman.exec("lbl", *http_get(server.ip4, "/echo")))
+    assert seen["client"] == server.host_ip4
+    assert mesh.stat(CX) == cx + 1
+    echo(podman.exec("other", *http_get(server.ip4, "/echo")))    # direct
+    assert mesh.stat(CX) == cx + 1
+    assert "selected by label for workload web" in mesh.log_text()
+    status = mesh.cli("status").stdout
+    assert "selected by label" in status and c["addresses"][0] in status
+    podman.rm("lbl")
+    nothing_left(mesh)
+
+
+def test_name_selected_container_survives_restart_and_follows_the_config(mesh, server, podman):
+    configure(mesh, f'[workload.api]\ncontainer_names = ["{podman.prefix}-api-*"]\n')
+    mesh.start()
+    r = podman.run("api-1", "sleep", "300", detach=True)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: enrolled(mesh, "name"), what="the name-selected container enrolled")
+    links = sorted(ctr_links(mesh))
+    assert len(links) == 8
+    mesh.kill()                                    # SIGKILL: a restart loses nothing
+    mesh.start()
+    assert sorted(ctr_links(mesh)) == links
+    assert [c["selected_by"] for c in enrolled(mesh, "name")] == ["name"]
+    cx = mesh.stat(CX)
+    echo(podman.exec("api-1", *http_get(server.ip4, "/echo")))
+    assert mesh.stat(CX) == cx + 1
+    # a configuration that no longer selects it un-enrolls it
+    configure(mesh, "[workload.api]\n")
+    nothing_left(mesh)
+    assert "no longer selected" in mesh.log_text()
