@@ -78,3 +78,30 @@ def test_name_selected_container_survives_restart_and_follows_the_config(mesh, s
     configure(mesh, "[workload.api]\n")
     nothing_left(mesh)
     assert "no longer selected" in mesh.log_text()
+
+
+def test_rootless_container_is_reported_not_meshed_and_works(mesh, server, podman, prefix):
+    """A rootless Podman (here the user nobody) runs the hook as that user: the
+    container starts un-meshed, and meshd reports it in the log and in status."""
+    from helpers.podman import RootlessPodman
+    configure(mesh)
+    mesh.start()
+    rl = RootlessPodman(prefix, podman.hooks_dir)
+    try:
+        r = rl.cmd("run", "-d", "--name", f"{prefix}-rl", "--network", "none",
+                   "--annotation", "io.meshd.workload=web", "localhost/rootless/bb",
+                   "sleep", "300")
+        assert r.returncode == 0, r.stderr                  # never broken
+        assert rl.cmd("exec", f"{prefix}-rl", "echo", "ok").stdout == b"ok\n"
+        wait_for(lambda: [c["network"] for c in containers(mesh)] == ["rootless"],
+                 what="the rootless container in the status")
+        (c,) = containers(mesh)
+        assert c["name"] == f"{prefix}-rl" and c["workload"] == "web"
+        assert not c["enrolled_since"] and "rootless Podman (uid 65534)" in c["error"]
+        assert "NOT MESHED: rootless Podman" in mesh.cli("status").stdout
+        assert "rootless Podman (uid 65534): not meshed" in mesh.log_text()
+        assert ctr_links(mesh) == [] and ctr_listeners(mesh) == []
+        rl.cmd("rm", "-f", "-t", "0", f"{prefix}-rl", check=True)
+        wait_for(lambda: containers(mesh) == [], what="the report gone with the container")
+    finally:
+        rl.cleanup()
