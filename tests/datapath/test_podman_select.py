@@ -105,3 +105,33 @@ def test_rootless_container_is_reported_not_meshed_and_works(mesh, server, podma
         wait_for(lambda: containers(mesh) == [], what="the report gone with the container")
     finally:
         rl.cleanup()
+
+
+def test_container_run_by_a_unit_is_selected_by_unit(mesh, server, podman, prefix):
+    """As `podman generate systemd --new` runs it: `podman run --cgroups=no-conmon`
+    from the unit's cgroup, so conmon stays in the unit's cgroup and the container
+    gets its own. Without systemd as PID 1 here, the unit's cgroup is made by
+    hand where systemd puts one (a .service below a .slice)."""
+    from conftest import Cgroups, cgroup2_root
+    unit = f"{prefix}-web.service"
+    slice_cg = Cgroups.__new__(Cgroups)   # /<prefix>.slice: where find_unit looks
+    slice_cg.root, slice_cg.base, slice_cg.netns = cgroup2_root(), f"/{prefix}.slice", mesh.netns
+    try:
+        unit_cg = slice_cg.make(unit)
+        configure(mesh, f'[workload.svc]\nunit = "{unit}"\n')
+        mesh.start()
+        r = slice_cg.run(unit_cg, *podman.store.base, "--hooks-dir", podman.hooks_dir, "run",
+                         "-d", "--cgroups=no-conmon", "--name", podman.name("unit"),
+                         "--cgroup-parent", f"/{prefix}/ctr", "localhost/meshd-test/busybox",
+                         "sleep", "300", env=podman.store.env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: enrolled(mesh, "unit"), what="the unit's container enrolled")
+        (c,) = containers(mesh)
+        assert c["workload"] == "svc" and c["cgroup"].startswith(f"/{prefix}/ctr/libpod-")
+        cx = mesh.stat(CX)
+        echo(podman.exec("unit", *http_get(server.ip4, "/echo")))
+        assert mesh.stat(CX) == cx + 1
+        podman.rm("unit")
+        nothing_left(mesh)
+    finally:
+        slice_cg.cleanup()
