@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from conftest import wait_for
 from test_podman import (CX, configure, containers, ctr_links, ctr_listeners, echo,
                          envoy_listeners, http_get)
@@ -107,11 +109,13 @@ def test_rootless_container_is_reported_not_meshed_and_works(mesh, server, podma
         rl.cleanup()
 
 
-def test_container_run_by_a_unit_is_selected_by_unit(mesh, server, podman, prefix):
+@pytest.mark.parametrize("cgroups_mode", ["no-conmon", "split"])
+def test_container_run_by_a_unit_is_selected_by_unit(mesh, server, podman, prefix, cgroups_mode):
     """As `podman generate systemd --new` runs it: `podman run --cgroups=no-conmon`
     from the unit's cgroup, so conmon stays in the unit's cgroup and the container
-    gets its own. Without systemd as PID 1 here, the unit's cgroup is made by
-    hand where systemd puts one (a .service below a .slice)."""
+    gets its own; or --cgroups=split, the container's cgroup below the unit's.
+    Without systemd as PID 1 here, the unit's cgroup is made by hand where
+    systemd puts one (a .service below a .slice)."""
     from conftest import Cgroups, cgroup2_root
     unit = f"{prefix}-web.service"
     slice_cg = Cgroups.__new__(Cgroups)   # /<prefix>.slice: where find_unit looks
@@ -121,13 +125,16 @@ def test_container_run_by_a_unit_is_selected_by_unit(mesh, server, podman, prefi
         configure(mesh, f'[workload.svc]\nunit = "{unit}"\n')
         mesh.start()
         r = slice_cg.run(unit_cg, *podman.store.base, "--hooks-dir", podman.hooks_dir, "run",
-                         "-d", "--cgroups=no-conmon", "--name", podman.name("unit"),
-                         "--cgroup-parent", f"/{prefix}/ctr", "localhost/meshd-test/busybox",
+                         "-d", f"--cgroups={cgroups_mode}", "--name", podman.name("unit"),
+                         *(["--cgroup-parent", f"/{prefix}/ctr"] if cgroups_mode == "no-conmon"
+                           else []), "localhost/meshd-test/busybox",
                          "sleep", "300", env=podman.store.env, timeout=60)
         assert r.returncode == 0, r.stderr
         wait_for(lambda: enrolled(mesh, "unit"), what="the unit's container enrolled")
         (c,) = containers(mesh)
-        assert c["workload"] == "svc" and c["cgroup"].startswith(f"/{prefix}/ctr/libpod-")
+        assert c["workload"] == "svc" and c["cgroup"].startswith(
+            f"/{prefix}/ctr/libpod-" if cgroups_mode == "no-conmon"
+            else f"{unit_cg}/libpod-payload-")
         cx = mesh.stat(CX)
         echo(podman.exec("unit", *http_get(server.ip4, "/echo")))
         assert mesh.stat(CX) == cx + 1
