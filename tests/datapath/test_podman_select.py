@@ -117,6 +117,7 @@ def test_container_run_by_a_unit_is_selected_by_unit(mesh, server, podman, prefi
     Without systemd as PID 1 here, the unit's cgroup is made by hand where
     systemd puts one (a .service below a .slice)."""
     from conftest import Cgroups, cgroup2_root
+    from helpers.podman import remove_v1_cgroups
     unit = f"{prefix}-web.service"
     slice_cg = Cgroups.__new__(Cgroups)   # /<prefix>.slice: where find_unit looks
     slice_cg.root, slice_cg.base, slice_cg.netns = cgroup2_root(), f"/{prefix}.slice", mesh.netns
@@ -141,4 +142,6 @@ def test_container_run_by_a_unit_is_selected_by_unit(mesh, server, podman, prefi
         podman.rm("unit")
         nothing_left(mesh)
     finally:
+        podman.cleanup()   # before the cgroups: no container process left in them
         slice_cg.cleanup()
+        remove_v1_cgroups(slice_cg.base)

@@ -11,6 +11,7 @@ config directory.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -129,6 +130,22 @@ class Podman:
     def cleanup(self) -> None:
         for i in range(0, len(self.names), 50):
             self.cmd("rm", "-f", "-t", "0", "--ignore", *self.names[i:i + 50], timeout=120)
+        remove_v1_cgroups(f"/{self.prefix}")
+
+
+def remove_v1_cgroups(rel: str) -> None:
+    """On a hybrid host Podman's cgroupfs manager also makes a container's cgroup
+    parents in every v1 controller hierarchy (/sys/fs/cgroup/<controller>/...):
+    remove the test's own (empty once its containers are gone), deepest first."""
+    for hierarchy in glob.glob("/sys/fs/cgroup/*/"):
+        top = os.path.join(hierarchy, rel.lstrip("/"))
+        if hierarchy.rstrip("/").endswith("/unified") or not os.path.isdir(top):
+            continue
+        for dirpath, _, _ in sorted(os.walk(top), key=lambda t: -t[0].count("/")):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
 
 
 class RootlessPodman:
