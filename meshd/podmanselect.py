@@ -111,26 +111,16 @@ class Selector:
         machine-libpod_pod_<pod>.slice, libpod-payload-<id> below a unit's
         cgroup. Their parents are remembered: inotify watches them."""
         found, parents = {}, set()
-        level = [self.cg_root]
-        for _ in range(max_depth):
-            nxt = []
-            for d in level:
-                try:
-                    entries = [e for e in os.scandir(d) if e.is_dir(follow_symlinks=False)]
-                except OSError:
-                    continue
-                for e in entries:
-                    cid = podmanlookup.container_id_of(e.name)
-                    if cid:   # not below: a container's own sub-cgroups
-                        found[cid] = "/" + os.path.relpath(e.path, self.cg_root)
-                        parents.add(d)
-                    elif e.name in ("libpod_parent", "machine.slice") or e.name.startswith(
-                            "machine-libpod_pod_"):
-                        parents.add(e.path)   # where containers will appear
-                        nxt.append(e.path)
-                    else:
-                        nxt.append(e.path)
-            level = nxt
+        # not below a container's cgroup: its own sub-cgroups
+        for e in cgroups.walk(self.cg_root, max_depth,
+                              lambda e: not podmanlookup.container_id_of(e.name)):
+            cid = podmanlookup.container_id_of(e.name)
+            if cid:
+                found[cid] = "/" + os.path.relpath(e.path, self.cg_root)
+                parents.add(os.path.dirname(e.path))
+            elif e.name in ("libpod_parent", "machine.slice") or e.name.startswith(
+                    "machine-libpod_pod_"):
+                parents.add(e.path)   # where containers will appear
         self.parents = parents
         return found
 

@@ -137,15 +137,13 @@ def remove_v1_cgroups(rel: str) -> None:
     """On a hybrid host Podman's cgroupfs manager also makes a container's cgroup
     parents in every v1 controller hierarchy (/sys/fs/cgroup/<controller>/...):
     remove the test's own (empty once its containers are gone), deepest first."""
+    from meshd.cgroups import remove_tree
     for hierarchy in glob.glob("/sys/fs/cgroup/*/"):
-        top = os.path.join(hierarchy, rel.lstrip("/"))
-        if hierarchy.rstrip("/").endswith("/unified") or not os.path.isdir(top):
-            continue
-        for dirpath, _, _ in sorted(os.walk(top), key=lambda t: -t[0].count("/")):
+        if not hierarchy.rstrip("/").endswith("/unified"):
             try:
-                os.rmdir(dirpath)
+                remove_tree(os.path.join(hierarchy, rel.lstrip("/")))
             except OSError:
-                pass
+                pass   # still in use: not ours to force
 
 
 class RootlessPodman:
