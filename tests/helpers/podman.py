@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from helpers.common import netns_path
@@ -139,11 +140,14 @@ def remove_v1_cgroups(rel: str) -> None:
     remove the test's own (empty once its containers are gone), deepest first."""
     from meshd.cgroups import remove_tree
     for hierarchy in glob.glob("/sys/fs/cgroup/*/"):
-        if not hierarchy.rstrip("/").endswith("/unified"):
+        if hierarchy.rstrip("/").endswith("/unified"):
+            continue
+        for _ in range(50):   # a conmon may still be exiting (EBUSY) for a moment
             try:
                 remove_tree(os.path.join(hierarchy, rel.lstrip("/")))
+                break
             except OSError:
-                pass   # still in use: not ours to force
+                time.sleep(0.1)
 
 
 class RootlessPodman:
