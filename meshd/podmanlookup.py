@@ -83,11 +83,14 @@ def conmon_of(pid: int, proc: str = "/proc") -> Conmon | None:
         cgroup = next((line[3:].strip() for line in
                        _read(f"{proc}/{pid}/cgroup").decode().splitlines()
                        if line.startswith("0::")), "")
+    except (OSError, ValueError, StopIteration):
+        return None   # gone meanwhile, or not readable
+    try:   # another user's (rootless) environment needs CAP_SYS_PTRACE: optional
         environ = dict(kv.split("=", 1) for kv in
                        _read(f"{proc}/{pid}/environ").decode(errors="replace").split("\0")
                        if "=" in kv)
-    except (OSError, ValueError, StopIteration):
-        return None   # gone meanwhile, or not readable
+    except OSError:
+        environ = {}
     return parse_conmon(pid, argv, uid, cgroup, environ)
 
 

@@ -84,3 +84,31 @@ def test_which_workload_selects():
     assert select(ws, "x", {}, ("/system.slice/container-web.service/libpod-payload-1",),
                   units) == ("c", "unit")
     assert select(ws, "x", {}, ("/system.slice/container-web.service2",), units) is None
+
+
+def test_conmons_read_from_proc(tmp_path):
+    """A fake /proc: conmon found by comm, its uid, cgroup; other processes ignored."""
+    from meshd.podmanlookup import conmons
+    for pid, comm, argv, uid in ((10, "conmon", ARGV, 0), (11, "sleep", ["sleep", "1"], 0)):
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "comm").write_text(comm + "\n")
+        (d / "cmdline").write_bytes("\0".join(argv).encode() + b"\0")
+        (d / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+        (d / "cgroup").write_text("1:cpu:/x\n0::/system.slice/container-web.service\n")
+    (tmp_path / "self").mkdir()
+    (c,) = conmons(str(tmp_path)).values()           # environ unreadable: still found
+    assert (c.pid, c.id, c.cgroup, c.env) == (10, CID, "/system.slice/container-web.service", ())
+
+
+def test_rootless_report_carries_the_container_journal_fields(caplog, tmp_path):
+    from meshd.podmanselect import Selector
+    s = Selector(str(tmp_path), str(tmp_path))
+    c = parse_conmon(77, ARGV, 1000, "", {})
+    with caplog.at_level("WARNING", logger="meshd"):
+        s._report_rootless(c, ("web", "name"))
+        s._report_rootless(c, ("web", "name"))       # once per container
+    (rec,) = caplog.records
+    assert (rec.CONTAINER_ID, rec.CONTAINER_NAME, rec.WORKLOAD) == (CID, "web-1", "web")
+    assert "rootless Podman (uid 1000): not meshed" in rec.getMessage()
+    assert s.rootless[CID].workload == "web"
