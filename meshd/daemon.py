@@ -267,7 +267,7 @@ class Daemon:
         """Write the records of containers the workloads select; True if any changed."""
         if self.selector is None:
             from .podmanselect import Selector
-            self.selector = Selector(self.cg_root, cfg.mesh.state_dir, self._looked_up)
+            self.selector = Selector(self.discovery, cfg.mesh.state_dir, self._looked_up)
         units = {w.name: f.rel for w in cfg.workloads if w.unit
                  for f in (self.discovery.find(w),) if f is not None}
         try:

@@ -88,9 +88,11 @@ def select(workloads: tuple[Workload, ...], name: str, labels: dict | None,
 
 
 class Selector:
-    def __init__(self, cg_root: str, state_dir: str, on_looked_up=lambda: None):
-        """on_looked_up() is called from a worker thread when a label lookup ends."""
-        self.cg_root, self.state_dir, self.on_looked_up = cg_root, state_dir, on_looked_up
+    def __init__(self, discovery, state_dir: str, on_looked_up=lambda: None):
+        """discovery: meshd.discovery.Discovery; on_looked_up() is called from a
+        worker thread when a label lookup ends."""
+        self.discovery, self.state_dir, self.on_looked_up = discovery, state_dir, on_looked_up
+        self.cg_root = discovery.cg_root
         self.info: dict[str, Info] = {}          # container id -> looked up once
         self._pending: set[str] = set()
         self._bundles: dict[str, Bundle | None] = {}
@@ -103,27 +105,6 @@ class Selector:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    # -- discovery ------------------------------------------------------------
-    def container_cgroups(self, max_depth: int = 6) -> dict[str, str]:
-        """Every Podman container cgroup (container id -> path relative to the
-        cgroup2 root), wherever it is: libpod-<id> below /libpod_parent or a
-        --cgroup-parent, libpod-<id>.scope below /machine.slice or a pod's
-        machine-libpod_pod_<pod>.slice, libpod-payload-<id> below a unit's
-        cgroup. Their parents are remembered: inotify watches them."""
-        found, parents = {}, set()
-        # not below a container's cgroup: its own sub-cgroups
-        for e in cgroups.walk(self.cg_root, max_depth,
-                              lambda e: not podmanlookup.container_id_of(e.name)):
-            cid = podmanlookup.container_id_of(e.name)
-            if cid:
-                found[cid] = "/" + os.path.relpath(e.path, self.cg_root)
-                parents.add(os.path.dirname(e.path))
-            elif e.name in ("libpod_parent", "machine.slice") or e.name.startswith(
-                    "machine-libpod_pod_"):
-                parents.add(e.path)   # where containers will appear
-        self.parents = parents
-        return found
-
     def scan(self, cfg: Config, records: dict[str, containers.Record],
              units: dict[str, str]) -> bool:
         """Write or remove the records of containers selected by name, label or
@@ -131,8 +112,9 @@ class Selector:
         selecting = [w for w in cfg.workloads
                      if w.container_names or w.container_labels or w.name in units]
         conmons = podmanlookup.conmons()   # every container, rootless ones too
-        cgs = (self.container_cgroups()
-               if selecting or any(r.selected_by for r in records.values()) else {})
+        cgs = {}
+        if selecting or any(r.selected_by for r in records.values()):
+            cgs, self.parents = self.discovery.podman_cgroups()
         wants_labels = any(w.container_labels for w in selecting)
         changed = False
         for cid, cm in conmons.items():

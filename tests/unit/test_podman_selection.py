@@ -102,8 +102,9 @@ def test_conmons_read_from_proc(tmp_path):
 
 
 def test_rootless_report_carries_the_container_journal_fields(caplog, tmp_path):
+    from meshd.discovery import Discovery
     from meshd.podmanselect import Selector
-    s = Selector(str(tmp_path), str(tmp_path))
+    s = Selector(Discovery(str(tmp_path)), str(tmp_path))
     c = parse_conmon(77, ARGV, 1000, "", {})
     with caplog.at_level("WARNING", logger="meshd"):
         s._report_rootless(c, ("web", "name"))
