@@ -372,12 +372,6 @@ class BenchBase:
     def netns_add(self, ns: str) -> None:
         self.netns_made.append(ns)
         netns_add(ns)
-        # One-request-per-connection runs leave tens of thousands of TIME_WAIT sockets;
-        # without reuse (and a wide port range) the next run's connects find the ports
-        # taken and the new-connection rate flips to a slow state for reasons that are not
-        # the mode's or the configuration's. Same for every mode, so ratios stay fair.
-        sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1",
-           "net.ipv4.ip_local_port_range=10000 65000")
 
     def two_hosts(self, ns_a: str, ns_b: str, net: str, veth: str) -> tuple[str, str]:
         """Two network namespaces joined by veth `veth` (in ns_a) <-> `veth`p (in ns_b),
