@@ -204,6 +204,12 @@ class EnvoyCost(BenchBase):
            *self._rule(v), check=False)
         self.rule = None
         drop_nat_table(self.ns_c)
+        # Every variant is reached at the same address and port, so a conntrack entry
+        # left by one variant's connection (its NAT binding to that variant's Envoy)
+        # could carry a later connection with the same ports to the wrong Envoy (seen as
+        # failed path checks): forget them all.
+        sh("ip", "netns", "exec", self.ns_c, sys.executable, "-c",
+           "from pyroute2 import Conntrack; list(Conntrack().flush())")
 
     def extra_cleanup(self, step):
         if getattr(self, "rule", None):
@@ -240,6 +246,7 @@ class EnvoyCost(BenchBase):
                 "newconn_rps": wnc["requests"] / (wnc["duration_us"] / 1e6),
                 "envoy_cpu_us_per_conn": (c1 - c0) / wnc["requests"] if wnc["requests"] else None,
                 "envoy_rss_mb": rss_mb(e["pid"]()), "through_envoy_ok": s1 - s0 >= reqs,
+                "envoy_rq_delta": s1 - s0,
                 "errors": w16["errors"] + w1["errors"] + wnc["errors"]}
 
 
