@@ -99,6 +99,10 @@ class Workload:
     # identity: "" = [mesh] inbound_mode; allow_from: SPIFFE IDs (names resolved), None = all
     inbound_mode: str = ""
     allow_from: tuple[str, ...] | None = None
+    # Podman containers selected by name (shell patterns) or by labels (all must
+    # match), enrolled when discovery sees them (meshd/podmanselect.py)
+    container_names: tuple[str, ...] = ()
+    container_labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,38 @@ def _list_of(convert: Callable[[Any], Any], what: str, sort_key: Callable | None
 
 
 _ports = _list_of(_port, "integers")
+
+_CONTAINER_NAME = re.compile(r"[A-Za-z0-9*?\[][A-Za-z0-9_.*?\[\]!-]{0,252}")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,252}")
+
+
+def _container_name(v: Any) -> str:
+    """A Podman container name, or a shell-style pattern of names (web-*)."""
+    _expect(v, str, "a string")
+    if not _CONTAINER_NAME.fullmatch(v):
+        raise ValueError(f"expected a container name or pattern ([a-zA-Z0-9][a-zA-Z0-9_.-]*, "
+                         f"with * ? [] wildcards), got {v!r}")
+    return v
+
+
+_container_names = _list_of(_container_name, "container names")
+
+
+def _container_labels(v: Any) -> tuple[tuple[str, str], ...]:
+    """A table of label = "value"; a container must carry all of them."""
+    bad, good = [], {}
+    for key, value in _expect(v, dict, 'table of label = "value"').items():
+        if not _LABEL.fullmatch(key):
+            bad.append(f"label {key!r}: expected [A-Za-z0-9][A-Za-z0-9_./-]*")
+        elif not isinstance(value, str) or "\0" in value or len(value) > 4096:
+            bad.append(f"label {key}: expected a string value, got {_describe(value)}")
+        else:
+            good[key] = value
+    if bad:
+        raise ValueError("; ".join(bad))
+    if not good:
+        raise ValueError("expected at least one label = \"value\"")
+    return tuple(sorted(good.items()))
 
 # What Envoy does with a port's connections. "tcp" forwards bytes untouched, with
 # TCP's own semantics (half-close, resets, no timeouts); the HTTP family runs
@@ -381,6 +417,8 @@ _WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "protocols": (_protocols, ()),
     "inbound_mode": (_inbound_mode, ""),
     "allow_from": (_list_of(_caller, "workload names or SPIFFE IDs"), None),
+    "container_names": (_container_names, ()),
+    "container_labels": (_container_labels, ()),
 }
 # The dataclass defaults document the API; the schema must agree with them.
 assert {k: d for k, (_, d) in _MESH_SCHEMA.items()} == vars(MeshConfig())
@@ -621,6 +659,12 @@ class _Parser:
                 if first is not w:
                     self.err(at(selector), f"{selector} {value} is already selected by workload "
                                            f"{first.name!r} at {first.source}")
+            for pattern in w.container_names:
+                first = selected.setdefault(("container_names", pattern), w)
+                if first is not w:
+                    self.err(at("container_names"), f"container name {pattern!r} is already "
+                                                    f"selected by workload {first.name!r} at "
+                                                    f"{first.source}")
 
 
     def check_identity(self, mesh: MeshConfig, envoy: set[int]) -> None:

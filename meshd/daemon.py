@@ -42,6 +42,7 @@ RESTART_ONLY = ("bpffs_dir", "state_dir", "cgroup_root", "netns", "envoy_binary"
                 "metrics_address", "max_connections", "max_exclusions", "max_inbound_ports")
 STATUS_INTERVAL_MS = 1000
 RESCAN_INTERVAL_MS = 5000
+SELECT_INTERVAL_MS = 1000   # containers selected by name, label or unit: seen within a second
 HOOK_WAIT_MS = 4000      # the hook fails open after this (its own timeout is longer)
 HOOK_POLL_MS = 5
 
@@ -87,6 +88,7 @@ class Daemon:
         self._status_error = ""
         self.hooks = None  # meshd.hookserver.HookServer once the main loop runs
         self._enroll_waiting: list = []   # (container id, reply) from the hook
+        self.selector = None  # meshd.podmanselect.Selector, made at the first reconcile
         # observability (meshd/flows.py, flowlog.py, observe.py, metrics.py)
         self.reloads = {"ok": 0, "rejected": 0}
         self.flow_receiver = self.flowlog = self.observer = self.metrics = None
@@ -217,6 +219,7 @@ class Daemon:
         """discover -> plan -> apply: make links, workload ids, exclusions,
         inbound ports and Envoy's files match config + existing cgroups."""
         cfg, previous = self.config, self.plan
+        self._select_containers(cfg)
         self.records = containers.load_all(cfg.mesh.state_dir)
         world = self.discovery.scan(
             cfg.workloads, lambda name, cgid: not previous.enrolled_on(name, cgid),
@@ -275,6 +278,33 @@ class Daemon:
                 log.info("container %s stopped: un-enrolled from workload %s", cid[:12],
                          rec.workload, extra={"CONTAINER_ID": cid, "CONTAINER_NAME": rec.name,
                                               "WORKLOAD": rec.workload})
+
+    # -- containers selected by name, label or unit (meshd/podmanselect.py) ----
+    def _select_containers(self, cfg) -> bool:
+        """Write the records of containers the workloads select; True if any changed."""
+        if self.selector is None:
+            from .podmanselect import Selector
+            self.selector = Selector(self.discovery, cfg.mesh.state_dir, self._looked_up)
+        units = {w.name: f.rel for w in cfg.workloads if w.unit
+                 for f in (self.discovery.find(w),) if f is not None}
+        try:
+            return self.selector.scan(cfg, containers.load_all(cfg.mesh.state_dir), units)
+        except OSError as e:
+            log.warning("Podman container discovery: %s", e)
+            return False
+
+    def _looked_up(self) -> None:
+        """A label lookup ended (worker thread): reconcile on the main loop."""
+        from gi.repository import GLib
+        GLib.idle_add(lambda: self._debounce("reconcile", 10, self._reconcile_logged) or False)
+
+    def _select_tick(self) -> bool:
+        """Discovery's safety net for selected containers: within a second."""
+        cfg = self.config
+        if any(w.container_names or w.container_labels or w.unit for w in cfg.workloads):
+            if self._select_containers(cfg):
+                self._debounce("reconcile", 10, self._reconcile_logged)
+        return True
 
     # -- the OCI hook -----------------------------------------------------------
     def enroll_container(self, cid: str, reply) -> None:
@@ -377,6 +407,7 @@ class Daemon:
         GLib.unix_signal_add(GLib.PRIORITY_HIGH, signal.SIGHUP, self._on_hup)
         GLib.timeout_add(STATUS_INTERVAL_MS, self._tick)
         GLib.timeout_add(RESCAN_INTERVAL_MS, self._rescan)
+        GLib.timeout_add(SELECT_INTERVAL_MS, self._select_tick)
         wd_ms = notify.watchdog_interval_ms()
         if wd_ms:
             GLib.timeout_add(wd_ms, lambda: notify.send("WATCHDOG=1") or True)
@@ -471,7 +502,8 @@ class Daemon:
         """Watch where each configured cgroup is (or will appear), then rescan:
         a cgroup created between the scan and the watch is not missed."""
         want = (self.discovery.watch_dirs(self.config.workloads)
-                | self.discovery.container_watch_dirs(getattr(self, "records", {}).values()))
+                | self.discovery.container_watch_dirs(getattr(self, "records", {}).values())
+                | (self.selector.parents if self.selector is not None else set()))
         added = False
         for d in set(self._cgroup_watches) - want:
             self.inotify.unwatch(self._cgroup_watches.pop(d))
@@ -517,6 +549,8 @@ class Daemon:
             self.bus.close()
         if self.hooks is not None:
             self.hooks.close()
+        if self.selector is not None:
+            self.selector.close()
         self._stop_observability()
         self.dp.close()
         self.loop.quit()
@@ -600,8 +634,12 @@ class Daemon:
                 network="host" if not c.netns else c.netns, addresses=(c.ipv4,) if c.ipv4 else (),
                 inbound_ports=tuple(ctr_ports.get(c.ipv4, ())) if c.enrolled else (),
                 enrolled_since=c.enrolled_since, error=c.error,
-                counters=row(c.workload_id) if c.workload_id else {})
-                for c in self.plan.containers),
+                counters=row(c.workload_id) if c.workload_id else {},
+                selected_by=c.selected_by or "annotation")
+                for c in self.plan.containers) + tuple(ContainerStatus(
+                    id=r.id, name=r.name, workload=r.workload, network="rootless",
+                    error=r.error)
+                    for r in (self.selector.rootless.values() if self.selector else ())),
             **({"identity": self.identity.status()} if self.identity else {}))
 
     def _envoy_stats(self) -> dict[str, int]:

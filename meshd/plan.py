@@ -83,6 +83,7 @@ class ContainerPlan:
     enrolled: bool = False
     enrolled_since: float = 0.0
     error: str = ""
+    selected_by: str = ""           # "" = its annotation (the hook); "name", "label", "unit"
 
     @property
     def short_id(self) -> str:
@@ -242,6 +243,7 @@ def _containers(config: Config, world: World, ids: dict[str, int], previous: Pla
             index = next((i for i in range(1, MAX_CONTAINER_INDEX + 1) if i not in used), 0)
             used.add(index)
         base = dict(id=cid, workload=rec.workload, name=rec.name, cgroup=cf.cgroup.rel,
+                    selected_by=rec.selected_by,
                     cgroup_path=cf.cgroup.path, cgroup_id=cf.cgroup.id, index=index,
                     netns=rec.netns if cf.netns else "",
                     netns_cookie=cf.netns.cookie if cf.netns else 0,

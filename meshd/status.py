@@ -113,6 +113,7 @@ class ContainerStatus:
     enrolled_since: float = 0.0          # 0: not meshed
     error: str = ""                      # why not meshed
     counters: Counters = field(default_factory=dict)
+    selected_by: str = "annotation"      # or "name", "label", "unit" (found by discovery)
 
     @property
     def state(self) -> str:
@@ -290,10 +291,13 @@ def format_text(st: Status, running: bool, source: str) -> str:
     for c in st.containers:
         out.append(f"    {c.id[:12]} {c.name or '-':<16} workload {c.workload:<12} "
                    f"{'enrolled' if c.enrolled_since else 'NOT MESHED: ' + c.error}")
-        out.append(f"      cgroup {c.cgroup}; network {c.network}; addresses "
-                   f"{', '.join(c.addresses) or '-'}")
+        out.append(f"      cgroup {c.cgroup or '-'}; network {c.network}; addresses "
+                   f"{', '.join(c.addresses) or '-'}; selected by {c.selected_by}")
         if c.inbound_ports:
             out.append(f"      inbound ports via Envoy: {list(c.inbound_ports)}")
+        if any(c.counters.values()):
+            out.append(f"      workload {c.workload} counters: " +
+                       " ".join(f"{k}={v}" for k, v in c.counters.items() if v))
     if st.counters.get("miss"):
         out.append(f"  misses:    {st.counters['miss']} connections reached Envoy without an "
                    "original destination (failed, not forwarded)")
