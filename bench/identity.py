@@ -17,6 +17,7 @@ its path: mTLS runs must pass B's mTLS listener, plaintext and direct runs not.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -29,8 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "datapath"), str(REPO / "bench")]
 
-from common import (WRK_LUA, FILE_NAME, arg_parser, log, nginx_conf, save_results,  # noqa: E402
-                    take_charge, write_www)
+from common import (WRK_LUA, FILE_NAME, log, nginx_conf, save_results, take_charge,  # noqa: E402
+                    write_www)
 from conftest import Cgroups, free_port  # noqa: E402
 from fleet import Fleet  # noqa: E402
 
@@ -59,8 +60,10 @@ def wrk(m, cgroup, url, conns, duration, lua):
 
 
 def main() -> int:
-    ap = arg_parser(__doc__)
-    ap.set_defaults(duration=5)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per mode (default 5)")
+    ap.add_argument("--duration", type=float, default=5, help="seconds per wrk run (default 5)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="results directory")
     args = ap.parse_args()
     if not take_charge("identity.py"):
         return 1
