@@ -176,7 +176,7 @@ class EnvoyCost(BenchBase):
         def top(sort: str, limit: int) -> list[tuple[float, str]]:
             r = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
                                 "--sort", sort, "--percent-limit", "0.5"],
-                               capture_output=True, text=True)
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True)
             rows = []
             for line in r.stdout.splitlines():
                 line = line.strip()
@@ -310,7 +310,7 @@ def main() -> int:
         variants = list(b.envoys)
         results = b.interleaved(variants, a.reps, b.on, b.off, b.measure_variant, progress)
         os.makedirs(a.out, exist_ok=True)
-        profiles = [b.perf(v, max(a.duration, 3), b.tmp) for v in a.perf.split(",") if v]
+        profiles = [b.perf(v, max(a.duration, 3), a.out) for v in a.perf.split(",") if v]
     finally:
         b.cleanup()
     md = table(results, variants)

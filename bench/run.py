@@ -459,7 +459,7 @@ def main() -> int:
     if not take_charge("run.py"):
         return 1
 
-    started = datetime.datetime.now()
+    started, load_start = datetime.datetime.now(), os.getloadavg()
     suite = Suite(args)
     results, connect, notes = [], {}, []
     try:
@@ -489,6 +489,9 @@ def main() -> int:
         acceleration="available" if suite.accel_available else "not available",
         foreign_cpu_cores_median=round(report.median(foreign), 2) if foreign else None,
         foreign_cpu_cores_max=round(max(foreign), 2) if foreign else None,
+        # the machine's load (1/5/15 min) at start and end: other people's tests share it
+        load_average=" / ".join(" ".join(f"{x:.2f}" for x in la)
+                                for la in (load_start, os.getloadavg())),
         elapsed_s=round((datetime.datetime.now() - started).total_seconds()),
         iptables_rules={k: suite._rule_args(r) for k, r in (
             ("OUTPUT (A, B)", ("a", "OUTPUT", "<client cgroup>")),
