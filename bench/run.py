@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import report  # noqa: E402
 from common import (take_charge, FILE_NAME, FILE_SIZE, MESHD, MESHD_VERSION, REPO, BenchBase,  # noqa: E402
-                    Client, MeshdInstance, drop_nat_table, find_envoy, free_port,
+                    Client, MeshdInstance, drop_nat_table, find_envoy, flush_conntrack, free_port,
                     log, nginx_conf, rss_mb, sh, wait_for, write_www)
 from plain_envoy import PlainEnvoy  # noqa: E402
 import connect_cost  # noqa: E402
@@ -239,6 +239,8 @@ class Suite(BenchBase):
                 "-j", "REDIRECT", "--to-ports", str(p.inbound_port)]
 
     def unit_on(self, u: Unit):
+        for ns in (self.ns_a, self.ns_b):   # no entry of an earlier mode decides for this one
+            flush_conntrack(ns)
         for rule in u.rules:
             self._ipt(rule[0], "-A", rule[1], *self._rule_args(rule))
             self.rules_on.append(rule)
