@@ -535,34 +535,36 @@ def measured(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["through_envoy_ok"]]
 
 
-def render_only(args) -> int:
-    """--render-only: bench/run.json summarized and rendered again."""
-    path = REPO / "bench" / "run.json"
-    doc = json.loads(path.read_text())
-    rows, present = report_paths(doc["results"], set(doc["modes"]))
-    doc["summary"] = report.summarize(measured(rows), present)
-    doc["targets"] = report.targets(doc["summary"], doc.get("connect", {}))
+LATEST = REPO / "bench" / "run.json"
+
+
+def republish(args, doc: dict) -> int:
+    """The latest results, changed: rendered, and (unless --no-readme) written back to
+    bench/run.json and the README."""
     md = render_markdown(doc)
     print(md)
     if not args.no_readme:
-        path.write_text(json.dumps(doc, indent=1) + "\n")
+        LATEST.write_text(json.dumps(doc, indent=1) + "\n")
         write_readme(md)
     return 0
+
+
+def render_only(args) -> int:
+    """--render-only: bench/run.json summarized and rendered again."""
+    doc = json.loads(LATEST.read_text())
+    rows, present = report_paths(doc["results"], set(doc["modes"]))
+    doc["summary"] = report.summarize(measured(rows), present)
+    doc["targets"] = report.targets(doc["summary"], doc.get("connect", {}))
+    return republish(args, doc)
 
 
 def replace_connect(args, started, connect, notes) -> int:
     """--only-connect: the latest full results with this run's connect cost."""
-    path = REPO / "bench" / "run.json"
-    doc = json.loads(path.read_text())
+    doc = json.loads(LATEST.read_text())
     doc.update(connect=connect, connect_notes=notes,
                targets=report.targets(doc["summary"], connect))
     doc["conditions"]["connect_cost_run"] = started.isoformat(timespec="seconds")
-    md = render_markdown(doc)
-    print(md)
-    if not args.no_readme:
-        path.write_text(json.dumps(doc, indent=1) + "\n")
-        write_readme(md)
-    return 0
+    return republish(args, doc)
 
 
 def base_conditions() -> dict:
