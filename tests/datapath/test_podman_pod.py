@@ -33,7 +33,8 @@ def test_pod_containers_share_the_namespaces_listeners(mesh, server, podman, cgr
     st = containers(mesh)
     assert [(c["workload"], c["error"], bool(c["enrolled_since"])) for c in st] == [
         ("web", "", True)] * 2, st
-    assert st[0]["addresses"] == st[1]["addresses"]            # one namespace
+    assert st[0]["addresses"] == st[1]["addresses"]            # one namespace,
+    assert st[0]["network"] == st[1]["network"], st             # one path (Podman's bind mount)
     # one listener pair for the namespace; each container's cgroup hooks, and
     # sk_lookup linked to the namespace once
     assert len(ctr_listeners(mesh)) == 2
