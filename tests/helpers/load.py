@@ -250,8 +250,8 @@ def _ticks(a):
         done += 1
         n += 1
         nxt = start + n * gap
-        if nxt > time.time():
-            time.sleep(min(nxt - time.time(), max(0.0, end - time.time())))
+        if (wait := nxt - time.time()) > 0:   # one reading of the clock: never negative
+            time.sleep(min(wait, max(0.0, end - time.time())))
         else:   # behind: restart the schedule from now rather than bursting
             start, n = time.time(), 0
 
