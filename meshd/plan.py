@@ -237,12 +237,16 @@ def _containers(config: Config, world: World, ids: dict[str, int], previous: Pla
     """Each recorded container that exists: enrolled into its declared
     workload, or why not. The containers of one Podman pod share a network
     namespace, hence one index (kept while any of them lives) and one workload
-    (that of the ones already enrolled there, else of the lowest id)."""
+    (that of the ones already enrolled there, else of the earliest recorded)."""
     declared = {w.name for w in config.workloads}
     live = [c for c in previous.containers if c.id in world.containers and c.netns_cookie]
     index_of = {c.netns_cookie: c.index for c in live if c.index}
     used = set(index_of.values())
     owner_of = {c.netns_cookie: c for c in live if c.enrolled and c.workload in declared}
+    # else the earliest recorded (its record's time: the same after a restart)
+    for cid, cf in sorted(world.containers.items(), key=lambda i: (i[1].record.created, i[0])):
+        if cf.netns is not None and cf.netns.ipv4 and cf.record.workload in declared:
+            owner_of.setdefault(cf.netns.cookie, ContainerPlan(cid, cf.record.workload))
     out = []
     for cid, cf in sorted(world.containers.items()):
         rec, old = cf.record, previous.container(cid)

@@ -135,8 +135,8 @@ CONFIG = parse_files({"a.toml": "[workload.web]\n[workload.api]\nunit = 'api.ser
 
 
 def found(cid: str, workload: str, netns: str = "/run/netns/n", cgid: int = 100,
-          ipv4: str = "10.88.0.2", cookie: int = 7) -> ContainerFound:
-    rec = Record(cid, workload, f"/libpod_parent/libpod-{cid}", netns, 42)
+          ipv4: str = "10.88.0.2", cookie: int = 7, created: float = 0.0) -> ContainerFound:
+    rec = Record(cid, workload, f"/libpod_parent/libpod-{cid}", netns, 42, created=created)
     facts = containers.NetnsFacts(cookie, ipv4, 1) if netns else None
     return ContainerFound(rec, Found(rec.cgroup, "/sys/fs/cgroup" + rec.cgroup, cgid), facts)
 
@@ -211,6 +211,11 @@ def test_a_pod_is_meshed_into_one_workload():
                        "not meshed")
     assert p2.envoy.containers == (("ns7", "/run/netns/n", p.ids["db"]),)
     assert [str(link.owner) for link in p2.links] == ["container:" + "b" * 12]
+    # after a restart (no previous plan) the earliest recorded one keeps it
+    w3 = World(containers={"a" * 64: found("a" * 64, "web", created=2.0),
+                           "b" * 64: found("b" * 64, "db", cgid=101, created=1.0)})
+    a3, b3 = plan(cfg, w3, p.ids, now=7.0).containers
+    assert b3.enrolled and not a3.enrolled
 
 
 def test_undeclared_workload_is_not_meshed_and_says_why():
