@@ -65,6 +65,10 @@ class Applier:
                     continue
                 w = plan.workload(link.owner.name)
                 failed[link.owner.name] = f"cannot attach to {w.cgroup}: {e.strerror or e}"
+        # after the new holder of a pod namespace's sk_lookup link is attached
+        for link in plan.links:
+            if link.owner.kind == "container" and not link.netns and str(link.owner) not in failed:
+                self.dp.detach_netns(str(link.owner))
         return failed
 
     def _container_routing(self, netns: str, mark: int) -> None:

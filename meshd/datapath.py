@@ -249,6 +249,13 @@ class Datapath:
         finally:
             os.close(ns_fd)
 
+    def detach_netns(self, owner: str) -> None:
+        """Drop the owner's sk_lookup link, if it has one (a pod's namespace is
+        linked once, by one of its containers)."""
+        name = _link_name(owner, "sk_lookup")
+        if os.path.exists(self._pin("links", name)):
+            self._drop_link(name)
+
     def _ensure_link(self, name: str, hook: str, target_fd: int, target_id: int,
                      mask: int = (1 << 64) - 1) -> None:
         """A pinned link from hook's program to the target (cgroup or netns): an

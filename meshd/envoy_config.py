@@ -481,15 +481,16 @@ def _in_netns(addr: dict, netns: str) -> dict:
     return {"socket_address": dict(addr["socket_address"], network_namespace_filepath=netns)}
 
 
-def render_container(short_id: str, netns: str, workload_id: int, outbound_port: int,
+def render_container(key: str, netns: str, workload_id: int, outbound_port: int,
                      protocols: dict[int, str] | None = None,
                      access_log: bool = True) -> tuple[dict, dict]:
-    """A container with its own network namespace: Envoy's outbound listener
-    inside that namespace (connect4 there sends to 127.0.0.1:<outbound_port>),
+    """A container network namespace (one a Podman pod, whose containers share
+    it; `key` names it: "ns<cookie>"): Envoy's outbound listener inside it
+    (connect4 there sends to 127.0.0.1:<outbound_port>),
     and an ORIGINAL_DST cluster whose connections are made from inside it too,
     so the server sees the container's own address, as without meshd. Its
     chains count into the workload's numbers (same stat prefixes)."""
-    name = CONTAINER_PREFIX + short_id
+    name = CONTAINER_PREFIX + key
     chains = [{"name": "outbound_miss", "filter_chain_match": {"destination_port": outbound_port},
                "filters": [_tcp_proxy("outbound_miss", CLUSTER_BLACKHOLE, access_log)]}]
     for port, proto in sorted((protocols or {}).items()):
@@ -509,16 +510,16 @@ def render_container(short_id: str, netns: str, workload_id: int, outbound_port:
     return listener, cluster
 
 
-def render_container_inbound(short_id: str, netns: str, workload_id: int, inbound_port: int,
+def render_container_inbound(key: str, netns: str, workload_id: int, inbound_port: int,
                              client_mark: int = 0, protocols: dict[int, str] | None = None,
                              access_log: bool = True, forwarded_for: bool = False
                              ) -> tuple[dict, dict]:
-    """A container's inbound listener inside its namespace (sk_lookup linked
+    """A container namespace's inbound listener (sk_lookup linked
     there hands it connections for the ports the container listens on), and
     the cluster that connects to the application from inside the namespace:
     from the client's own address (original_src, with the mark the policy
     routing in that namespace follows), or from 127.0.0.6."""
-    name = f"{CONTAINER_PREFIX}{short_id}_in"
+    name = f"{CONTAINER_PREFIX}{key}_in"
     log = dict(access_log=access_log, forwarded_for=forwarded_for)
     chains = [{"name": "inbound_miss", "filter_chain_match": {"destination_port": inbound_port},
                "filters": [_tcp_proxy("inbound_miss", CLUSTER_BLACKHOLE, access_log)]}]
@@ -559,15 +560,17 @@ def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
     workload_ports: enrolled workload id -> its meshed inbound ports; each
     workload gets its own filter chains, so Envoy counts it separately.
     protocols / workload_protocols: see render_inbound_listener.
+    containers: (key, namespace path, workload id) per container network
+    namespace (render_container).
     mtls: identities are on (mesh.trust_domain): see meshd/envoy_mtls.py."""
     for name, port in (("outbound_port", outbound_port), ("inbound_port", inbound_port)):
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError(f"{name}: invalid port {port!r}")
     ctr = []
-    for cid, netns, wid in sorted(containers):
+    for key, netns, wid in sorted(containers):
         protos = {**(protocols or {}), **(workload_protocols or {}).get(wid, {})}
-        ctr.append(render_container(cid, netns, wid, outbound_port, protos, access_log))
-        ctr.append(render_container_inbound(cid, netns, wid, inbound_port, client_mark, protos,
+        ctr.append(render_container(key, netns, wid, outbound_port, protos, access_log))
+        ctr.append(render_container_inbound(key, netns, wid, inbound_port, client_mark, protos,
                                             access_log, forwarded_for))
     listeners = render_listeners(outbound_port, ipv6, (workload_ports or {}).keys(), protocols,
                                  access_log, mtls) + [

@@ -112,7 +112,7 @@ class EnvoyInput:
     protocols: dict[int, str] = field(default_factory=dict)
     workload_protocols: dict[int, dict[int, str]] = field(default_factory=dict)
     forwarded_for: bool = False
-    # containers with their own namespace: (short id, namespace path, workload id)
+    # container namespaces: (listener key, namespace path, workload id), one a pod
     containers: tuple[tuple[str, str, int], ...] = ()
     access_log: bool = True   # Envoy streams flow records to meshd (off: flow_logs = "off")
     mtls: MtlsInput | None = None    # identities on (mesh.trust_domain)
@@ -198,7 +198,9 @@ def plan(config: Config, world: World, ids: dict[str, int], previous: Plan = EMP
         links.append(Links(Owner.workload(w.name), found.path))
     by_name = {p.name: p for p in workloads}
     ctrs = _containers(config, world, ids, previous, now, failed)
-    links += [Links(Owner("container", c.short_id), c.cgroup_path, netns=c.netns)
+    namespaces = _namespaces(ctrs, previous)
+    links += [Links(Owner("container", c.short_id), c.cgroup_path,
+                    netns=c.netns if namespaces.get(c.netns_cookie) is c else "")
               for c in ctrs if c.enrolled]
 
     excluded_ports = {0: frozenset(mesh.exclude_outbound_ports)}
@@ -219,7 +221,8 @@ def plan(config: Config, world: World, ids: dict[str, int], previous: Plan = EMP
             tuple(p.id for p in workloads if p.enrolled), dict(mesh.protocols),
             {ids[w.name]: dict(w.protocols) for w in config.workloads},
             mesh.http_forwarded_for,
-            tuple((c.short_id, c.netns, c.workload_id) for c in ctrs if c.enrolled and c.netns),
+            tuple((f"ns{cookie}", c.netns, c.workload_id)
+                  for cookie, c in namespaces.items()),
             mesh.flow_logs != "off", _mtls(config, workloads, remotes)),
         containers=ctrs,
         container_netns={c.netns_cookie: (c.index, c.ipv4) for c in ctrs
@@ -232,21 +235,32 @@ MAX_CONTAINER_INDEX = 0xFFFF
 def _containers(config: Config, world: World, ids: dict[str, int], previous: Plan,
                 now: float, failed: dict[str, str]) -> tuple[ContainerPlan, ...]:
     """Each recorded container that exists: enrolled into its declared
-    workload, or why not. A container keeps its index while it lives."""
+    workload, or why not. The containers of one Podman pod share a network
+    namespace, hence one index (kept while any of them lives) and one workload
+    (that of the ones already enrolled there, else of the earliest recorded)."""
     declared = {w.name for w in config.workloads}
-    used = {c.index for c in previous.containers if c.id in world.containers and c.index}
+    live = [c for c in previous.containers if c.id in world.containers and c.netns_cookie]
+    index_of = {c.netns_cookie: c.index for c in live if c.index}
+    used = set(index_of.values())
+    owner_of = {c.netns_cookie: c for c in live if c.enrolled and c.workload in declared}
+    # else the earliest recorded (its record's time: the same after a restart)
+    for cid, cf in sorted(world.containers.items(), key=lambda i: (i[1].record.created, i[0])):
+        if cf.netns is not None and cf.netns.ipv4 and cf.record.workload in declared:
+            owner_of.setdefault(cf.netns.cookie, ContainerPlan(cid, cf.record.workload))
     out = []
     for cid, cf in sorted(world.containers.items()):
         rec, old = cf.record, previous.container(cid)
-        index = old.index if old and old.index else 0
+        cookie = cf.netns.cookie if cf.netns else 0
+        index = index_of.get(cookie, 0) if cf.netns is not None else 0
         if not index and cf.netns is not None:
             index = next((i for i in range(1, MAX_CONTAINER_INDEX + 1) if i not in used), 0)
-            used.add(index)
+            if index:
+                used.add(index)
+                index_of[cookie] = index
         base = dict(id=cid, workload=rec.workload, name=rec.name, cgroup=cf.cgroup.rel,
                     selected_by=rec.selected_by,
                     cgroup_path=cf.cgroup.path, cgroup_id=cf.cgroup.id, index=index,
-                    netns=rec.netns if cf.netns else "",
-                    netns_cookie=cf.netns.cookie if cf.netns else 0,
+                    netns=rec.netns if cf.netns else "", netns_cookie=cookie,
                     ipv4=(cf.netns.ipv4 or "") if cf.netns else "")
         error = cf.error or failed.get(f"container:{cid[:12]}", "")
         if rec.workload not in declared:
@@ -255,6 +269,12 @@ def _containers(config: Config, world: World, ids: dict[str, int], previous: Pla
             error = "its network namespace has no IPv4 address: not meshed"
         elif cf.netns is not None and not index:
             error = f"more than {MAX_CONTAINER_INDEX} containers: not meshed"
+        elif cf.netns is not None and not error:
+            first = owner_of.setdefault(cookie, ContainerPlan(cid, rec.workload))
+            if first.workload != rec.workload:
+                error = (f"shares its network namespace with container {first.short_id} "
+                         f"of workload {first.workload} (a pod's containers are meshed "
+                         "into one workload): not meshed")
         if error:
             out.append(ContainerPlan(**base, error=error))
             continue
@@ -262,6 +282,22 @@ def _containers(config: Config, world: World, ids: dict[str, int], previous: Pla
         out.append(ContainerPlan(**base, workload_id=ids[rec.workload], enrolled=True,
                                  enrolled_since=since))
     return tuple(out)
+
+
+def _namespaces(ctrs: tuple[ContainerPlan, ...], previous: Plan) -> dict[int, ContainerPlan]:
+    """By network namespace cookie, the enrolled container whose path names
+    it to Envoy and whose link holds its sk_lookup: a pod's containers share
+    one namespace, one listener pair, one sk_lookup link. The holder stays
+    while it lives (else the lowest id takes over)."""
+    held = {link.owner.name for link in previous.links if link.netns}
+    out: dict[int, ContainerPlan] = {}
+    for c in ctrs:
+        if c.enrolled and c.netns:
+            if c.short_id in held:
+                out[c.netns_cookie] = c
+            else:
+                out.setdefault(c.netns_cookie, c)
+    return out
 
 
 def _mtls(config: Config, workloads: list[WorkloadPlan],

@@ -60,6 +60,9 @@ class PodmanStore:
         for lib in ("lib", "lib64"):
             (rootfs / lib).symlink_to(f"usr/{lib}")
         (rootfs / "tmp").mkdir()
+        # a pod's infra container (Podman's own pause image needs a registry)
+        (rootfs / "pause").write_text("#!/bin/sh\nexec sleep 100000\n")
+        (rootfs / "pause").chmod(0o755)
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         subprocess.run(self.base + ["import", "-", IMAGE], stdin=tar.stdout, env=self.env,
                        check=True, capture_output=True, timeout=120)
@@ -83,6 +86,7 @@ class Podman:
         os.makedirs(self.hooks_dir, exist_ok=True)
         self.write_hook(meshd, config_dir)
         self.names: list[str] = []
+        self.pods: list[str] = []
 
     def write_hook(self, meshd: str, config_dir: str, timeout: int = 10) -> None:
         Path(self.hooks_dir, "meshd.json").write_text(json.dumps({
@@ -118,6 +122,24 @@ class Podman:
         args += ["-d"] if detach else ["--rm"]
         return self.cmd(*args, IMAGE, *command, timeout=timeout)
 
+    def pod_create(self, name: str) -> str:
+        """A pod (one network namespace for its containers) in the test's cgroup
+        tree; its infra container is the test image's /pause."""
+        full = f"{self.prefix}-{name}"
+        self.pods.append(full)
+        self.cmd("pod", "create", "--name", full, "--cgroup-parent", f"/{self.prefix}/pod",
+                 "--infra-image", IMAGE, "--infra-command", "/pause", "--infra-name",
+                 f"{full}-infra", check=True)
+        return full
+
+    def run_in_pod(self, pod: str, name: str, *command, workload: str | None = None
+                   ) -> subprocess.CompletedProcess:
+        """podman run -d a container of the test image in a pod (its cgroup is the pod's)."""
+        args = ["run", "-d", "--pod", pod, "--name", self.name(name)]
+        if workload is not None:
+            args += ["--annotation", f"{ANNOTATION}={workload}"]
+        return self.cmd(*args, IMAGE, *command)
+
     def exec(self, name: str, *command, timeout=30) -> subprocess.CompletedProcess:
         return self.cmd("exec", f"{self.prefix}-{name}", *command, timeout=timeout)
 
@@ -131,6 +153,8 @@ class Podman:
     def cleanup(self) -> None:
         for i in range(0, len(self.names), 50):
             self.cmd("rm", "-f", "-t", "0", "--ignore", *self.names[i:i + 50], timeout=120)
+        if self.pods:
+            self.cmd("pod", "rm", "-f", "-t", "0", "--ignore", *self.pods, timeout=120)
         remove_v1_cgroups(f"/{self.prefix}")
 
 

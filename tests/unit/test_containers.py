@@ -135,8 +135,8 @@ CONFIG = parse_files({"a.toml": "[workload.web]\n[workload.api]\nunit = 'api.ser
 
 
 def found(cid: str, workload: str, netns: str = "/run/netns/n", cgid: int = 100,
-          ipv4: str = "10.88.0.2", cookie: int = 7) -> ContainerFound:
-    rec = Record(cid, workload, f"/libpod_parent/libpod-{cid}", netns, 42)
+          ipv4: str = "10.88.0.2", cookie: int = 7, created: float = 0.0) -> ContainerFound:
+    rec = Record(cid, workload, f"/libpod_parent/libpod-{cid}", netns, 42, created=created)
     facts = containers.NetnsFacts(cookie, ipv4, 1) if netns else None
     return ContainerFound(rec, Found(rec.cgroup, "/sys/fs/cgroup" + rec.cgroup, cgid), facts)
 
@@ -158,7 +158,7 @@ def test_containers_are_enrolled_into_their_workload():
     assert (a.index, b.index, c.index) == (1, 2, 0)      # host network: no index, no listener
     assert p.cgroup_ids == {100: wid, 101: wid, 102: wid}
     assert p.container_netns == {7: (1, "10.88.0.2"), 8: (2, "10.88.0.3")}
-    assert p.envoy.containers == (("a" * 12, "/run/netns/n", wid), ("b" * 12, "/run/netns/n", wid))
+    assert p.envoy.containers == (("ns7", "/run/netns/n", wid), ("ns8", "/run/netns/n", wid))
     assert {str(link.owner) for link in p.links} == {"container:" + "a" * 12,
                                                       "container:" + "b" * 12,
                                                       "container:" + "c" * 12}
@@ -168,6 +168,54 @@ def test_containers_are_enrolled_into_their_workload():
     p2 = plan(CONFIG, w2, p.ids, p, now=9.0)
     b2, d2 = p2.containers
     assert (b2.index, b2.enrolled_since, d2.index, d2.enrolled_since) == (2, 5.0, 1, 9.0)
+
+
+def test_a_pods_containers_share_one_namespace_entry():
+    """A pod: one network namespace (cookie 7) for two containers. One index,
+    one listener pair, sk_lookup linked by one of them; the namespace outlives
+    either container."""
+    w = World(containers={"a" * 64: found("a" * 64, "web"),
+                          "b" * 64: found("b" * 64, "web", cgid=101)})
+    p = plan(CONFIG, w, {}, now=5.0)
+    a, b = p.containers
+    assert a.enrolled and b.enrolled and a.index == b.index == 1
+    assert p.container_netns == {7: (1, "10.88.0.2")}
+    assert p.envoy.containers == (("ns7", "/run/netns/n", p.ids["web"]),)
+    assert {str(link.owner): link.netns for link in p.links} == {
+        "container:" + "a" * 12: "/run/netns/n", "container:" + "b" * 12: ""}
+    # a lower id joining does not take the namespace's link over
+    w1 = World(containers={**w.containers, "0" * 64: found("0" * 64, "web", cgid=102)})
+    p1 = plan(CONFIG, w1, p.ids, p, now=6.0)
+    assert [link.netns for link in p1.links] == ["", "/run/netns/n", ""]
+    # a goes: b keeps the index and the namespace's listeners, and links sk_lookup
+    p2 = plan(CONFIG, World(containers={"b" * 64: w.containers["b" * 64]}), p.ids, p, now=9.0)
+    (b2,) = p2.containers
+    assert (b2.index, b2.enrolled_since) == (1, 5.0)
+    assert p2.envoy.containers == p.envoy.containers
+    assert [(str(link.owner), link.netns) for link in p2.links] == [
+        ("container:" + "b" * 12, "/run/netns/n")]
+
+
+def test_a_pod_is_meshed_into_one_workload():
+    """A container of another workload in an enrolled container's pod is not
+    meshed; the one enrolled first keeps the namespace, whatever the ids."""
+    cfg = parse_files({"a.toml": "[workload.web]\n[workload.db]\n"})
+    first = World(containers={"b" * 64: found("b" * 64, "db", cgid=101)})
+    p = plan(cfg, first, {}, now=5.0)
+    w = World(containers={"a" * 64: found("a" * 64, "web"), **first.containers})
+    p2 = plan(cfg, w, p.ids, p, now=6.0)
+    a, b = p2.containers
+    assert b.enrolled and not a.enrolled
+    assert a.error == ("shares its network namespace with container bbbbbbbbbbbb of "
+                       "workload db (a pod's containers are meshed into one workload): "
+                       "not meshed")
+    assert p2.envoy.containers == (("ns7", "/run/netns/n", p.ids["db"]),)
+    assert [str(link.owner) for link in p2.links] == ["container:" + "b" * 12]
+    # after a restart (no previous plan) the earliest recorded one keeps it
+    w3 = World(containers={"a" * 64: found("a" * 64, "web", created=2.0),
+                           "b" * 64: found("b" * 64, "db", cgid=101, created=1.0)})
+    a3, b3 = plan(cfg, w3, p.ids, now=7.0).containers
+    assert b3.enrolled and not a3.enrolled
 
 
 def test_undeclared_workload_is_not_meshed_and_says_why():
