@@ -14,12 +14,13 @@ import os
 import signal
 import time
 
-from . import __version__, cgroups, envoy_config, maplayout, notify, routing, sources
+from . import __version__, cgroups, envoy_config, maplayout, notify, routing, sources, statefiles
 from .apply import Applier
 from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, DatapathError
 from .discovery import Discovery
 from .envoy import admin as envoy_admin
+from .envoy import identity as envoy_identity
 from .envoy import systemd_manager, systemd_unit
 from .envoy.child import EnvoySupervisor
 from .envoy.supervisor import RUNNING as ENVOY_RUNNING
@@ -89,6 +90,14 @@ class Daemon:
         fp.enter_netns()   # first: Envoy, the links and every socket live there
         fp.lock()
         binary = fp.envoy_binary()
+        self.envoy_identity = ident = envoy_identity.resolve(
+            binary, mesh.state_dir, (mesh.outbound_port, mesh.inbound_port))
+        if ident.is_root:
+            log.warning("Envoy runs as root: %s", ident.why_root)
+        else:
+            log.info("Envoy runs as %s with %s only", ident.user, " ".join(ident.capabilities))
+        envoy_identity.prepare_run_dir(statefiles.path(mesh.state_dir, statefiles.ENVOY_RUN_DIR),
+                                       ident)
 
         self.dp = fp.datapath()
         try:
@@ -135,11 +144,12 @@ class Daemon:
             self.envoy = systemd_unit.SystemdEnvoySupervisor(
                 binary, mesh.state_dir, slice_name, mesh.envoy_log_level, self._on_envoy_state,
                 unit_name=systemd_unit.unit_name_for(mesh.state_dir), netns=mesh.netns,
-                manager=systemd)
+                manager=systemd, identity=ident)
             log.info("Envoy runs as %s in %s", self.envoy.unit_name, slice_name)
         else:
             self.envoy = EnvoySupervisor(binary, mesh.state_dir, self.envoy_cgroup,
-                                         mesh.envoy_log_level, self._on_envoy_state)
+                                         mesh.envoy_log_level, self._on_envoy_state,
+                                         identity=ident)
         self.envoy.start()
 
     # -- applying the config --------------------------------------------------

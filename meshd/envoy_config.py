@@ -12,6 +12,7 @@ import json
 import os
 
 from . import fsutil, maplayout, statefiles
+from .envoy import identity
 
 # v3 type URLs ----------------------------------------------------------------------------
 _T = "type.googleapis.com/"
@@ -95,7 +96,9 @@ def render_bootstrap(state_dir: str) -> dict:
     cdir = config_dir(state_dir)
     return {
         "node": {"id": "meshd", "cluster": "meshd"},
-        "admin": {"address": {"pipe": {"path": sock, "mode": 0o600}}},
+        # 0660 in a set-group-id root directory only Envoy's user and root may enter:
+        # meshd connects as root without CAP_DAC_OVERRIDE (meshd/envoy/identity.py)
+        "admin": {"address": {"pipe": {"path": sock, "mode": 0o660}}},
         "dynamic_resources": {
             "lds_config": _path_source(os.path.join(cdir, LDS), cdir),
             "cds_config": _path_source(os.path.join(cdir, CDS), cdir),
@@ -395,8 +398,11 @@ def write_config(state_dir: str, files: dict[str, dict]) -> list[str]:
     Returns the names of the files that were (re)written.
     """
     cdir = config_dir(state_dir)
-    os.makedirs(cdir, mode=0o755, exist_ok=True)
-    os.chmod(cdir, 0o755)
+    gid = identity.envoy_group()   # Envoy reads them; no one else may
+    identity.make_dir(cdir, 0, gid, 0o750)
+    run = statefiles.path(state_dir, statefiles.ENVOY_RUN_DIR)
+    if not os.path.isdir(run):   # the daemon hands it to Envoy's user first
+        identity.make_dir(run, 0, 0, 0o2750)
     order = [n for n in _WRITE_ORDER if n in files] + sorted(set(files) - set(_WRITE_ORDER))
     changed = []
     for name in order:
@@ -410,6 +416,6 @@ def write_config(state_dir: str, files: dict[str, dict]) -> list[str]:
                     continue
         except FileNotFoundError:
             pass
-        fsutil.atomic_write(path, data)
+        fsutil.atomic_write(path, data, mode=0o640, gid=gid)
         changed.append(name)
     return changed

@@ -5,10 +5,11 @@ import os
 import tempfile
 
 
-def atomic_write(path: str, data: bytes | str, mode: int = 0o644) -> None:
+def atomic_write(path: str, data: bytes | str, mode: int = 0o644, gid: int = -1) -> None:
     """Replace path with data: a temp file in the same directory (rename is only
     atomic within one filesystem), fsync'ed, renamed over path, then the
-    directory fsync'ed so the rename itself survives a crash."""
+    directory fsync'ed so the rename itself survives a crash. gid: the file's
+    group (-1: the writer's), set before the file appears under its name."""
     if isinstance(data, str):
         data = data.encode()
     d = os.path.dirname(path) or "."
@@ -17,6 +18,8 @@ def atomic_write(path: str, data: bytes | str, mode: int = 0o644) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            if gid != -1:
+                os.fchown(f.fileno(), -1, gid)
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.rename(tmp, path)

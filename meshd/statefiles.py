@@ -11,16 +11,20 @@ STATUS = "status.json"               # the status model, for `meshd status` with
 MESHD_PID = "meshd.pid"              # the instance lock (flock) and the daemon's PID
 ENVOY_PID = "envoy.pid"              # Envoy as meshd's child: adopted by the next meshd
 WORKLOAD_IDS = "workload-ids.json"   # ids index the BPF counters: kept across restarts
-ENVOY_LOG = "envoy.log"              # Envoy as meshd's child (under systemd: the journal)
-ACCESS_LOG = "access.log"            # Envoy's inbound access log
-ENVOY_ADMIN = "envoy-admin.sock"     # Envoy's admin API (AF_UNIX)
 FWMARK_SAVED = "tcp_fwmark_accept.orig"   # the sysctl's value before meshd set it
 ENVOY_CONFIG_DIR = "envoy"           # bootstrap and filesystem-xDS files (a directory)
+# What Envoy writes, in the one directory its user may write to (meshd/envoy/identity.py)
+ENVOY_RUN_DIR = "envoy-run"
+ENVOY_LOG = "envoy-run/envoy.log"    # Envoy as meshd's child (under systemd: the journal)
+ACCESS_LOG = "envoy-run/access.log"  # Envoy's inbound access log
+ENVOY_ADMIN = "envoy-run/admin.sock"  # Envoy's admin API (AF_UNIX)
+# Where those were before Envoy had a user of its own: removed by cleanup too.
+LEGACY = ("envoy.log", "access.log", "envoy-admin.sock")
 
 # What cleanup removes. FWMARK_SAVED is not here: routing.remove deletes it once it
 # has restored the value (and keeps it while another meshd serves the namespace).
-FILES = (STATUS, MESHD_PID, ENVOY_PID, WORKLOAD_IDS, ENVOY_LOG, ACCESS_LOG, ENVOY_ADMIN)
-DIRS = (ENVOY_CONFIG_DIR,)
+FILES = (STATUS, MESHD_PID, ENVOY_PID, WORKLOAD_IDS, ENVOY_LOG, ACCESS_LOG, ENVOY_ADMIN) + LEGACY
+DIRS = (ENVOY_CONFIG_DIR, ENVOY_RUN_DIR)
 
 
 def path(state_dir: str, name: str) -> str:

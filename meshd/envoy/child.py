@@ -14,7 +14,7 @@ import subprocess
 from typing import Callable, Optional
 
 from .. import statefiles
-from . import process
+from . import identity as envoy_identity, process
 from .supervisor import STARTING, PidfdSupervisor
 
 log = logging.getLogger(__package__)
@@ -27,13 +27,19 @@ class EnvoySupervisor(PidfdSupervisor):
     restart_phrase = "restarting Envoy"
 
     def __init__(self, binary: str, state_dir: str, cgroup_dir: str, log_level: str,
-                 on_state_change: Callable[[str], None]):
+                 on_state_change: Callable[[str], None],
+                 identity: Optional[envoy_identity.EnvoyIdentity] = None):
         super().__init__(binary, state_dir, log_level, on_state_change)
         self.cgroup_dir = cgroup_dir
         self.log_path = self.log_hint = statefiles.path(self.state_dir, statefiles.ENVOY_LOG)
+        # None: as meshd (root), as before identities existed (tests of the lifecycle)
+        self.identity = identity
 
     def command(self) -> list[str]:
-        return process.command(self.binary, self.state_dir, self.log_level, self.log_path)
+        # setpriv execs Envoy as its user with only its capabilities: same PID, and
+        # /proc/PID/exe is Envoy's (adoption recognises it)
+        drop = self.identity.setpriv() if self.identity else []
+        return drop + process.command(self.binary, self.state_dir, self.log_level, self.log_path)
 
     def adopt_or_spawn(self) -> None:
         """Adopt the Envoy named in the PID file if it is ours and alive; else spawn one."""
@@ -67,6 +73,9 @@ class EnvoySupervisor(PidfdSupervisor):
             return
         try:
             logf = open(self.log_path, "ab")
+            if self.identity and not self.identity.is_root:   # Envoy reopens it (--log-path)
+                os.fchown(logf.fileno(), self.identity.uid, 0)
+                os.fchmod(logf.fileno(), 0o640)
         except OSError as e:
             log.error("cannot open %s: %s", self.log_path, e)
             self.schedule_restart()
@@ -130,6 +139,8 @@ class EnvoySupervisor(PidfdSupervisor):
     def _preexec(self) -> None:
         # Runs in the child between fork and exec: move ourselves into Envoy's cgroup
         # *before* exec, so not one of Envoy's connections is ever steered back to itself.
+        # What Envoy creates (access log) is not for other users.
+        os.umask(0o027)
         fd = os.open(os.path.join(self.cgroup_dir, "cgroup.procs"), os.O_WRONLY)
         try:
             os.write(fd, b"0\n")

@@ -85,7 +85,7 @@ def echo(g, port=8080):
 
 def outbound_connections(g) -> int:
     """Connections Envoy's outbound listener took (the test's ports are undeclared: TCP)."""
-    out = g.sh("curl -sf --unix-socket /run/meshd/envoy-admin.sock http://admin/stats").stdout
+    out = g.sh("curl -sf --unix-socket /run/meshd/envoy-run/admin.sock http://admin/stats").stdout
     stats = {k: int(v) for k, _, v in (l.partition(": ") for l in out.splitlines())
              if v.strip().isdigit()}
     return total(stats, "tcp.outbound_tcp.downstream_cx_total")
