@@ -90,14 +90,6 @@ class Daemon:
         fp.enter_netns()   # first: Envoy, the links and every socket live there
         fp.lock()
         binary = fp.envoy_binary()
-        self.envoy_identity = ident = envoy_identity.resolve(
-            binary, mesh.state_dir, (mesh.outbound_port, mesh.inbound_port))
-        if ident.is_root:
-            log.warning("Envoy runs as root: %s", ident.why_root)
-        else:
-            log.info("Envoy runs as %s with %s only", ident.user, " ".join(ident.capabilities))
-        envoy_identity.prepare_run_dir(statefiles.path(mesh.state_dir, statefiles.ENVOY_RUN_DIR),
-                                       ident)
 
         self.dp = fp.datapath()
         try:
@@ -123,6 +115,16 @@ class Daemon:
         # slice; otherwise a child process in <cgroup_root>/envoy.
         slice_name = systemd_unit.slice_for_cgroup_root(mesh.cgroup_root)
         systemd = systemd_manager.connect() if slice_name else None
+        # As a unit, systemd switches Envoy's user; as a child, setpriv does, with ours.
+        self.envoy_identity = ident = envoy_identity.resolve(
+            binary, mesh.state_dir, (mesh.outbound_port, mesh.inbound_port),
+            switch=systemd is not None or envoy_identity.can_switch_user())
+        if ident.is_root:
+            log.warning("Envoy runs as root: %s", ident.why_root)
+        else:
+            log.info("Envoy runs as %s with %s only", ident.user, " ".join(ident.capabilities))
+        envoy_identity.prepare_run_dir(statefiles.path(mesh.state_dir, statefiles.ENVOY_RUN_DIR),
+                                       ident)
         cgroups.ensure(own_root)
         self.dp.attach(str(ENVOY_OWNER), own_root, ENVOY_HOOKS)
         self.envoy_cgroup = os.path.join(own_root, "envoy")

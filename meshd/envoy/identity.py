@@ -124,9 +124,24 @@ def unreachable(path: str, uid: int, gids: set[int], bit: int = 1) -> str:
     return "" if _may(st, uid, gids, bit) else f"{path} is mode {stat.S_IMODE(st.st_mode):04o}"
 
 
-def resolve(binary: str, state_dir: str, ports=()) -> EnvoyIdentity:
-    """The identity Envoy runs as on this host, for this binary and state directory."""
+def can_switch_user() -> bool:
+    """May this process start a child as another user with chosen capabilities
+    (CAP_SETUID, CAP_SETGID, CAP_SETPCAP effective)?"""
+    try:
+        with open("/proc/self/status") as f:
+            eff = next(int(l.split()[1], 16) for l in f if l.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return all(eff & (1 << n) for n in (6, 7, 8))
+
+
+def resolve(binary: str, state_dir: str, ports=(), switch: bool = True) -> EnvoyIdentity:
+    """The identity Envoy runs as on this host, for this binary and state directory.
+    switch: whoever starts Envoy can make it another user."""
     caps = capabilities_for(ports)
+    if not switch:
+        return EnvoyIdentity("root", 0, 0, caps, "meshd lacks CAP_SETUID/CAP_SETGID/"
+                             "CAP_SETPCAP to start it as another user")
     try:
         pw = pwd.getpwnam(ENVOY_USER)
     except KeyError:

@@ -151,8 +151,13 @@ def normalized(value: str) -> set[str]:
 
 
 # Linux capability numbers (linux/capability.h), for /proc/PID/status's CapBnd.
-CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19,
+CAPS = {"CAP_CHOWN": 0, "CAP_DAC_READ_SEARCH": 2, "CAP_KILL": 5, "CAP_SETGID": 6,
+        "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19,
         "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+# systemctl show prints these in another form (syscall lists, addresses): checked
+# through the kernel's view instead (Seccomp, the unit's BPF programs).
+SHOWN_OTHERWISE = {"SystemCallFilter", "SystemCallErrorNumber", "IPAddressDeny",
+                   "RestrictNamespaces"}
 
 
 def test_unit_hardening_is_in_effect(installed):
@@ -166,7 +171,8 @@ def test_unit_hardening_is_in_effect(installed):
         f"systemctl show meshd -p {','.join(declared)}").stdout.splitlines())
     assert set(shown) == set(declared)
     for key, value in declared.items():
-        assert normalized(shown[key]) == normalized(value), (key, shown[key], value)
+        if key not in SHOWN_OTHERWISE:
+            assert normalized(shown[key]) == normalized(value), (key, shown[key], value)
     # ... and the kernel agrees, for the running meshd
     pid = g.sh("systemctl show -p MainPID --value meshd").stdout.strip()
     status = dict(line.split(":\t", 1) for line in g.sh(f"cat /proc/{pid}/status")
@@ -174,6 +180,7 @@ def test_unit_hardening_is_in_effect(installed):
     caps = declared["CapabilityBoundingSet"].split()
     assert int(status["CapBnd"], 16) == sum(1 << CAPS[c] for c in caps)
     assert status["NoNewPrivs"].strip() == "1"
+    assert status["Seccomp"].strip() == "2"   # SystemCallFilter
     # LimitMEMLOCK=infinity: as high as the guest's PID 1 may raise it (on a host without
     # CAP_SYS_RESOURCE, as some test machines are, that is PID 1's own hard limit)
     def memlock(p):
@@ -198,15 +205,41 @@ def test_unit_hardening_is_in_effect(installed):
         assert "rw" in opts(path), (path, opts(path))
 
 
-def test_systemd_analyze_security_runs(installed):
-    """Scores are reported, not asserted (-s prints them)."""
+def test_envoy_runs_unprivileged_in_its_sandbox(installed):
+    """meshd-envoy.service: the user the package made, two capabilities, seccomp, and
+    the files only it (and root) may read."""
     g = installed
-    for unit in ("meshd.service", ENVOY_UNIT):
-        r = g.sh(f"systemd-analyze security --no-pager {unit}", check=False)
-        assert r.returncode == 0, r.stdout + r.stderr
-        (line,) = [l for l in r.stdout.splitlines() if "Overall exposure level" in l]
-        assert line.split(f"{unit}:")[1].split()[0].replace(".", "").isdigit(), line
-        print(line)
+    assert g.sh("getent passwd meshd-envoy").stdout.split(":")[6].strip() == "/usr/sbin/nologin"
+    pid = envoy_pid(g)
+    status = dict(line.split(":\t", 1) for line in g.sh(f"cat /proc/{pid}/status")
+                  .stdout.splitlines() if ":\t" in line)
+    uid = g.sh("id -u meshd-envoy").stdout.strip()
+    assert status["Uid"].split() == [uid] * 4
+    for field in ("CapEff", "CapBnd", "CapAmb"):
+        assert int(status[field], 16) == (1 << 12) | (1 << 21), (field, status[field])
+    assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"
+    modes = g.sh("stat -c '%a %U %G' /run/meshd/envoy /run/meshd/envoy/bootstrap.json "
+                 "/run/meshd/envoy-run /run/meshd/envoy-run/admin.sock").stdout.splitlines()
+    assert modes == ["750 root meshd-envoy", "640 root meshd-envoy",
+                     "2750 meshd-envoy root", "660 meshd-envoy root"], modes
+    # and it serves: the workload's requests go through it
+    assert via_envoy(g)
+
+
+def security_score(g, unit: str) -> float:
+    r = g.sh(f"systemd-analyze security --no-pager {unit}", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (line,) = [l for l in r.stdout.splitlines() if "Overall exposure level" in l]
+    print(line)
+    return float(line.split(f"{unit}:")[1].split()[0])
+
+
+def test_systemd_analyze_security(installed):
+    """The scores are printed (-s shows them; README "Security" records them). Envoy's
+    unit is at most journald's 4.3 (the target); meshd's is reported."""
+    g = installed
+    security_score(g, "meshd.service")
+    assert security_score(g, ENVOY_UNIT) <= 4.3
 
 
 def test_watchdog_is_fed_from_the_main_loop(installed):
