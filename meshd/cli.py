@@ -34,6 +34,9 @@ files:
   <state_dir>/status.json     the status (`meshd status` reads it when meshd is not
                               on D-Bus; state_dir: /run/meshd)
   <state_dir>/envoy/          generated Envoy bootstrap, listeners and clusters
+                              (readable by root and the meshd-envoy group only)
+  <state_dir>/envoy-run/      what Envoy (user meshd-envoy) writes: its admin
+                              socket, access log and log
   <bpffs_dir>/v1/             pinned maps, programs and links (/sys/fs/bpf/meshd)
 """
 

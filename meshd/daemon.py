@@ -396,7 +396,7 @@ class Daemon:
         if self.envoy.state != ENVOY_RUNNING:
             return {}
         try:
-            return envoy_admin.stats(envoy_config.admin_socket_path(self.config.mesh.state_dir),
+            return envoy_admin.stats(envoy_config.admin_socket_in_use(self.config.mesh.state_dir),
                                      timeout=0.5)
         except (OSError, ValueError) as e:
             log.debug("Envoy stats: %s", e)

@@ -61,6 +61,13 @@ def admin_socket_path(state_dir: str) -> str:
     return statefiles.path(state_dir, statefiles.ENVOY_ADMIN)
 
 
+def admin_socket_in_use(state_dir: str) -> str:
+    """The running Envoy's admin socket: the legacy place for an Envoy started by a
+    meshd from before <state_dir>/envoy-run (adopted across the upgrade)."""
+    new, old = admin_socket_path(state_dir), statefiles.path(state_dir, statefiles.LEGACY_ENVOY_ADMIN)
+    return old if not os.path.exists(new) and os.path.exists(old) else new
+
+
 def access_log_path(state_dir: str) -> str:
     return statefiles.path(state_dir, statefiles.ACCESS_LOG)
 

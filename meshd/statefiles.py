@@ -18,8 +18,10 @@ ENVOY_RUN_DIR = "envoy-run"
 ENVOY_LOG = "envoy-run/envoy.log"    # Envoy as meshd's child (under systemd: the journal)
 ACCESS_LOG = "envoy-run/access.log"  # Envoy's inbound access log
 ENVOY_ADMIN = "envoy-run/admin.sock"  # Envoy's admin API (AF_UNIX)
-# Where those were before Envoy had a user of its own: removed by cleanup too.
-LEGACY = ("envoy.log", "access.log", "envoy-admin.sock")
+# Where those were before Envoy had a user of its own: removed by cleanup too, and an
+# Envoy adopted across that upgrade still serves its admin API at the old place.
+LEGACY_ENVOY_ADMIN = "envoy-admin.sock"
+LEGACY = ("envoy.log", "access.log", LEGACY_ENVOY_ADMIN)
 
 # What cleanup removes. FWMARK_SAVED is not here: routing.remove deletes it once it
 # has restored the value (and keeps it while another meshd serves the namespace).
