@@ -42,7 +42,9 @@ CAPABILITIES = {
     "CAP_NET_ADMIN": (12, "IP_TRANSPARENT and SO_MARK for original_src on inbound"),
     # Listeners inside containers' network namespaces (Podman): Envoy opens them with
     # network_namespace_filepath, i.e. setns(CLONE_NEWNET), which needs CAP_SYS_ADMIN.
-    # The systemd unit confines it (no mount, no other namespace types, seccomp).
+    # The systemd unit confines it (no mount, no other namespace types, seccomp). The
+    # path must be a bind mount (/run/netns/...): other users' /proc/PID/ns/net are
+    # closed to Envoy's user (ptrace access rules; ProtectProc=invisible in the unit).
     "CAP_SYS_ADMIN": (21, "setns(CLONE_NEWNET) for listeners in containers' network namespaces"),
 }
 # Only when a listener port is below net.ipv4.ip_unprivileged_port_start.
