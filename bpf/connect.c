@@ -77,7 +77,8 @@ int meshd_connect4(struct bpf_sock_addr *ctx)
 			       .workload = wl};
 	dst.addr[0] = daddr;
 	if (save_dst(ctx, &dst) != 0) {
-		count(wl, C_FAIL_OPEN);   /* cannot remember it: better direct than lost */
+		/* cookie_dst is full (mesh.max_connections): better direct than lost */
+		count(wl, C_TABLE_FULL);
 		return 1;
 	}
 	ctx->user_ip4 = meshd_htonl(0x7f000001);
@@ -130,7 +131,7 @@ int meshd_connect6(struct bpf_sock_addr *ctx)
 		dst.addr[0] = a[0]; dst.addr[1] = a[1]; dst.addr[2] = a[2]; dst.addr[3] = a[3];
 	}
 	if (save_dst(ctx, &dst) != 0) {
-		count(wl, C_FAIL_OPEN);
+		count(wl, C_TABLE_FULL);
 		return 1;
 	}
 	if (mapped) {

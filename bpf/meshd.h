@@ -1,12 +1,13 @@
 /* meshd: maps, structs and small helpers shared by every hook program.
  *
  * All hook files are compiled together into one BCC module, so each map below
- * exists once and every program sees the same instance. The daemon pins the
- * maps under <bpffs_dir>/v1/maps/ and talks to them by name.
+ * exists once and every program sees the same instance. The maps are pinned
+ * under <bpffs_dir>/v1/maps/ and meshd talks to them by name.
  *
  * meshd/maplayout.py declares what C and Python share: it generates the
  * constants and enums this file uses but does not define (MESHD_MAX_WORKLOADS,
- * WORKLOAD_NET4, MESHD_ENVOY_INBOUND_SOURCE4, WL_EXPLICIT_PORTS,
+ * WORKLOAD_NET4, MESHD_ENVOY_INBOUND_SOURCE4, WL_EXPLICIT_PORTS, the map sizes
+ * MESHD_MAX_CONNS, MESHD_MAX_EXCLUSIONS, MESHD_MAX_INBOUND_PORTS,
  * enum meshd_counter, enum listener_slot) and checks every struct here against
  * its Python twin at compile time. A struct or map changed here must change
  * there too: a struct that differs fails the compilation, a map whose key or
@@ -33,7 +34,6 @@
 #define MESHD_SOL_IPV6 41
 
 #define MESHD_MAX_CGROUP_DEPTH 32
-#define MESHD_MAX_CONNS 65536
 
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define meshd_ntohs(x) __builtin_bswap16(x)
@@ -109,8 +109,16 @@ struct route6_src {
 	__u32 addr[4];
 };
 
+/* Every map is pinned where meshd says (MESHD_PIN_<name>, generated; not part
+ * of the hashed text): BCC reuses a map already pinned there, so a new build of
+ * these programs keeps the maps and their contents (a hitless upgrade), and
+ * creates and pins one that is not there yet. Type, size and flags must match
+ * meshd/maplayout.py's MAPS (meshd checks the kernel's maps against it). */
+#define MESHD_MAP(_type, _key, _value, _name, _size, _flags) \
+	BPF_TABLE_PINNED(_type, _key, _value, _name, _size, MESHD_PIN_##_name, _flags)
+
 /* BCC's BPF_SOCKMAP() offers no lookup and BPF_TABLE("sockmap") no
- * sock_map_update; this declares a SOCKMAP with both (same shape as BCC's). */
+ * sock_map_update; this declares a pinned SOCKMAP with both (same shape as BCC's). */
 #define MESHD_SOCKMAP(_name, _max_entries) \
 struct _name##_table_t { \
 	u32 key; \
@@ -121,40 +129,44 @@ struct _name##_table_t { \
 	int (*sock_map_update)(void *, void *, u64); \
 	u32 max_entries; \
 }; \
-__attribute__((section("maps/sockmap"))) \
+__attribute__((section("maps/sockmap:" MESHD_PIN_##_name))) \
 struct _name##_table_t _name = {.max_entries = (_max_entries)}; \
 BPF_ANNOTATE_KV_PAIR(_name, u32, u64)
 
-BPF_ARRAY(settings, struct mesh_settings, 1);
+MESHD_MAP("array", __u32, struct mesh_settings, settings, 1, 0);
 /* [0] = hash of the BPF sources these pins were built from (set by meshd) */
-BPF_ARRAY(meta, __u64, 1);
+MESHD_MAP("array", __u32, __u64, meta, 1, 0);
 /* cgroup id (of an enrolled cgroup) -> workload id */
-BPF_HASH(workload_ids, __u64, __u32, 1024);
-BPF_HASH(excluded_ports, struct port_key, __u8, 4096);
-BPF_LPM_TRIE(excluded_cidr4, struct cidr4_key, __u8, 4096);
-BPF_LPM_TRIE(excluded_cidr6, struct cidr6_key, __u8, 4096);
-/* socket cookie -> original destination (for getpeername and cleanup) */
-BPF_TABLE("lru_hash", __u64, struct orig_dst, cookie_dst, MESHD_MAX_CONNS);
-/* connection 4-tuple -> original destination (for Envoy's SO_ORIGINAL_DST) */
-BPF_TABLE("lru_hash", struct conn_tuple, struct orig_dst, tuple_dst, MESHD_MAX_CONNS);
+MESHD_MAP("hash", __u64, __u32, workload_ids, 1024, 0);
+MESHD_MAP("hash", struct port_key, __u8, excluded_ports, MESHD_MAX_EXCLUSIONS, 0);
+MESHD_MAP("lpm_trie", struct cidr4_key, __u8, excluded_cidr4, MESHD_MAX_EXCLUSIONS, BPF_F_NO_PREALLOC);
+MESHD_MAP("lpm_trie", struct cidr6_key, __u8, excluded_cidr6, MESHD_MAX_EXCLUSIONS, BPF_F_NO_PREALLOC);
+/* socket cookie -> original destination (for getpeername and cleanup). Not LRU:
+ * when it is full connect4 leaves the connection direct (counted, C_TABLE_FULL)
+ * instead of evicting a live connection's entry (which would black-hole it). */
+MESHD_MAP("hash", __u64, struct orig_dst, cookie_dst, MESHD_MAX_CONNS, 0);
+/* connection 4-tuple -> original destination (for Envoy's SO_ORIGINAL_DST);
+ * one entry per cookie_dst entry, so it has room whenever cookie_dst had. */
+MESHD_MAP("hash", struct conn_tuple, struct orig_dst, tuple_dst, MESHD_MAX_CONNS, 0);
 /* Envoy's listening sockets (enum listener_slot). The kernel drops a socket
  * from a SOCKMAP when it closes, so an empty slot means Envoy is down. */
 MESHD_SOCKMAP(envoy_listeners, 4);
 /* Inbound: TCP ports enrolled workloads listen on -> workload id. Filled by
  * sockops when a workload calls listen() (auto mode) or by meshd (explicit
  * inbound_ports); read by sk_lookup. */
-BPF_HASH(inbound_ports, __u16, __u32, 4096);
+MESHD_MAP("hash", __u16, __u32, inbound_ports, MESHD_MAX_INBOUND_PORTS, 0);
 /* Per workload id: WL_EXPLICIT_PORTS = only meshd sets its inbound ports. */
-BPF_ARRAY(workload_flags, __u32, MESHD_MAX_WORKLOADS);
-BPF_HASH(excluded_in_ports, struct port_key, __u8, 4096);
+MESHD_MAP("array", __u32, __u32, workload_flags, MESHD_MAX_WORKLOADS, 0);
+MESHD_MAP("hash", struct port_key, __u8, excluded_in_ports, MESHD_MAX_EXCLUSIONS, 0);
 /* Envoy's own connections to local applications' meshed ports, as the app's
  * side sees them (saddr = Envoy's source, which with original_src is the
  * client's address; daddr = app): sk_lookup must let these through instead of
- * steering them back into Envoy (a loop). */
-BPF_TABLE("lru_hash", struct conn_tuple, __u8, envoy_upstreams, MESHD_MAX_CONNS);
-BPF_LPM_TRIE(route_src4, struct route4_key, __u32, 4096);
-BPF_LPM_TRIE(route_src6, struct route6_key, struct route6_src, 4096);
-BPF_PERCPU_ARRAY(counters, __u64, MESHD_MAX_WORKLOADS * MESHD_NR_COUNTERS);
+ * steering them back into Envoy (a loop). Only needed while that SYN is looked
+ * up, so LRU eviction of old entries is harmless. */
+MESHD_MAP("lru_hash", struct conn_tuple, __u8, envoy_upstreams, MESHD_MAX_CONNS, 0);
+MESHD_MAP("lpm_trie", struct route4_key, __u32, route_src4, 4096, BPF_F_NO_PREALLOC);
+MESHD_MAP("lpm_trie", struct route6_key, struct route6_src, route_src6, 4096, BPF_F_NO_PREALLOC);
+MESHD_MAP("percpu_array", __u32, __u64, counters, MESHD_MAX_WORKLOADS * MESHD_NR_COUNTERS, 0);
 
 static __always_inline void count(__u32 workload, __u32 slot)
 {

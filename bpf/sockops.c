@@ -82,7 +82,11 @@ int meshd_sockops(struct bpf_sock_ops *skops)
 
 	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
 		struct orig_dst copy = *dst;
-		tuple_dst.update(&t, &copy);
+		/* tuple_dst has as many slots as cookie_dst, one per steered
+		 * connection: a failure here means stale entries; count it */
+		long err = tuple_dst.update(&t, &copy);
+		if (err)
+			count(copy.workload, C_TABLE_FULL);
 		/* ask for state changes so the entries go when the connection does */
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 					  BPF_SOCK_OPS_STATE_CB_FLAG);

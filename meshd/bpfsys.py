@@ -1,8 +1,9 @@
-"""The few bpf(2) operations meshd needs that BCC 0.26 lacks, through libbpf.
+"""The bpf(2) operations meshd needs, through libbpf's low-level API (ctypes).
 
-BCC compiles and loads the programs; everything after that (pinning, links,
-map reads and writes on pinned maps) goes through libbpf's low-level API, so a
-restarted daemon can work on adopted pins without recompiling anything.
+BCC compiles and loads the programs, in a short-lived child (meshd.compile);
+everything else (pinning, links and their updates, map reads and writes on
+pinned maps) goes through libbpf, so the daemon works on the pins without
+ever loading BCC.
 libbpf >= 1.0 returns -errno; every failure here raises OSError with the errno.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ PROG_CGROUP_SOCKOPT = 25
 PROG_SK_LOOKUP = 30
 
 BPF_ANY = 0
+BPF_NOEXIST = 1
 
 _lib = None
 
@@ -42,6 +44,7 @@ def lib() -> ctypes.CDLL:
         except OSError as e:
             raise OSError(f"libbpf is missing ({name}): install the libbpf1 package") from e
         for fn in ("bpf_obj_pin", "bpf_obj_get", "bpf_link_create", "bpf_link_detach",
+                   "bpf_link_update",
                    "bpf_map_update_elem", "bpf_map_lookup_elem", "bpf_map_delete_elem",
                    "bpf_map_get_next_key", "bpf_obj_get_info_by_fd", "bpf_prog_query"):
             getattr(_lib, fn).restype = ctypes.c_int
@@ -71,6 +74,12 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
 
 def link_detach(link_fd: int) -> None:
     _check(lib().bpf_link_detach(link_fd), "detach link")
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """BPF_LINK_UPDATE: the link runs prog_fd from now on, with no moment
+    without a program (the old one is released)."""
+    _check(lib().bpf_link_update(link_fd, prog_fd, None), "update link")
 
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:

@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
 DEFAULT_CONFIG_DIR = "/etc/meshd"
+MAX_WORKLOAD_COUNT = 255   # workload ids 1..255 (maplayout.MAX_WORKLOADS - 1)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ class MeshConfig:
     protocols: tuple[tuple[int, str], ...] = ()
     # inbound HTTP: append the client's address to X-Forwarded-For
     http_forwarded_for: bool = False
+    # map sizes (maplayout.MapSizes; take effect at restart, the maps keep their contents)
+    max_connections: int = 65536   # steered connections open at once; beyond: direct, counted
+    max_exclusions: int = 16384    # entries of each exclusion map (ports, IPv4 CIDRs, ...)
+    max_inbound_ports: int = 16384  # meshed inbound ports
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,15 @@ def _protocols(v: Any) -> tuple[tuple[int, str], ...]:
     return tuple(sorted(good.items()))
 _cidrs = _list_of(_cidr, "CIDR strings", sort_key=lambda n: (n.version, n.network_address, n.prefixlen))
 
+
+def _map_size(low: int, high: int):
+    """A map size: an integer within what the kernel and meshd's memory allow."""
+    def conv(v: Any) -> int:
+        if not low <= _expect(v, int, "integer") <= high:
+            raise ValueError(f"{v} out of range {low}..{high}")
+        return v
+    return conv
+
 # key -> (converter, default)
 _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "outbound_port": (_port, 15001),
@@ -221,6 +235,9 @@ _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "preserve_client_address": (_bool, True),
     "protocols": (_protocols, ()),
     "http_forwarded_for": (_bool, False),
+    "max_connections": (_map_size(64, 16_777_216), 65536),
+    "max_exclusions": (_map_size(16, 1_048_576), 16384),
+    "max_inbound_ports": (_map_size(16, 65_535), 16384),
 }
 _WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "cgroup": (_cgroup, None),
@@ -424,6 +441,7 @@ class _Parser:
             if envoy & set(getattr(mesh, key)):
                 self.err(self.mesh_key_at(key, "outbound_port", "inbound_port"),
                          _envoy_clash(envoy, getattr(mesh, key), f"mesh.{key}"))
+        self.check_limits(mesh)
         selected: dict[tuple[str, str], Workload] = {}  # (selector, value) -> first workload to use it
         for w in sorted(self.workloads.values(), key=lambda w: self.workload_at[w.name]):
             at = functools.partial(self.at, "workload", w.name, file=self.workload_at[w.name].file)
@@ -440,6 +458,37 @@ class _Parser:
                 if first is not w:
                     self.err(at(selector), f"{selector} {value} is already selected by workload "
                                            f"{first.name!r} at {first.source}")
+
+
+    def check_limits(self, mesh: MeshConfig) -> None:
+        """What the data path's maps can hold: workload ids, exclusions, inbound ports."""
+        ordered = sorted(self.workloads.values(), key=lambda w: self.workload_at[w.name])
+        if len(ordered) > MAX_WORKLOAD_COUNT:
+            w = ordered[MAX_WORKLOAD_COUNT]
+            self.err(self.workload_at[w.name],
+                     f"workload {len(ordered)}: at most {MAX_WORKLOAD_COUNT} workloads (each gets "
+                     f"an id 1..{MAX_WORKLOAD_COUNT} and the source address 127.77.0.<id>)")
+        ws = self.workloads.values()
+        v4 = lambda nets: [n for n in nets if n.version == 4]   # noqa: E731
+        v6 = lambda nets: [n for n in nets if n.version == 6]   # noqa: E731
+        for key, what, count in (
+                ("exclude_outbound_ports", "excluded outbound ports",
+                 len(mesh.exclude_outbound_ports) + sum(len(w.exclude_outbound_ports) for w in ws)),
+                ("exclude_outbound_cidrs", "excluded IPv4 networks",
+                 len(v4(mesh.exclude_outbound_cidrs)) + sum(len(v4(w.exclude_outbound_cidrs)) for w in ws)),
+                ("exclude_outbound_cidrs", "excluded IPv6 networks",
+                 len(v6(mesh.exclude_outbound_cidrs)) + sum(len(v6(w.exclude_outbound_cidrs)) for w in ws)),
+                ("exclude_inbound_ports", "excluded inbound ports",
+                 len(mesh.exclude_inbound_ports) + sum(len(w.exclude_inbound_ports) for w in ws))):
+            if count > mesh.max_exclusions:
+                self.err(self.mesh_key_at("max_exclusions", key),
+                         f"{count} {what} ([mesh] and every workload's {key} together) exceed "
+                         f"mesh.max_exclusions = {mesh.max_exclusions}")
+        inbound = sum(len(w.inbound_ports or ()) for w in ws)
+        if inbound > mesh.max_inbound_ports:
+            self.err(self.mesh_key_at("max_inbound_ports"),
+                     f"{inbound} inbound ports listed by workloads (inbound_ports) exceed "
+                     f"mesh.max_inbound_ports = {mesh.max_inbound_ports}")
 
 
 def _envoy_clash(envoy: set[int], ports: tuple[int, ...], key: str) -> str:

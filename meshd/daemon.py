@@ -35,7 +35,8 @@ log = logging.getLogger("meshd")
 
 # Keys that name where an instance lives: changing them live would orphan pins,
 # cgroups or files, so a reload keeps the running values and says so.
-RESTART_ONLY = ("bpffs_dir", "state_dir", "cgroup_root", "netns", "envoy_binary")
+RESTART_ONLY = ("bpffs_dir", "state_dir", "cgroup_root", "netns", "envoy_binary",
+                "max_connections", "max_exclusions", "max_inbound_ports")
 STATUS_INTERVAL_MS = 1000
 RESCAN_INTERVAL_MS = 5000
 
@@ -77,6 +78,7 @@ class Daemon:
         self._netlink = None
         self._cgroup_watches: dict[str, int] = {}
         self.bus = None  # meshd.bus.BusService once the main loop runs
+        self._table_full = 0   # the table_full counter when last logged
 
     # -- start-up -------------------------------------------------------------
     def start(self) -> None:
@@ -405,12 +407,22 @@ class Daemon:
     def write_status(self) -> None:
         """status.json and the D-Bus properties, from one Status."""
         st = self.status()
+        self._log_table_full(st.host_counters().get("table_full", 0))
         try:
             atomic_write(status_path(self.config.mesh.state_dir), st.to_json())
         except OSError as e:
             log.warning("cannot write status: %s", e)
         if self.bus is not None:
             self.bus.update(st)
+
+
+    def _log_table_full(self, total: int) -> None:
+        """The connection maps' fallback is counted in BPF; say it in the log too."""
+        if total > self._table_full:
+            log.warning("%d more connection(s) went direct, not through Envoy: the connection "
+                        "maps are full (mesh.max_connections = %d; counter table_full = %d)",
+                        total - self._table_full, self.config.mesh.max_connections, total)
+        self._table_full = total
 
 
 def run(config_dir: str) -> int:

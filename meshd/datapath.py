@@ -1,17 +1,23 @@
-"""The eBPF data path: compile, pin, adopt, attach, and the maps' contents.
+"""The eBPF data path: adopt the pins, attach, and the maps' contents.
 
 Everything lives under <bpffs_dir>/v1/ (maps/, progs/, links/). Pinned links
 keep the programs attached when the daemon exits or is killed; a new daemon
 adopts the pins instead of reloading, so traffic never notices a restart.
-Only cleanup() removes them.
+When the pins are missing or of another build, a short-lived child
+(meshd.compile) compiles and installs this build (a hitless upgrade over an
+older one) and the daemon then adopts it: BCC never loads in the daemon.
+Only cleanup() removes the pins.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
 
 from . import bpfsys, maplayout, mounts
 from .bpfmap import Map, sync
@@ -66,14 +72,15 @@ def default_bpf_dir() -> str:
     return here if os.path.isfile(os.path.join(here, "meshd.h")) else "/usr/share/meshd/bpf"
 
 
-def program_text(bpf_dir: str) -> str:
-    """One compilation unit: the shared constants, the header once with the
-    layout checks after it, then every hook file.
+def program_text(bpf_dir: str, sizes: maplayout.MapSizes = maplayout.MapSizes()) -> str:
+    """One compilation unit: the shared constants (map sizes included), the
+    header once with the layout checks after it, then every hook file. Its
+    hash names the build (meshd.compile prepends the pin paths, unhashed).
 
     BCC only rewrites map calls (m.lookup() ...) in the main file, not in
     included headers, so the header is inlined instead of #included."""
     with open(os.path.join(bpf_dir, "meshd.h")) as f:
-        parts = [maplayout.c_prelude(), f.read(), maplayout.c_asserts()]
+        parts = [maplayout.c_prelude(sizes), f.read(), maplayout.c_asserts()]
     for name in SOURCES:
         with open(os.path.join(bpf_dir, name)) as f:
             parts.append(f"/* ---- {name} ---- */\n" + f.read().replace('#include "meshd.h"', ""))
@@ -110,30 +117,57 @@ def _link_owner(name: str) -> str:
     return name.replace("%", ".").rsplit(":", 1)[0]
 
 
+def link_hook(name: str) -> str:
+    """The hook of a link pin's name (<owner>:<hook>)."""
+    return name.rsplit(":", 1)[1]
+
+
 class Datapath:
-    def __init__(self, bpffs_dir: str, bpf_dir: str | None = None):
+    def __init__(self, bpffs_dir: str, bpf_dir: str | None = None,
+                 sizes: maplayout.MapSizes = maplayout.MapSizes()):
         self.root = os.path.join(bpffs_dir, LAYOUT)
         self.bpf_dir = bpf_dir or default_bpf_dir()
+        self.sizes = sizes
         self.maps: dict[str, int] = {}
         self.progs: dict[str, int] = {}
         self.adopted = False
 
     # -- loading and adopting -------------------------------------------------
     def open(self) -> str:
-        """Adopt the pinned programs and maps, or compile and pin them. Returns
-        "adopted" or "loaded"."""
+        """Adopt the pinned programs and maps when they are this build's;
+        otherwise install this build first (install()). Returns "adopted",
+        "loaded" (nothing was pinned) or "upgraded" (another build was)."""
         if not is_bpffs(os.path.dirname(self.root)):
             raise DatapathError(f"{os.path.dirname(self.root)} is not on a bpf filesystem: "
                                 "mount -t bpf bpf /sys/fs/bpf")
-        text = program_text(self.bpf_dir)
-        if self._try_adopt(source_hash(text)):
+        want = source_hash(program_text(self.bpf_dir, self.sizes))
+        if self._try_adopt(want):
             self.adopted = True
             how = "adopted"
         else:
-            self._load(text)
-            how = "loaded"
+            how = self.install()
+            if not self._try_adopt(want):
+                raise DatapathError(f"the pins under {self.root} are not this build's after "
+                                    "installing it (another meshd on the same bpffs_dir?)")
         self._check_maps()
         return how
+
+    def install(self) -> str:
+        """Compile this build and install it under the pins, in a short-lived
+        child (python -m meshd.compile): BCC's compiler never stays in this
+        process. Running links switch to the new programs atomically and the
+        maps keep their contents (see meshd/compile.py)."""
+        cmd = [sys.executable, "-m", "meshd.compile", "--root", self.root,
+               "--bpf-dir", self.bpf_dir, "--sizes", json.dumps(asdict(self.sizes))]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        for line in r.stderr.splitlines():
+            if line and not line.startswith("error: "):
+                log.info("compile: %s", line)
+        if r.returncode != 0:
+            errors = [ln[7:] for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+            raise DatapathError(errors[-1] if errors else
+                                f"{' '.join(cmd[:3])} exited {r.returncode}: {r.stderr.strip()}")
+        return r.stdout.strip().splitlines()[-1]
 
     def _pin(self, kind: str, name: str) -> str:
         return os.path.join(self.root, kind, name)
@@ -142,8 +176,9 @@ class Datapath:
         return Map(self.maps[name], maplayout.MAPS[name])
 
     def _check_maps(self) -> None:
-        """Every map's key and value sizes are what maplayout declares (the
-        structs themselves are checked when the programs are compiled)."""
+        """Every map's type, key and value sizes, max_entries and flags are what
+        maplayout declares (the structs themselves are checked when the
+        programs are compiled)."""
         for name, spec in maplayout.MAPS.items():
             m, info = self._map(name), bpfsys.map_info(self.maps[name])
             single = m.value_size // bpfsys.possible_cpus() if spec.percpu else m.value_size
@@ -151,56 +186,28 @@ class Datapath:
                 raise DatapathError(
                     f"map {name}: key/value sizes {info.key_size}/{info.value_size} in the "
                     f"kernel, {m.key_size}/{single} in meshd/maplayout.py")
+            want = (maplayout.MAP_TYPES[spec.kind], spec.max_entries(self.sizes), spec.flags)
+            if (info.type, info.max_entries, info.map_flags) != want:
+                raise DatapathError(
+                    f"map {name}: type/max_entries/flags {info.type}/{info.max_entries}/"
+                    f"{info.map_flags} in the kernel, {'/'.join(map(str, want))} in "
+                    "meshd/maplayout.py")
 
     def _try_adopt(self, want_hash: int) -> bool:
         paths = [self._pin("maps", m) for m in MAPS] + [self._pin("progs", h) for h in HOOKS]
         if not all(os.path.exists(p) for p in paths):
             if os.path.exists(self.root):
-                log.warning("pins under %s are incomplete; loading the programs afresh", self.root)
+                log.warning("pins under %s are incomplete; installing the programs", self.root)
             return False
         maps = {m: bpfsys.obj_get(self._pin("maps", m)) for m in MAPS}
         if Map(maps["meta"], maplayout.MAPS["meta"]).get(0) != want_hash:
-            log.warning("pinned programs are from other BPF sources; loading afresh")
+            log.info("pinned programs are another build's (BPF sources or map sizes differ)")
             for fd in maps.values():
                 os.close(fd)
             return False
         self.maps = maps
         self.progs = {h: bpfsys.obj_get(self._pin("progs", h)) for h in HOOKS}
         return True
-
-    def _load(self, text: str) -> None:
-        check_kernel()
-        from bcc import BPF  # imported late: BCC is slow to import and needs root
-
-        # Stale pins from another source version: their links hold the old
-        # programs; remove everything and start clean.
-        links = self.pinned_links()
-        self._remove_pins()
-        for pin in links:
-            log.info("dropped stale link pin %s", pin)
-        try:
-            b = BPF(text=text, cflags=["-Wno-unused-function", "-Wno-incompatible-pointer-types"])
-        except Exception as e:
-            raise DatapathError(f"compiling bpf/*.c failed: {e}") from e
-        for d in ("maps", "progs", "links"):
-            os.makedirs(self._pin(d, ""), exist_ok=True)
-        from bcc import libbcc
-        for m in MAPS:
-            fd = libbcc.lib.bpf_table_fd(b.module, m.encode())
-            if fd < 0:
-                raise DatapathError(f"map {m} missing from the compiled program")
-            bpfsys.obj_pin(fd, self._pin("maps", m))
-            self.maps[m] = os.dup(fd)
-        for name, hook in HOOKS.items():
-            try:
-                fn = b.load_func(hook.prog, hook.prog_type, attach_type=hook.attach_type)
-            except Exception as e:
-                raise DatapathError(f"the kernel refused {hook.prog}: {e}") from e
-            bpfsys.obj_pin(fn.fd, self._pin("progs", name))
-            self.progs[name] = os.dup(fn.fd)
-        self._map("meta").set(0, source_hash(text))
-        # The BPF object may now go: pins and our dup'ed fds hold everything.
-        b.cleanup()
 
     def _remove_pins(self) -> None:
         if os.path.isdir(self.root):

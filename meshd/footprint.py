@@ -17,6 +17,7 @@ import time
 from . import cgroups, routing, statefiles
 from .config import MeshConfig
 from .datapath import Datapath
+from .maplayout import MapSizes
 from .envoy import process as envoy_process, systemd_unit
 
 NETNS_SELF = "/proc/self/ns/net"
@@ -96,7 +97,10 @@ class Footprint:
             raise FootprintError(str(e)) from None
 
     def datapath(self) -> Datapath:
-        return Datapath(self.mesh.bpffs_dir)
+        m = self.mesh
+        return Datapath(m.bpffs_dir, sizes=MapSizes(connections=m.max_connections,
+                                                    exclusions=m.max_exclusions,
+                                                    inbound_ports=m.max_inbound_ports))
 
     def cgroup_tree(self, cg_root: str | None = None) -> str:
         """The instance's own cgroup tree (Envoy runs below it), absolute."""

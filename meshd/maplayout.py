@@ -41,6 +41,7 @@ COUNTERS = (
     "inbound",            # sk_lookup steered an inbound connection to Envoy
     "inbound_excluded",   # inbound: excluded port
     "inbound_fail_open",  # inbound: Envoy's inbound listener is not up
+    "table_full",         # a connection map was full: the connection went direct
 )
 NR_COUNTERS = len(COUNTERS)
 
@@ -172,36 +173,75 @@ def route_source(address) -> int | Route6Src:
 
 # -- maps ------------------------------------------------------------------------
 @dataclass(frozen=True)
+class MapSizes:
+    """The configurable map sizes ([mesh] max_connections, max_exclusions,
+    max_inbound_ports). Each is the max_entries of the maps named beside it."""
+    connections: int = 65536   # cookie_dst, tuple_dst, envoy_upstreams
+    exclusions: int = 16384    # each of excluded_ports, excluded_cidr4/6, excluded_in_ports
+    inbound_ports: int = 16384  # inbound_ports
+
+
+# the C macro of each size (generated into the prelude) -> its MapSizes field
+SIZE_MACROS = {"MESHD_MAX_CONNS": "connections", "MESHD_MAX_EXCLUSIONS": "exclusions",
+               "MESHD_MAX_INBOUND_PORTS": "inbound_ports"}
+# BCC's table type names -> enum bpf_map_type
+MAP_TYPES = {"hash": 1, "array": 2, "percpu_array": 6, "lru_hash": 9, "lpm_trie": 11,
+             "sockmap": 15}
+BPF_F_NO_PREALLOC = 1
+
+
+@dataclass(frozen=True)
 class MapSpec:
     key: type
     value: type
-    array: bool = False    # every slot exists; "deleting" one zeroes it
-    percpu: bool = False   # a lookup returns one value per possible CPU
+    kind: str = "hash"   # BCC's table type ("hash", "lru_hash", "array", ...)
+    size: int | str = 0  # max_entries: a number, or a SIZE_MACROS name
+    flags: int = 0
+
+    @property
+    def array(self) -> bool:
+        """Every slot exists; "deleting" one zeroes it."""
+        return self.kind in ("array", "percpu_array")
+
+    @property
+    def percpu(self) -> bool:
+        """A lookup returns one value per possible CPU."""
+        return self.kind.startswith("percpu_")
+
+    def max_entries(self, sizes: MapSizes) -> int:
+        return self.size if isinstance(self.size, int) else getattr(sizes, SIZE_MACROS[self.size])
 
 
-# Every map meshd pins, by its name in meshd.h.
+_CONNS, _EXCL = "MESHD_MAX_CONNS", "MESHD_MAX_EXCLUSIONS"
+_MAX_COUNTERS = MAX_WORKLOADS * NR_COUNTERS
+
+# Every map meshd pins, by its name in meshd.h (declared there with the same
+# type, size and flags: datapath checks the kernel's maps against these).
 MAPS = {
-    "settings": MapSpec(_u32, MeshSettings, array=True),
-    "meta": MapSpec(_u32, _u64, array=True),   # [0] = hash of the program text
-    "workload_ids": MapSpec(_u64, _u32),       # cgroup id -> workload id
-    "excluded_ports": MapSpec(PortKey, _u8),
-    "excluded_cidr4": MapSpec(Cidr4Key, _u8),
-    "excluded_cidr6": MapSpec(Cidr6Key, _u8),
-    "cookie_dst": MapSpec(_u64, OrigDst),      # socket cookie -> original destination
-    "tuple_dst": MapSpec(ConnTuple, OrigDst),
-    "envoy_listeners": MapSpec(_u32, _u64),    # SOCKMAP; a lookup returns the cookie
-    "counters": MapSpec(_u32, _u64, array=True, percpu=True),
-    "inbound_ports": MapSpec(_u16, _u32),      # port -> workload id
-    "workload_flags": MapSpec(_u32, _u32, array=True),
-    "excluded_in_ports": MapSpec(PortKey, _u8),
-    "envoy_upstreams": MapSpec(ConnTuple, _u8),
-    "route_src4": MapSpec(Route4Key, _u32),    # destination network -> source address
-    "route_src6": MapSpec(Route6Key, Route6Src),
+    "settings": MapSpec(_u32, MeshSettings, "array", 1),
+    "meta": MapSpec(_u32, _u64, "array", 1),   # [0] = hash of the program text
+    "workload_ids": MapSpec(_u64, _u32, "hash", 1024),   # cgroup id -> workload id
+    "excluded_ports": MapSpec(PortKey, _u8, "hash", _EXCL),
+    "excluded_cidr4": MapSpec(Cidr4Key, _u8, "lpm_trie", _EXCL, BPF_F_NO_PREALLOC),
+    "excluded_cidr6": MapSpec(Cidr6Key, _u8, "lpm_trie", _EXCL, BPF_F_NO_PREALLOC),
+    # socket cookie -> original destination; not LRU: a full map makes connect4
+    # leave the connection direct (counted), it never evicts a live entry
+    "cookie_dst": MapSpec(_u64, OrigDst, "hash", _CONNS),
+    "tuple_dst": MapSpec(ConnTuple, OrigDst, "hash", _CONNS),
+    "envoy_listeners": MapSpec(_u32, _u64, "sockmap", 4),   # a lookup returns the cookie
+    "counters": MapSpec(_u32, _u64, "percpu_array", _MAX_COUNTERS),
+    "inbound_ports": MapSpec(_u16, _u32, "hash", "MESHD_MAX_INBOUND_PORTS"),  # port -> workload id
+    "workload_flags": MapSpec(_u32, _u32, "array", MAX_WORKLOADS),
+    "excluded_in_ports": MapSpec(PortKey, _u8, "hash", _EXCL),
+    # needed only while Envoy's SYN to a local app is looked up: LRU is safe
+    "envoy_upstreams": MapSpec(ConnTuple, _u8, "lru_hash", _CONNS),
+    "route_src4": MapSpec(Route4Key, _u32, "lpm_trie", 4096, BPF_F_NO_PREALLOC),
+    "route_src6": MapSpec(Route6Key, Route6Src, "lpm_trie", 4096, BPF_F_NO_PREALLOC),
 }
 
 
 # -- the C side -------------------------------------------------------------------
-def c_prelude() -> str:
+def c_prelude(sizes: MapSizes = MapSizes()) -> str:
     """#defines and enums for meshd.h, from the declarations above."""
     counters = "".join(f"\tC_{name.upper()} = {i},\n" for i, name in enumerate(COUNTERS))
     slots = ", ".join(f"{c} = {i}" for i, (c, _) in enumerate(LISTENER_SLOTS))
@@ -212,9 +252,18 @@ def c_prelude() -> str:
         f"#define WORKLOAD_NET4 {int(WORKLOAD_NET4.network_address):#010x}\n"
         f"#define MESHD_ENVOY_INBOUND_SOURCE4 {int(ENVOY_INBOUND_SOURCE4):#010x}\n"
         f"#define WL_EXPLICIT_PORTS {WL_EXPLICIT_PORTS}\n"
+        + "".join(f"#define {macro} {getattr(sizes, field)}\n"
+                  for macro, field in SIZE_MACROS.items()) +
         f"enum meshd_counter {{\n{counters}\tMESHD_NR_COUNTERS = {NR_COUNTERS},\n}};\n"
         f"enum listener_slot {{ {slots} }};\n"
     )
+
+
+def c_pins(paths: dict[str, str]) -> str:
+    """Where each map is pinned (MESHD_PIN_<name>, used by meshd.h's MESHD_MAP):
+    BCC reuses a map already pinned there and pins a new one it creates. Not
+    part of the hashed program text: the same build may live under any bpffs_dir."""
+    return "".join(f'#define MESHD_PIN_{name} "{path}"\n' for name, path in paths.items())
 
 
 def c_asserts() -> str:

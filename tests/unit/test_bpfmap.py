@@ -184,11 +184,18 @@ def test_open_refuses_a_map_whose_sizes_differ_from_the_layout(monkeypatch):
     sizes = {i: (ctypes.sizeof(s.key), ctypes.sizeof(s.value))
              for i, s in enumerate(ml.MAPS.values())}
     monkeypatch.setattr(bpfsys, "possible_cpus", lambda: 4)
+    specs = list(ml.MAPS.values())
     monkeypatch.setattr(bpfsys, "map_info", lambda fd: bpfsys.MapInfo(
-        key_size=sizes[fd][0], value_size=sizes[fd][1]))
+        key_size=sizes[fd][0], value_size=sizes[fd][1], type=ml.MAP_TYPES[specs[fd].kind],
+        max_entries=specs[fd].max_entries(ml.MapSizes()), map_flags=specs[fd].flags))
     d._check_maps()   # per-CPU values: the kernel reports one CPU's size
     sizes[d.maps["tuple_dst"]] = (36, 24)
     with pytest.raises(DatapathError, match="tuple_dst: key/value sizes 36/24 in the kernel, 40/24"):
+        d._check_maps()
+    sizes[d.maps["tuple_dst"]] = (40, 24)
+    d.sizes = ml.MapSizes(connections=1024)   # an LRU map of 65536 where 1024 are wanted
+    with pytest.raises(DatapathError, match="cookie_dst: type/max_entries/flags 1/65536/0 in "
+                                            "the kernel, 1/1024/0"):
         d._check_maps()
 
 

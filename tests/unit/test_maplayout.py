@@ -141,12 +141,38 @@ def test_structs_are_equal_and_hashed_by_their_bytes():
     assert "port=80" in repr(a)
 
 
-def test_every_map_in_the_header_is_declared():
-    in_header = set()
-    for m in re.finditer(r"^(BPF_\w+|MESHD_SOCKMAP)\((.*)\);?$", HEADER, re.M):
+def test_every_map_in_the_header_is_declared_as_the_layout_says():
+    in_header = {}
+    for m in re.finditer(r"^(MESHD_MAP|MESHD_SOCKMAP)\((.*)\);$", HEADER, re.M):
         args = [a.strip() for a in m.group(2).split(",")]
-        # BPF_TABLE("type", key, value, name, n); the others: name first
-        in_header.add(args[3] if m.group(1) == "BPF_TABLE" else args[0])
-    in_header.discard("_name")   # MESHD_SOCKMAP's own definition
+        if m.group(1) == "MESHD_SOCKMAP":   # (name, size)
+            in_header[args[0]] = ("sockmap", args[1], "0")
+        else:                               # ("type", key, value, name, size, flags)
+            in_header[args[3]] = (args[0].strip('"'), args[4], args[5])
     assert "settings" in in_header and "envoy_listeners" in in_header
-    assert in_header == set(ml.MAPS)
+    assert set(in_header) == set(ml.MAPS)
+    sizes = {"MESHD_MAX_WORKLOADS": ml.MAX_WORKLOADS,
+             "MESHD_MAX_WORKLOADS * MESHD_NR_COUNTERS": ml.MAX_WORKLOADS * ml.NR_COUNTERS}
+    flags = {"0": 0, "BPF_F_NO_PREALLOC": ml.BPF_F_NO_PREALLOC}
+    for name, (kind, size, flag) in in_header.items():
+        size = sizes.get(size, int(size) if size.isdigit() else size)
+        spec = ml.MAPS[name]
+        assert (kind, size, flags[flag]) == (spec.kind, spec.size, spec.flags), name
+
+
+def test_map_sizes_come_from_the_prelude():
+    prelude = ml.c_prelude(ml.MapSizes(connections=1024, exclusions=99, inbound_ports=7))
+    assert "#define MESHD_MAX_CONNS 1024\n" in prelude
+    assert "#define MESHD_MAX_EXCLUSIONS 99\n" in prelude
+    assert "#define MESHD_MAX_INBOUND_PORTS 7\n" in prelude
+    assert ml.MAPS["cookie_dst"].max_entries(ml.MapSizes(connections=1024)) == 1024
+    assert ml.MAPS["settings"].max_entries(ml.MapSizes()) == 1
+    # the pins are not in the hashed text: the same build under any bpffs_dir
+    assert "MESHD_PIN_" not in prelude
+    assert ml.c_pins({"meta": "/x/maps/meta"}) == '#define MESHD_PIN_meta "/x/maps/meta"\n'
+
+
+def test_connection_maps_never_evict_a_live_entry():
+    # an LRU map would silently drop a live connection's original destination
+    assert ml.MAPS["cookie_dst"].kind == ml.MAPS["tuple_dst"].kind == "hash"
+    assert ml.MAPS["cookie_dst"].size == ml.MAPS["tuple_dst"].size == "MESHD_MAX_CONNS"
