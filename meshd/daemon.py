@@ -45,6 +45,19 @@ class StartupError(Exception):
     pass
 
 
+def _user_of(pid) -> str:
+    """Who a process runs as (its /proc directory belongs to its effective uid)."""
+    import pwd
+    try:
+        uid = os.stat(f"/proc/{int(pid)}").st_uid
+    except (OSError, TypeError, ValueError):
+        return ""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def workload_envoy_stats(stats: dict[str, int], wid: int) -> WorkloadEnvoy:
     """A workload's numbers from its own filter chains (envoy_config.py names
     them <direction>_<http|tcp>_<id>). Bytes are from the workload's side:
@@ -378,8 +391,8 @@ class Daemon:
                 cgroup_root=mesh.cgroup_root),
             envoy=EnvoyStatus(
                 state=self.envoy.state, pid=self.envoy.pid, adopted=self.envoy.adopted,
-                restarts=self.envoy.restarts,
-                admin_socket=envoy_config.admin_socket_path(mesh.state_dir),
+                restarts=self.envoy.restarts, user=_user_of(self.envoy.pid),
+                admin_socket=envoy_config.admin_socket_in_use(mesh.state_dir),
                 listeners=self.dp.envoy_listening() if live else {}),
             datapath=DatapathStatus(
                 pins=self.dp.root, adopted=self.dp.adopted,

@@ -124,3 +124,10 @@ def test_a_workload_cannot_leave_the_mesh(meshed, what):
     # and its next connection still goes through Envoy
     r = probe(mesh, "http", server.ip4, HTTP_PORT, "plain")
     assert VIA_ENVOY in r["body"].lower()
+
+
+def test_status_and_bus_say_who_envoy_runs_as(meshed):
+    mesh, server = meshed
+    from conftest import wait_for
+    wait_for(lambda: mesh.status()["envoy"]["user"] == identity.ENVOY_USER, what="status user")
+    assert f"user {identity.ENVOY_USER}" in mesh.cli("status").stdout
