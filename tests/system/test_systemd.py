@@ -71,7 +71,10 @@ def installed(guest):
         assert g.sh(f"dpkg-query -W -f='${{Status}}' {pkg}").stdout == "install ok installed"
     assert g.sh("systemctl is-enabled meshd").stdout.strip() == "enabled"
     # postinst started it: `meshd check` passed, with the Envoy of meshd-envoy
-    assert g.sh("systemctl is-active meshd").stdout.strip() == "active"
+    active = g.sh("systemctl is-active meshd", check=False).stdout.strip()
+    assert active == "active", (active, g.sh(
+        "journalctl --no-pager -o short-monotonic -u meshd -u 'meshd-envoy*' | tail -n 60",
+        check=False).stdout)
     # meshd finds meshd-envoy's binary by default
     assert g.sh("meshd check").stdout.rstrip().endswith("envoy: /usr/lib/meshd/envoy)")
     return g
