@@ -1,28 +1,22 @@
-"""Shared machinery of the meshd benchmarks (bench/egress.py, bench/inbound.py).
+"""Shared machinery of the meshd benchmarks (bench/run.py, bench/envoy_cost.py,
+bench/timings.py).
 
-Helpers (processes, cgroups, namespaces, CPU accounting), a meshd instance, the client
-runners (wrk with a Lua JSON report, iperf3 -J), one measurement of a mode (wrk c=16, wrk
-c=1, iperf3, Envoy counter deltas, CPU), and the driver: interleaved repetitions with
-rotating order, medians, ratios, a Markdown table and a JSON file.
-
-A suite subclasses `BenchBase` and provides, per mode, a `Client` (cgroup, netns, URL,
-iperf3 target) and a path check over Envoy counter deltas; optional `mode_on`/`mode_off`
-install and remove per-mode state (iptables rules) around each measurement.
+Helpers (processes, cgroups, namespaces, CPU accounting), a meshd instance, a plain Envoy
+(the iptables anchor's proxy), the client runners (wrk with a Lua JSON report, iperf3 -J),
+one measurement of a client (wrk c=16, wrk c=1, wrk one request per connection, iperf3,
+Envoy counter deltas, CPU) and cleanup of everything a run made. The arithmetic and the
+Markdown live in bench/report.py.
 """
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import ctypes
-import datetime
 import json
 import os
-import platform
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+import report  # noqa: E402  (bench/, beside this file)
 from meshd import __version__ as MESHD_VERSION  # noqa: E402
 from meshd.cgroups import cgroup2_mount  # noqa: E402
 from meshd.envoy.admin import stats as envoy_stats, total  # noqa: E402
@@ -101,6 +97,23 @@ def sh(*cmd, check=True, **kw) -> subprocess.CompletedProcess:
 
 
 
+def take_charge(script: str) -> bool:
+    """Start of a measuring script: it needs root; it becomes the subreaper of what it
+    starts (Envoy outlives meshd by design and is re-parented to us, so we can reap it);
+    SIGTERM/SIGHUP/SIGINT raise SystemExit so the script's finally cleans up (SIGINT too:
+    started from a non-interactive `cmd &` Python would inherit SIG_IGN for it)."""
+    if os.geteuid() != 0:
+        print(f"bench/{script} needs root (netns, cgroups, BPF, iptables)", file=sys.stderr)
+        return False
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+    def on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(s, on_signal)
+    return True
+
+
 def proc_stat_busy() -> tuple[int, int]:
     """(busy, total) CPU ticks over all CPUs: busy = user+nice+system+irq+softirq."""
     with open("/proc/stat") as f:
@@ -109,12 +122,6 @@ def proc_stat_busy() -> tuple[int, int]:
     steal = v[7] if len(v) > 7 else 0
     busy = user + nice + system + irq + softirq
     return busy, busy + idle + iowait + steal
-
-
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
 
 
 def drop_nat_table(netns: str) -> None:
@@ -205,6 +212,41 @@ class MeshdInstance:
     def stat(self, name: str) -> int:
         return total(self.stats(), name)   # summed over per-workload filter chains
 
+    def write_conf(self, name: str, text: str) -> None:
+        """Add or replace one config file (meshd applies it live, inotify)."""
+        tmp = Path(self.config_dir, f".{name}.tmp")
+        tmp.write_text(text)
+        os.rename(tmp, Path(self.config_dir, name))
+
+    def remove_conf(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(Path(self.config_dir, name))
+
+    def wait_config(self, name: str, present: bool, timeout: float = 60, until=None) -> dict:
+        """Until status.json lists (or no longer lists) config file `name`, names no
+        config error and, if given, until(status) is true. Adding a file meshd rejects
+        raises ConfigRejected with meshd's error text; after a removal the error of the
+        removed file is waited out."""
+        def applied():
+            st = self.status() or {}
+            files = [os.path.basename(f) for f in st.get("config_files", [])]
+            if present and st.get("config_errors") and name in files:
+                raise ConfigRejected(json.dumps(st["config_errors"])[:500])
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"meshd {self.name} exited {self.proc.returncode}")
+            return (name in files) == present and not st.get("config_errors") and \
+                (until is None or until(st)) and st
+        return wait_for(applied, timeout, what=f"meshd {self.name} applies {name}",
+                        interval=0.1)
+
+    def pids(self) -> dict[str, int]:
+        out = {}
+        if self.proc is not None and self.proc.poll() is None:
+            out["meshd"] = self.proc.pid
+        with contextlib.suppress(OSError, ValueError):
+            out["envoy"] = int(Path(self.state_dir, "envoy.pid").read_text())
+        return out
+
     def cleanup(self, step) -> None:
         if self.proc is not None:
             def stop():
@@ -225,6 +267,19 @@ class MeshdInstance:
         if self.log:
             with contextlib.suppress(Exception):
                 self.log.close()
+
+
+class ConfigRejected(Exception):
+    """meshd refused a config file (its error text)."""
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a process in MB (VmRSS)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return None
 
 
 # -------------------------------------------------------------------- clients
@@ -311,6 +366,20 @@ class BenchBase:
         self.netns_made.append(ns)
         netns_add(ns)
 
+    def two_hosts(self, ns_a: str, ns_b: str, net: str, veth: str) -> tuple[str, str]:
+        """Two network namespaces joined by veth `veth` (in ns_a) <-> `veth`p (in ns_b),
+        addressed <net>.N.1 and <net>.N.2 (N random), loopback up. Returns the two IPs."""
+        n = random.randint(1, 250)
+        ips = (f"{net}.{n}.1", f"{net}.{n}.2")
+        self.netns_add(ns_a)
+        self.netns_add(ns_b)
+        self.veth_add(veth, ns_a, ns_b)
+        for ns, dev, ip in ((ns_a, veth, ips[0]), (ns_b, veth + "p", ips[1])):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        return ips
+
     def veth_add(self, name: str, ns: str | None, peer_ns: str) -> None:
         """veth `name` (in `ns`, None = this namespace) <-> `name`p in `peer_ns`."""
         cmd = ["ip", "link", "add", name]
@@ -343,19 +412,34 @@ class BenchBase:
                      "-w", "%{http_code} %{size_download}", url or c.url)
         return r.stdout.strip()
 
-    def wrk(self, c: Client, conns: int, threads: int, duration: float) -> dict:
+    def wrk(self, c: Client, conns: int, threads: int, duration: float,
+            close: bool = False) -> dict:
+        """wrk against the client's URL; close=True: one request per connection."""
         lua = os.path.join(self.tmp, "report.lua")
         if not os.path.exists(lua):
             Path(lua).write_text(WRK_LUA)
             os.chmod(lua, 0o644)
-        r = self.run(c, "wrk", "-c", conns, "-t", threads, "-d", f"{duration}s",
-                     "--timeout", "5s", "-s", lua, c.url, timeout=duration + 30)
+        hdr = ["-H", "Connection: close"] if close else []
+        r = self.run(c, "wrk", "-c", conns, "-t", threads, "-d", f"{max(1, round(duration))}s",
+                     "--timeout", "5s", *hdr, "-s", lua, c.url, timeout=duration + 30)
         for line in r.stdout.splitlines():
             if line.startswith("WRKJSON "):
                 return json.loads(line[8:])
         raise RuntimeError(f"wrk failed ({r.returncode}): {r.stdout}\n{r.stderr}")
 
-    def iperf(self, c: Client, duration: float) -> float:
+    def iperf(self, c: Client, duration: float, tries: int = 2) -> float:
+        """iperf3's received bits/s. One retry: the server of a port serves one test at a
+        time, and a reset control connection (seen through two Envoys) is not a figure."""
+        try:
+            return self._iperf(c, duration)
+        except RuntimeError as e:
+            if tries <= 1:
+                raise
+            log(f"iperf3 failed, once more: {str(e)[-200:]}")
+            time.sleep(1)
+            return self.iperf(c, duration, tries - 1)
+
+    def _iperf(self, c: Client, duration: float) -> float:
         r = self.run(c, "iperf3", "-c", c.iperf_host, "-p", c.iperf_port, "-t", duration, "-J",
                      timeout=duration + 30)
         try:
@@ -368,27 +452,8 @@ class BenchBase:
     def setup(self):
         raise NotImplementedError
 
-    def client(self, mode: str) -> Client:
-        raise NotImplementedError
-
-    def own_cgroups(self, mode: str) -> list[str]:
-        raise NotImplementedError
-
-    def check_path(self, mode: str, m: dict, d16: dict, d1: dict, dip: dict,
-                   reqs16: int, reqs1: int) -> bool:
-        raise NotImplementedError
-
-    def mode_on(self, mode: str) -> None:
-        pass
-
-    def mode_off(self, mode: str) -> None:
-        pass
-
     def extra_cleanup(self, step) -> None:
         pass
-
-    def conditions(self) -> dict:
-        return {}
 
     # ---------------------------------------------------------------- one measurement
     def idle_wait(self) -> tuple[float, float]:
@@ -403,61 +468,79 @@ class BenchBase:
             if share <= self.args.idle_threshold or time.time() - t0 >= self.args.idle_wait:
                 return time.time() - t0, share
 
-    def warm_up(self, mode: str) -> None:
-        self.mode_on(mode)
-        try:
-            self.wrk(self.client(mode), 16, 2, 1)
-        finally:
-            self.mode_off(mode)
-
-    def measure(self, mode: str, rep: int) -> dict:
+    def measure(self, c: Client, own_cgroups: list[str], path: PathCheck, *,
+                iperf: bool = True, newconn: bool = True) -> tuple[dict, dict]:
+        """One measurement of one client: wrk c=16 (req/s, CPU, p50/p99 under load), wrk
+        c=1 (p50/p99), wrk c=16 with one request per connection, iperf3. Returns the
+        figures and the Envoy counter deltas of each run (for the caller's path check)."""
         a = self.args
-        c = self.client(mode)
         waited, idle_share = self.idle_wait()
-        self.mode_on(mode)
-        try:
+        time.sleep(a.settle)
+        s0 = path.sample()
+        busy0, tot0 = proc_stat_busy()
+        cg0 = self.cg_cpu_usec(own_cgroups)
+        w16 = self.wrk(c, 16, 2, a.duration)
+        busy1, tot1 = proc_stat_busy()
+        cg1 = self.cg_cpu_usec(own_cgroups)
+        s1 = path.sample()
+        time.sleep(a.settle)
+        w1 = self.wrk(c, 1, 1, a.duration)
+        s2 = path.sample()
+        wnc = None
+        if newconn:
             time.sleep(a.settle)
-            s0 = self.path.sample()
-            cgs = self.own_cgroups(mode)
-            busy0, tot0 = proc_stat_busy()
-            cg0 = self.cg_cpu_usec(cgs)
-            w16 = self.wrk(c, 16, 2, a.duration)
-            busy1, tot1 = proc_stat_busy()
-            cg1 = self.cg_cpu_usec(cgs)
-            s1 = self.path.sample()
-            time.sleep(a.settle)
-            w1 = self.wrk(c, 1, 1, a.duration)
-            s2 = self.path.sample()
+            wnc = self.wrk(c, 16, 2, a.duration, close=True)
+        s3 = path.sample()
+        bps = None
+        if iperf:
             time.sleep(a.settle)
             bps = self.iperf(c, a.iperf_duration)
-            s3 = self.path.sample()
-        finally:
-            self.mode_off(mode)
+        s4 = path.sample()
         reqs = w16["requests"]
+        secs = w16["duration_us"] / 1e6
+        busy_us = (busy1 - busy0) / CLK_TCK * 1e6
         m = {
-            "rep": rep, "mode": mode,
-            "rps": reqs / (w16["duration_us"] / 1e6),
+            "rps": reqs / secs,
             "requests": reqs,
-            "errors_c16": w16["errors"], "errors_c1": w1["errors"],
-            "cpu_us_per_req": (busy1 - busy0) / CLK_TCK * 1e6 / reqs if reqs else None,
-            "cpu_us_per_req_own_cgroups": (cg1 - cg0) / reqs if reqs else None,
+            "errors": w16["errors"] + w1["errors"] + (wnc["errors"] if wnc else 0),
+            "cpu_us_per_req": busy_us / reqs if reqs else None,
+            "cpu_us_per_req_own": (cg1 - cg0) / reqs if reqs else None,
             "cpu_busy_fraction": (busy1 - busy0) / (tot1 - tot0) if tot1 > tot0 else None,
-            # CPU used outside our client/server/Envoy cgroups during the c=16 run, in cores:
-            # other people's work on the machine (plus meshd's 1 s status poll and softirq
-            # work charged elsewhere). High values flag a disturbed measurement.
-            "foreign_cpu_cores": ((busy1 - busy0) / CLK_TCK * 1e6 - (cg1 - cg0)) / w16["duration_us"],
+            # CPU used outside our client/server/Envoy cgroups during the c=16 run, in
+            # cores: other people's work (plus meshd's status poll and softirq work
+            # charged elsewhere). High values flag a disturbed measurement.
+            "foreign_cpu_cores": (busy_us - (cg1 - cg0)) / w16["duration_us"],
             "idle_wait_s": round(waited, 2), "busy_share_before": round(idle_share, 3),
             "c16_p50_us": w16["p50_us"], "c16_p99_us": w16["p99_us"],
             "p50_us": w1["p50_us"], "p90_us": w1["p90_us"], "p99_us": w1["p99_us"],
-            "c1_rps": w1["requests"] / (w1["duration_us"] / 1e6),
-            "iperf_gbps": bps / 1e9,
+            "c1_requests": w1["requests"],
+            "newconn_rps": wnc["requests"] / (wnc["duration_us"] / 1e6) if wnc else None,
+            "newconn_requests": wnc["requests"] if wnc else 0,
+            "iperf_gbps": bps / 1e9 if bps is not None else None,
         }
-        d16 = {k: s1[k] - s0[k] for k in s0}
-        d1 = {k: s2[k] - s1[k] for k in s0}
-        dip = {k: s3[k] - s2[k] for k in s0}
-        m["stat_deltas"] = {"c16": d16, "c1": d1, "iperf": dip}
-        m["through_envoy_ok"] = bool(self.check_path(mode, m, d16, d1, dip, reqs, w1["requests"]))
-        return m
+        deltas = {"c16": {k: s1[k] - s0[k] for k in s0}, "c1": {k: s2[k] - s1[k] for k in s0},
+                  "newconn": {k: s3[k] - s2[k] for k in s0},
+                  "iperf": {k: s4[k] - s3[k] for k in s0}}
+        return m, deltas
+
+    def interleaved(self, items: list, reps: int, on, off, measure, line) -> list[dict]:
+        """Warm every item up (1 s of wrk c=16 through `client(item)`), then `reps`
+        repetitions measuring every item, the order rotated by one each rep so drift and
+        other people's load do not always hit the same item. on/off install and remove
+        an item's state around each use; line(item, rep, m) is the progress log line."""
+        for it in items:   # warm-up: Envoy's first connections, page cache, ARP
+            on(it)
+            try:
+                self.wrk(self.client(it), 16, 2, 1)
+            finally:
+                off(it)
+        results = []
+        for rep in range(reps):
+            for it in report.rotated(items, rep):
+                m = measure(it, rep)
+                results.append(m)
+                log(line(it, rep, m))
+        return results
 
     # ---------------------------------------------------------------- cleanup
     def cleanup(self):
@@ -472,8 +555,6 @@ class BenchBase:
             except Exception as e:  # keep cleaning
                 errors.append(f"{what}: {e}")
 
-        for mode in self.modes:
-            step(f"mode_off {mode}", lambda mode=mode: self.mode_off(mode))
         self.extra_cleanup(step)
         for inst in self.meshds:
             inst.cleanup(step)
@@ -494,176 +575,17 @@ class BenchBase:
             log(f"cleanup: {e}")
 
 
-# -------------------------------------------------------------------- report
-FIGURES = [  # key, heading, format, higher is better
-    ("rps", "wrk c=16 req/s", "{:,.0f}", True),
-    ("cpu_us_per_req", "CPU µs/req (all CPUs)", "{:.1f}", False),
-    ("cpu_us_per_req_own_cgroups", "CPU µs/req (own cgroups)", "{:.1f}", False),
-    ("p50_us", "c=1 p50 µs", "{:.0f}", False),
-    ("p99_us", "c=1 p99 µs", "{:.0f}", False),
-    ("iperf_gbps", "iperf3 Gbit/s", "{:.2f}", True),
-    ("foreign_cpu_cores", "foreign CPU (cores) during c=16", "{:.2f}", False),
-]
-
-
-def summarize(results: list[dict], modes, ratios_wanted, key_ratio) -> dict:
-    med = {}
-    for mode in modes:
-        rows = [r for r in results if r["mode"] == mode]
-        med[mode] = {k: median([r[k] for r in rows]) for k, *_ in FIGURES}
-        med[mode]["n"] = len(rows)
-        for k, *_ in FIGURES:
-            vals = [r[k] for r in rows if r[k] is not None]
-            med[mode][k + "_min"] = min(vals) if vals else None
-            med[mode][k + "_max"] = max(vals) if vals else None
-    ratios = {}
-    for num, den in ratios_wanted:
-        if num not in med or den not in med:
-            continue
-        ratios[f"{num}/{den}"] = {k: (med[num][k] / med[den][k]) if med[num][k] and med[den][k] else None
-                                  for k, *_ in FIGURES}
-    # per-rep ratios of the key pair (paired within a rep) show the spread of the key figure
-    paired = {k: [] for k, *_ in FIGURES}
-    if key_ratio:
-        num, den = key_ratio
-        for rep in sorted({r["rep"] for r in results}):
-            by = {r["mode"]: r for r in results if r["rep"] == rep}
-            if num in by and den in by:
-                for k, *_ in FIGURES:
-                    if by[num][k] and by[den][k]:
-                        paired[k].append(by[num][k] / by[den][k])
-    return {"medians": med, "ratios": ratios, "key_ratio": "/".join(key_ratio) if key_ratio else None,
-            "paired_key_ratio": paired}
-
-
-def markdown(summary: dict, modes, ratios_wanted) -> str:
-    med, ratios, paired = summary["medians"], summary["ratios"], summary["paired_key_ratio"]
-    key = summary["key_ratio"]
-    rks = [f"{a}/{b}" for a, b in ratios_wanted if f"{a}/{b}" in ratios]
-    head = ["figure"] + list(modes) + [f"**{r}**" if r == key else r for r in rks]
-    show_paired = key in ratios
-    if show_paired:
-        head.append(f"{key} per rep (min–max)")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for k, title, fmt, _ in FIGURES:
-        cells = [title]
-        for mode in modes:
-            v = med[mode][k]
-            cells.append(fmt.format(v) if v is not None else "–")
-        for rk in rks:
-            v = ratios[rk][k] if k != "foreign_cpu_cores" else None   # a noise gauge, not a figure
-            cells.append(f"{v:.2f}" if v is not None else "–")
-        if show_paired:
-            p = paired[k] if k != "foreign_cpu_cores" else []
-            cells.append(f"{min(p):.2f}–{max(p):.2f}" if p else "–")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def base_conditions(args) -> dict:
-    def ver(cmd):
-        with contextlib.suppress(Exception):
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-            return (r.stdout + r.stderr).strip().splitlines()[0]
-        return None
-    envoy_version = None
-    with contextlib.suppress(Exception):
-        envoy_version = ver([find_envoy(), "--version"]).split("version:")[-1].strip()
-    return {
-        "kernel": platform.release(), "cpus": os.cpu_count(),
-        "cpu_model": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                           .splitlines() if ln.startswith("model name")), None),
-        "meshd": MESHD_VERSION, "envoy": envoy_version,
-        "nginx": ver(["nginx", "-v"]), "wrk": ver(["wrk", "-v"]), "iperf3": ver(["iperf3", "-v"]),
-        "iptables": ver(["iptables", "-V"]),
-        "idle_wait_s": args.idle_wait, "idle_threshold": args.idle_threshold,
-        "reps": args.reps, "duration_s": args.duration, "iperf_duration_s": args.iperf_duration,
-        "file_bytes": FILE_SIZE,
-    }
-
-
-def arg_parser(doc: str, modes, idle_wait: float = 20) -> argparse.ArgumentParser:
+def arg_parser(doc: str, idle_wait: float = 5) -> argparse.ArgumentParser:
+    """The options every measuring script shares (bench/timings.py)."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
-    ap.add_argument("--duration", type=int, default=3, help="seconds per wrk run (default 3)")
-    ap.add_argument("--iperf-duration", type=int, default=3, help="seconds per iperf3 run (default 3)")
-    ap.add_argument("--settle", type=float, default=0.3, help="pause between runs (default 0.3 s)")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions (default 5)")
+    ap.add_argument("--duration", type=int, default=2, help="seconds per wrk run (default 2)")
+    ap.add_argument("--settle", type=float, default=0.2, help="pause between runs (s)")
     ap.add_argument("--idle-wait", type=float, default=idle_wait,
-                    help="before each measurement wait up to this many seconds for the machine "
-                         f"to be idle (default {idle_wait:g}; 0 = don't wait)")
+                    help="wait up to this many s for the machine to be idle before each "
+                         f"measurement (default {idle_wait:g}; 0 = don't wait)")
     ap.add_argument("--idle-threshold", type=float, default=0.15,
-                    help="'idle' = at most this share of all CPUs busy over 0.5 s (default 0.15)")
-    ap.add_argument("--modes", default=",".join(modes), help="comma-separated subset of modes")
-    ap.add_argument("--no-rotate", action="store_true",
-                    help="fixed mode order in every rep (default: rotate the order per rep)")
+                    help="'idle' = at most this share of all CPUs busy over 0.5 s")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="results directory")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs) at the end")
     return ap
-
-
-def run_suite(cls, args, ap: argparse.ArgumentParser, script: str) -> int:
-    """Set up, warm up, measure interleaved reps, clean up, report. Returns the exit code."""
-    if os.geteuid() != 0:
-        print(f"bench/{script}.py needs root (netns, cgroups, BPF, iptables)", file=sys.stderr)
-        return 1
-    modes = [m for m in args.modes.split(",") if m]
-    if set(modes) - set(cls.modes):
-        ap.error(f"unknown modes: {set(modes) - set(cls.modes)}")
-
-    # Envoy outlives meshd by design and is re-parented to us, so we can reap it.
-    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    bench = cls(args)
-    atexit.register(bench.cleanup)
-
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)
-    # SIGINT too: started from a non-interactive `cmd &`, Python would inherit SIG_IGN for
-    # it and Ctrl-C/kill -INT would be ignored instead of cleaning up.
-    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(s, on_signal)
-
-    results: list[dict] = []
-    started = datetime.datetime.now()
-    try:
-        bench.setup()
-        cond = dict(base_conditions(args), **bench.conditions())
-        log(f"warm-up ({', '.join(modes)})")
-        for mode in modes:
-            bench.warm_up(mode)
-        for rep in range(args.reps):
-            order = modes if args.no_rotate else modes[rep % len(modes):] + modes[:rep % len(modes)]
-            for mode in order:
-                m = bench.measure(mode, rep)
-                results.append(m)
-                deltas = " ".join(f"{k} {v}" for k, v in m["stat_deltas"]["c16"].items())
-                log(f"rep {rep + 1}/{args.reps} {mode:15s} {m['rps']:8.0f} req/s  "
-                    f"{m['cpu_us_per_req']:6.1f} µs CPU/req  p50 {m['p50_us']} µs  "
-                    f"p99 {m['p99_us']} µs  {m['iperf_gbps']:.2f} Gbit/s  "
-                    f"Δ[{deltas}]  foreign {m['foreign_cpu_cores']:.2f} cores  "
-                    f"{'ok' if m['through_envoy_ok'] else 'PATH CHECK FAILED'}")
-    finally:
-        bench.cleanup()
-
-    present = [m for m in cls.modes if m in modes]
-    summary = summarize(results, present, cls.ratios, cls.key_ratio)
-    table = markdown(summary, present, cls.ratios)
-    path_ok = all(r["through_envoy_ok"] for r in results)
-    errors = sum(r["errors_c16"] + r["errors_c1"] for r in results)
-    os.makedirs(args.out, exist_ok=True)
-    out = Path(args.out, f"{script}-{started.strftime('%Y%m%d-%H%M%S')}.json")
-    out.write_text(json.dumps({
-        "started": started.isoformat(timespec="seconds"),
-        "elapsed_s": round((datetime.datetime.now() - started).total_seconds(), 1),
-        "conditions": cond, "path_ok": path_ok, "wrk_errors": errors,
-        "summary": summary, "results": results}, indent=2) + "\n")
-    print(f"\nmeshd {script} benchmark, {started:%Y-%m-%d %H:%M}, kernel {cond['kernel']}, "
-          f"{cond['cpus']} CPUs, Envoy {cond['envoy']}; medians of {args.reps} interleaved reps, "
-          f"wrk {args.duration:g} s, iperf3 {args.iperf_duration} s\n")
-    print(table)
-    print(f"\nresults: {out}")
-    if not path_ok:
-        print("WARNING: the Envoy counter check failed for some measurement "
-              "(a direct mode went through Envoy, or a proxied mode did not)", file=sys.stderr)
-    if errors:
-        print(f"WARNING: wrk reported {errors} socket/status errors", file=sys.stderr)
-    return 0 if path_ok else 1

@@ -19,10 +19,8 @@ veth to a server namespace <prefix>s running tests/helpers/echo_server.py on two
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import random
 import signal
 import statistics
 import subprocess
@@ -32,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (REPO, BenchBase, MeshdInstance, arg_parser, log, sh,  # noqa: E402
+from common import (REPO, take_charge, BenchBase, MeshdInstance, arg_parser, log,  # noqa: E402
                     wait_for)
 from meshd import bpfsys  # noqa: E402
 
@@ -65,15 +63,7 @@ class Timings(BenchBase):
 
     def setup(self):
         self.ns_c, self.ns_s = f"{self.prefix}c", f"{self.prefix}s"
-        n = random.randint(1, 250)
-        self.ip_c, self.ip_s = f"10.235.{n}.1", f"10.235.{n}.2"
-        self.netns_add(self.ns_c)
-        self.netns_add(self.ns_s)
-        veth = f"{self.prefix}x"
-        self.veth_add(veth, self.ns_c, self.ns_s)
-        for ns, dev, ip in ((self.ns_c, veth, self.ip_c), (self.ns_s, veth + "p", self.ip_s)):
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
+        self.ip_c, self.ip_s = self.two_hosts(self.ns_c, self.ns_s, "10.237", f"{self.prefix}x")
         self.wl = self.cg_make("wl")
         server = self.cg_make("server")
         self.spawn_server(server, self.ns_s, sys.executable, ECHO_SERVER,
@@ -155,18 +145,11 @@ def figures(xs: list[float]) -> dict:
 
 
 def main() -> int:
-    ap = arg_parser(__doc__, ())
+    ap = arg_parser(__doc__)
     ap.set_defaults(reps=10)
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench/timings.py needs root (netns, cgroups, BPF)", file=sys.stderr)
+    if not take_charge("timings.py"):
         return 1
-    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: reap orphaned Envoys
-
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)       # so the finally below cleans up
-    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(s, on_signal)
     bench = Timings(args)
     try:
         bench.setup()

@@ -327,6 +327,20 @@ def render_listeners(outbound_port: int, ipv6: bool, workload_ids=(),
 CONNECT_TIMEOUT = "130s"
 
 
+# An HTTP server connection with no request in flight is closed after this long.
+# Envoy keeps a per-client-connection pool's server connection open after the client
+# has gone (it does not couple the two); with no idle timeout every closed client
+# connection on an HTTP port left one server connection behind for good, and after
+# 1,024 of them (the default circuit breaker) new ones failed. Measured with
+# bench/run.py (one request per connection).
+UPSTREAM_IDLE_TIMEOUT = "1s"
+# Envoy's default circuit breakers (1,024 connections, pending and active requests
+# per cluster) are a limit the host did not have without the mesh.
+_NO_CIRCUIT_BREAKER = {"thresholds": [{
+    "max_connections": MAX_DOWNSTREAM_CONNECTIONS, "max_pending_requests": MAX_DOWNSTREAM_CONNECTIONS,
+    "max_requests": MAX_DOWNSTREAM_CONNECTIONS}]}
+
+
 def _original_dst_cluster(name: str) -> dict:
     return {
         "name": name,
@@ -336,10 +350,12 @@ def _original_dst_cluster(name: str) -> dict:
         "original_dst_lb_config": {"use_http_header": False},
         # A server connection serves one client connection, as without the mesh.
         "connection_pool_per_downstream_connection": True,
+        "circuit_breakers": _NO_CIRCUIT_BREAKER,
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": T_HTTP_PROTOCOL_OPTIONS,
-                "common_http_protocol_options": _HTTP_COMMON,
+                "common_http_protocol_options": dict(_HTTP_COMMON,
+                                                     idle_timeout=UPSTREAM_IDLE_TIMEOUT),
                 "use_downstream_protocol_config": {
                     "http_protocol_options": _PRESERVE_CASE,
                     "http2_protocol_options": {},

@@ -204,4 +204,7 @@ def format_text(st: Status, running: bool, source: str) -> str:
     if st.counters.get("miss"):
         out.append(f"  misses:    {st.counters['miss']} connections reached Envoy without an "
                    "original destination (failed, not forwarded)")
+    if full := st.host_counters().get("table_full"):
+        out.append(f"  full:      {full} connections went direct because the connection maps "
+                   "were full (raise mesh.max_connections)")
     return "\n".join(out)

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 from conftest import HTTP_PORT, REPO, VIA_ENVOY, free_port, reap, wait_for
 from meshd import bpfsys
@@ -189,10 +190,13 @@ def test_another_build_is_installed_under_traffic_losing_nothing(meshed, monkeyp
         # build 2: other sources, same maps; build 3: also other map sizes
         builds = [(another_build(mesh, "2"), {}), (another_build(mesh, "3"),
                                                    {"max_connections": 4096})]
+        windows = []
         for bpf_dir, sizes in builds:
             if sizes:
                 mesh.configure(**sizes)
+            t0 = time.time()
             restart(mesh, monkeypatch, bpf_dir)
+            windows.append((t0, time.time()))
             assert "data path upgraded" in mesh.log_text()
             st = mesh.status()
             assert st["datapath"]["adopted"] is False and st["envoy"]["pid"] == envoy_pid
@@ -224,6 +228,8 @@ def test_another_build_is_installed_under_traffic_losing_nothing(meshed, monkeyp
     assert len(recs) > 50
     assert [r for r in recs if "error" in r] == []
     assert all(r["envoy"] for r in recs)                    # none went direct
+    # requests were made while each new build was compiled and swapped in
+    assert all(any(a < r["t0"] < b for r in recs) for a, b in windows), windows
     counters = mesh.status()["workloads"][0]["counters"]
     assert counters["miss"] == 0 and counters["fail_open"] == 0, counters
     assert counters["table_full"] == 0, counters

@@ -172,6 +172,16 @@ def test_clusters(files):
     assert od["connection_pool_per_downstream_connection"] is True
     assert od["original_dst_lb_config"] == {"use_http_header": False}
     assert "load_assignment" not in od
+    for c in (od, cl["meshd_inbound"]):
+        # a server connection whose client has gone is closed, not kept for good
+        opts = c["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        assert opts["common_http_protocol_options"]["idle_timeout"] == ec.UPSTREAM_IDLE_TIMEOUT
+        assert ec.UPSTREAM_IDLE_TIMEOUT != "0s"
+        # no limit of Envoy's own below the overload manager's
+        (th,) = c["circuit_breakers"]["thresholds"]
+        assert th["max_connections"] == th["max_requests"] == th["max_pending_requests"] \
+            == ec.MAX_DOWNSTREAM_CONNECTIONS
     bh = cl["meshd_blackhole"]
     assert bh["type"] == "STATIC"
     assert bh["connect_timeout"] == "1s"
