@@ -103,9 +103,9 @@ def render_bootstrap(state_dir: str) -> dict:
     cdir = config_dir(state_dir)
     return {
         "node": {"id": "meshd", "cluster": "meshd"},
-        # 0660 in a set-group-id root directory only Envoy's user and root may enter:
+        # 0666 in a directory only Envoy's user and root's group may enter (0750):
         # meshd connects as root without CAP_DAC_OVERRIDE (meshd/envoy/identity.py)
-        "admin": {"address": {"pipe": {"path": sock, "mode": 0o660}}},
+        "admin": {"address": {"pipe": {"path": sock, "mode": 0o666}}},
         "dynamic_resources": {
             "lds_config": _path_source(os.path.join(cdir, LDS), cdir),
             "cds_config": _path_source(os.path.join(cdir, CDS), cdir),
@@ -425,7 +425,7 @@ def write_config(state_dir: str, files: dict[str, dict]) -> list[str]:
     identity.make_dir(cdir, 0, gid, 0o750)
     run = statefiles.path(state_dir, statefiles.ENVOY_RUN_DIR)
     if not os.path.isdir(run):   # the daemon hands it to Envoy's user first
-        identity.make_dir(run, 0, 0, 0o2750)
+        identity.make_dir(run, 0, 0, 0o750)
     order = [n for n in _WRITE_ORDER if n in files] + sorted(set(files) - set(_WRITE_ORDER))
     changed = []
     for name in order:

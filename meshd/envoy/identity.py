@@ -17,10 +17,10 @@ The files:
   read, such as key files): root:meshd-envoy 0750, files 0640, written by meshd
   (:func:`envoy_group`). Envoy reads them; no other user can.
 - ``<state_dir>/envoy-run/`` (the admin socket, the access log, Envoy's log):
-  meshd-envoy:root 2750. Envoy writes there and nowhere else; the set-group-id bit
-  gives what it creates group root, and the admin socket mode 0660, so meshd (root
-  without CAP_DAC_OVERRIDE under systemd) can connect, and no other user can even
-  reach it.
+  meshd-envoy:root 0750. Envoy writes there and nowhere else; the directory is the
+  gate: only Envoy and root's group may enter it, so the admin socket inside can be
+  mode 0666 and meshd (root without CAP_DAC_OVERRIDE under systemd) connects. No
+  set-group-id bit: meshd.service's RestrictSUIDSGID= refuses to set one.
 """
 from __future__ import annotations
 
@@ -169,8 +169,7 @@ def envoy_group() -> int:
 
 
 def make_dir(path: str, uid: int, gid: int, mode: int) -> None:
-    """A directory with exactly this owner and mode (chmod before chown: the
-    set-group-id bit of a group meshd is not in would otherwise be dropped)."""
+    """A directory with exactly this owner and mode."""
     os.makedirs(path, mode=0o700, exist_ok=True)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
@@ -184,7 +183,7 @@ def make_dir(path: str, uid: int, gid: int, mode: int) -> None:
 def prepare_run_dir(path: str, ident: EnvoyIdentity) -> None:
     """``<state_dir>/envoy-run``: Envoy's, files left by an Envoy that ran as another
     user handed over (it must reopen its logs)."""
-    make_dir(path, ident.uid, 0, 0o2750)
+    make_dir(path, ident.uid, 0, 0o750)
     for name in os.listdir(path):
         p = os.path.join(path, name)
         st = os.lstat(p)

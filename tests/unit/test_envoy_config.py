@@ -49,7 +49,7 @@ def test_file_set(files):
 def test_bootstrap(files):
     b = files["bootstrap.json"]
     assert b["node"] == {"id": "meshd", "cluster": "meshd"}
-    assert b["admin"]["address"] == {"pipe": {"path": "/run/meshd/envoy-run/admin.sock", "mode": 0o660}}
+    assert b["admin"]["address"] == {"pipe": {"path": "/run/meshd/envoy-run/admin.sock", "mode": 0o666}}
     assert "socket_address" not in json.dumps(b["admin"])
     for key, name in (("lds_config", "lds.json"), ("cds_config", "cds.json")):
         src = b["dynamic_resources"][key]

@@ -97,7 +97,7 @@ def test_run_dir_is_envoys_and_files_left_by_root_are_handed_over(tmp_path):
     (run / "access.log").write_text("old root-owned log\n")
     identity.prepare_run_dir(str(run), ident)
     st = run.stat()
-    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o2750, 65534, 0)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o750, 65534, 0)
     assert (run / "access.log").stat().st_uid == 65534
     os.symlink("/etc/passwd", run / "link")
     identity.prepare_run_dir(str(run), ident)   # a symlink is never followed
