@@ -97,6 +97,14 @@ def sh(*cmd, check=True, **kw) -> subprocess.CompletedProcess:
 
 
 
+def save_results(out_dir: str, name: str, doc: dict) -> Path:
+    """Write one run's raw figures as <out_dir>/<name>-<date-time>.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    out = Path(out_dir, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    return out
+
+
 def take_charge(script: str) -> bool:
     """Start of a measuring script: it needs root; it becomes the subreaper of what it
     starts (Envoy outlives meshd by design and is re-parented to us, so we can reap it);

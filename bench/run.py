@@ -23,7 +23,7 @@ the rules in force differ):
                measured: OUTPUT -m cgroup (egress, same-host, two-host's A) and PREROUTING
                (ingress, two-host's B), target B:8081/5203
   meshd        meshd's eBPF steering into meshd's Envoy (B:80/5201 when B meshes it)
-  meshd-accel  meshd with `[mesh] acceleration = true` (written live, removed after);
+  meshd-accel  meshd with `[mesh] acceleration = "force"` (written live, removed after; forced: the kernel is not on meshd's allowlist);
                "not available" when this meshd rejects the key
 Figures per measurement: req/s (wrk c=16), CPU per request (all CPUs; own cgroups),
 p50/p99 at c=1 and under load, new connections/s (one request per connection), iperf3.
@@ -155,12 +155,12 @@ class Suite(BenchBase):
         wait_for(up, 10, what="nginx and iperf3 in netns b")
 
     def _check_acceleration(self):
-        """Does this meshd accept `[mesh] acceleration = true`? (`meshd check` on a copy
+        """Does this meshd accept `[mesh] acceleration = "force"`? (`meshd check` on a copy
         of A's config plus that file.)"""
         with tempfile.TemporaryDirectory(prefix=f"{self.prefix}-chk") as d:
             for f in Path(self.mesh_a.config_dir).glob("*.toml"):
                 shutil.copy(f, d)
-            Path(d, ACCEL_FILE).write_text("[mesh]\nacceleration = true\n")
+            Path(d, ACCEL_FILE).write_text("[mesh]\nacceleration = \"force\"\n")
             r = sh(MESHD, "check", "--config-dir", d, check=False)
         self.accel_available = r.returncode == 0
         self.accel_error = "" if self.accel_available else (r.stdout + r.stderr).strip() \
@@ -241,7 +241,7 @@ class Suite(BenchBase):
             self._ipt(rule[0], "-A", rule[1], *self._rule_args(rule))
             self.rules_on.append(rule)
         for m in u.accel:
-            m.write_conf(ACCEL_FILE, "[mesh]\nacceleration = true\n")
+            m.write_conf(ACCEL_FILE, "[mesh]\nacceleration = \"force\"\n")
         for m in u.accel:
             m.wait_config(ACCEL_FILE, True)
 
@@ -351,7 +351,7 @@ def render_markdown(doc: dict) -> str:
              report.conditions_text(c), ""]
     if not c.get("acceleration_available"):
         parts += [f"`meshd-accel`: **not available** — this meshd rejects "
-                  f"`[mesh] acceleration = true` (`{c.get('acceleration_error', '')}`).", ""]
+                  f"`[mesh] acceleration = \"force\"` (`{c.get('acceleration_error', '')}`).", ""]
     for path, modes in doc["modes"].items():
         parts += [f"#### {path}", "", report.path_table(doc["summary"][path], modes), ""]
     if doc.get("connect"):

@@ -26,13 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import MESHD, BenchBase, MeshdInstance, arg_parser, log, sh  # noqa: E402
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return kb / 1024
+from common import (MESHD, BenchBase, MeshdInstance, arg_parser, log, rss_mb,  # noqa: E402
+                    save_results, sh)
 
 
 def maps_bcc(pid: int) -> bool:
@@ -84,7 +79,7 @@ def figures(recs: list[dict]) -> dict:
 
 
 def main() -> int:
-    ap = arg_parser(__doc__, ())
+    ap = arg_parser(__doc__)
     ap.set_defaults(reps=5, settle=1.0)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -111,10 +106,8 @@ def main() -> int:
         bench.cleanup()
     result = {"cold (compile child, Envoy started)": figures(cold),
               "warm (pins and Envoy adopted)": figures(warm)}
-    os.makedirs(args.out, exist_ok=True)
-    out = Path(args.out, f"startup-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.write_text(json.dumps({"raw": {"cold": cold, "warm": warm}, "figures": result},
-                              indent=2) + "\n")
+    out = save_results(args.out, "startup", {"raw": {"cold": cold, "warm": warm},
+                                             "figures": result})
     print("| start | n | to running, median s | max s | meshd RSS median MB | max MB | libbcc mapped |")
     print("|---|---|---|---|---|---|---|")
     for k, f in result.items():

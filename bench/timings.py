@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (REPO, take_charge, BenchBase, MeshdInstance, arg_parser, log,  # noqa: E402
-                    wait_for)
+                    save_results, wait_for)
 from meshd import bpfsys  # noqa: E402
 
 ECHO_SERVER = REPO / "tests" / "helpers" / "echo_server.py"
@@ -161,10 +161,8 @@ def main() -> int:
         bench.cleanup()
     result = {"reload (rename -> new path)": figures(reload),
               "fail-open request (Envoy down)": figures(fail_open)}
-    os.makedirs(args.out, exist_ok=True)
-    out = Path(args.out, f"timings-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.write_text(json.dumps({"raw_s": {"reload": reload, "fail_open": fail_open},
-                               "figures": result}, indent=2) + "\n")
+    out = save_results(args.out, "timings", {"raw_s": {"reload": reload, "fail_open": fail_open},
+                                             "figures": result})
     print("| timing | n | median ms | min ms | max ms |\n|---|---|---|---|---|")
     for k, f in result.items():
         print(f"| {k} | {f['n']} | {f['median_ms']} | {f['min_ms']} | {f['max_ms']} |")

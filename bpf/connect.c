@@ -46,6 +46,22 @@ static __always_inline int envoy_up(__u32 slot)
 	return 1;
 }
 
+/* Is Envoy's listener up where this socket lives? In a container's network
+ * namespace that is Envoy's listener inside it (netns_listeners), elsewhere
+ * the served namespace's (envoy_listeners). */
+static __always_inline int envoy_up_here(struct bpf_sock_addr *ctx, struct ctr_netns *ctr,
+					 __u32 slot)
+{
+	if (!ctr)
+		return envoy_up(slot);
+	struct netns_slot k = {.netns = bpf_get_netns_cookie(ctx), .slot = slot};
+	struct bpf_sock *sk = (struct bpf_sock *)netns_listeners.lookup(&k);
+	if (!sk)
+		return 0;
+	bpf_sk_release(sk);
+	return 1;
+}
+
 static __always_inline int save_dst(struct bpf_sock_addr *ctx, struct orig_dst *dst)
 {
 	__u64 cookie = bpf_get_socket_cookie(ctx);
@@ -69,7 +85,8 @@ int meshd_connect4(struct bpf_sock_addr *ctx)
 		count(wl, C_EXCLUDED);
 		return 1;
 	}
-	if (!envoy_up(OUT_V4)) {
+	struct ctr_netns *ctr = in_container_netns(ctx);
+	if (!envoy_up_here(ctx, ctr, OUT_V4)) {
 		count(wl, C_FAIL_OPEN);
 		return 1;
 	}
@@ -83,7 +100,15 @@ int meshd_connect4(struct bpf_sock_addr *ctx)
 	}
 	ctx->user_ip4 = meshd_htonl(0x7f000001);
 	ctx->user_port = meshd_htons(s->outbound_port);
-	if (wl) {
+	if (ctr) {
+		/* In a container's namespace: from CONTAINER_NET4 | its index, so a
+		 * 4-tuple names one connection across every container namespace
+		 * (Envoy's listener there serves that one container). */
+		struct sockaddr_in src = {.sin_family = MESHD_AF_INET};
+		src.sin_addr.s_addr = meshd_htonl(CONTAINER_NET4 | (ctr->index & 0xffff));
+		long err = bpf_bind(ctx, (struct sockaddr *)&src, sizeof(src));
+		(void)err;
+	} else if (wl) {
 		/* Connect from 127.77.0.<workload id>: Envoy tells workloads apart by
 		 * source address (per-workload filter chains and stats). A socket the
 		 * app bound itself keeps its address (and is counted unattributed). */
@@ -117,8 +142,10 @@ int meshd_connect6(struct bpf_sock_addr *ctx)
 		count(wl, C_EXCLUDED);
 		return 1;
 	}
-	/* a v4-mapped destination travels as IPv4: it needs Envoy's IPv4 listener */
-	if (!envoy_up(mapped ? OUT_V4 : OUT_V6)) {
+	/* a v4-mapped destination travels as IPv4: it needs Envoy's IPv4 listener.
+	 * Containers get no IPv6 listener: their IPv6 goes direct (counted). */
+	struct ctr_netns *ctr = in_container_netns(ctx);
+	if (ctr || !envoy_up(mapped ? OUT_V4 : OUT_V6)) {
 		count(wl, C_FAIL_OPEN);
 		return 1;
 	}

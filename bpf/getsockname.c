@@ -20,11 +20,18 @@ int meshd_getsockname4(struct bpf_sock_addr *ctx)
 {
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct orig_dst *dst = cookie_dst.lookup(&cookie);
-	__u32 saddr;
-	if (!dst || dst->family != MESHD_AF_INET || !source_for4(dst->addr[0], &saddr))
+	if (!dst || dst->family != MESHD_AF_INET)
 		return 1;
 	if ((meshd_ntohl(ctx->user_ip4) >> 24) != 127)
 		return 1;   /* the application bound an address itself: it is the truth */
+	/* A container has one interface: its address is the source of every
+	 * non-loopback connection (route_src4 is the served namespace's table). */
+	struct ctr_netns *ctr = in_container_netns(ctx);
+	__u32 saddr;
+	if (ctr)
+		saddr = ctr->addr4;
+	else if (!source_for4(dst->addr[0], &saddr))
+		return 1;
 	ctx->user_ip4 = saddr;
 	return 1;
 }

@@ -44,29 +44,23 @@ static __always_inline int to_loopback(struct bpf_sk_lookup *ctx)
 	       ctx->local_ip6[2] == 0 && ctx->local_ip6[3] == meshd_htonl(1);
 }
 
-int meshd_sk_lookup(struct bpf_sk_lookup *ctx)
+/* An excluded inbound port (for everyone, or for this workload) passes. */
+static __always_inline int inbound_excluded(__u32 wl, __u16 port)
 {
-	if (ctx->protocol != IPPROTO_TCP)
-		return SK_PASS;
-	__u16 port = (__u16)ctx->local_port;   /* host order here */
-	__u32 *wlp = inbound_ports.lookup(&port);
-	if (!wlp)
-		return SK_PASS;
-	__u32 wl = *wlp;
-	if (from_envoy(ctx) || to_loopback(ctx) || envoy_upstream(ctx))
-		return SK_PASS;
 	struct port_key k = {.workload = 0, .port = port};
-	if (excluded_in_ports.lookup(&k)) {
-		count(wl, C_INBOUND_EXCLUDED);
-		return SK_PASS;
+	if (!excluded_in_ports.lookup(&k)) {
+		k.workload = wl;
+		if (!excluded_in_ports.lookup(&k))
+			return 0;
 	}
-	k.workload = wl;
-	if (excluded_in_ports.lookup(&k)) {
-		count(wl, C_INBOUND_EXCLUDED);
-		return SK_PASS;
-	}
-	__u32 slot = ctx->family == MESHD_AF_INET6 ? IN_V6 : IN_V4;
-	struct bpf_sock *sk = (struct bpf_sock *)envoy_listeners.lookup(&slot);
+	count(wl, C_INBOUND_EXCLUDED);
+	return 1;
+}
+
+/* Hand the connection to Envoy's listening socket sk (a referenced lookup
+ * result, released here); none: the application gets it (fail open). */
+static __always_inline int steer(struct bpf_sk_lookup *ctx, struct bpf_sock *sk, __u32 wl)
+{
 	if (!sk) {
 		count(wl, C_INBOUND_FAIL_OPEN);
 		return SK_PASS;
@@ -75,4 +69,42 @@ int meshd_sk_lookup(struct bpf_sk_lookup *ctx)
 	bpf_sk_release(sk);
 	count(wl, err == 0 ? C_INBOUND : C_INBOUND_FAIL_OPEN);
 	return SK_PASS;
+}
+
+/* Inside a container's namespace (its own pinned link): to the container's
+ * address, a port it listens on -> Envoy's inbound listener in that namespace. */
+static __always_inline int container_lookup(struct bpf_sk_lookup *ctx, __u64 *ns)
+{
+	__u16 port = (__u16)ctx->local_port;
+	struct ctr_port k = {.addr4 = ctx->local_ip4, .port = port};
+	__u32 *wlp = ctr_inbound_ports.lookup(&k);
+	if (!wlp)
+		return SK_PASS;
+	__u32 wl = *wlp;
+	if (from_envoy(ctx) || envoy_upstream(ctx) || inbound_excluded(wl, port))
+		return SK_PASS;
+	struct netns_slot slot = {.netns = *ns, .slot = IN_V4};
+	return steer(ctx, (struct bpf_sock *)netns_listeners.lookup(&slot), wl);
+}
+
+int meshd_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	if (ctx->family == MESHD_AF_INET) {
+		__u32 addr = ctx->local_ip4;
+		__u64 *ns = container_addr4.lookup(&addr);
+		if (ns)
+			return container_lookup(ctx, ns);
+	}
+	__u16 port = (__u16)ctx->local_port;   /* host order here */
+	__u32 *wlp = inbound_ports.lookup(&port);
+	if (!wlp)
+		return SK_PASS;
+	__u32 wl = *wlp;
+	if (from_envoy(ctx) || to_loopback(ctx) || envoy_upstream(ctx) ||
+	    inbound_excluded(wl, port))
+		return SK_PASS;
+	__u32 slot = ctx->family == MESHD_AF_INET6 ? IN_V6 : IN_V4;
+	return steer(ctx, (struct bpf_sock *)envoy_listeners.lookup(&slot), wl);
 }

@@ -14,6 +14,7 @@ import os
 
 # enum bpf_attach_type (uapi/linux/bpf.h)
 CGROUP_SOCK_OPS = 3
+SK_MSG_VERDICT = 7
 CGROUP_INET4_CONNECT = 10
 CGROUP_INET6_CONNECT = 11
 CGROUP_GETSOCKOPT = 21
@@ -25,6 +26,7 @@ SK_LOOKUP = 36
 
 # enum bpf_prog_type
 PROG_SOCK_OPS = 13
+PROG_SK_MSG = 16
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_CGROUP_SOCKOPT = 25
 PROG_SK_LOOKUP = 30
@@ -46,7 +48,8 @@ def lib() -> ctypes.CDLL:
         for fn in ("bpf_obj_pin", "bpf_obj_get", "bpf_link_create", "bpf_link_detach",
                    "bpf_link_update",
                    "bpf_map_update_elem", "bpf_map_lookup_elem", "bpf_map_delete_elem",
-                   "bpf_map_get_next_key", "bpf_obj_get_info_by_fd", "bpf_prog_query"):
+                   "bpf_map_get_next_key", "bpf_obj_get_info_by_fd", "bpf_prog_query",
+                   "bpf_prog_attach"):
             getattr(_lib, fn).restype = ctypes.c_int
     return _lib
 
@@ -70,6 +73,13 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     """A bpf_link: attached like BPF_F_ALLOW_MULTI, detached only through it."""
     return _check(lib().bpf_link_create(prog_fd, target_fd, attach_type, None),
                   f"link program to fd {target_fd} (attach type {attach_type})")
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    """The old-style attachment, for what has no link here: an sk_msg program
+    on a SOCKHASH (the map holds it; attaching again replaces it)."""
+    _check(lib().bpf_prog_attach(prog_fd, target_fd, attach_type, 0),
+           f"attach program to fd {target_fd} (attach type {attach_type})")
 
 
 def link_detach(link_fd: int) -> None:

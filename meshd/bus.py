@@ -112,6 +112,15 @@ EMPTY_IS_NONE = Codec(lambda v: v or "", lambda v: v or None)
 CONFIG_ERRORS = Codec(lambda errs: [(e.file, e.line, e.key, e.message) for e in errs],
                       lambda v: [dict(file=f, line=n, key=k, message=m) for f, n, k, m in v])
 PROGRAM_IDS = Codec(lambda d: {h: list(ids) for h, ids in d.items()})
+# Podman containers: (id, name, workload, cgroup, network, addresses, inbound
+# ports, enrolled since (µs, 0 = not meshed), why not, counters of its workload).
+_CTR_FIELDS = ("id", "name", "workload", "cgroup", "network", "addresses", "inbound_ports",
+               "enrolled_since", "error", "counters")
+CONTAINERS = Codec(
+    lambda cs: [(c.id, c.name, c.workload, c.cgroup, c.network, list(c.addresses),
+                 list(c.inbound_ports), _usec_to_bus(c.enrolled_since), c.error,
+                 dict(c.counters)) for c in cs],
+    lambda v: [dict(zip(_CTR_FIELDS, row), enrolled_since=row[7] / 1e6) for row in v])
 # A workload's State: "enrolled" or why not; decodes to the model's error.
 WORKLOAD_STATE = Codec(str, lambda v: "" if v == "enrolled" else v)
 
@@ -159,7 +168,7 @@ class Prop:
 _GETTERS = {"host_counters": Status.host_counters, "workload_state": lambda w: w.state}
 _CODECS = {"USEC": USEC, "ZERO_IS_NONE": ZERO_IS_NONE, "EMPTY_IS_NONE": EMPTY_IS_NONE,
            "CONFIG_ERRORS": CONFIG_ERRORS, "PROGRAM_IDS": PROGRAM_IDS,
-           "WORKLOAD_STATE": WORKLOAD_STATE}
+           "WORKLOAD_STATE": WORKLOAD_STATE, "CONTAINERS": CONTAINERS}
 
 
 def _properties(table: str) -> tuple[Prop, ...]:
@@ -202,8 +211,14 @@ DataPathPins          s        datapath.pins                -              -    
 DataPathAdopted       b        datapath.adopted             -              -              -
 DataPathLinks         as       datapath.links               -              -              -
 TrackedConnections    t        datapath.tracked_connections -              -              -
+AccelerationMode      s        acceleration.mode            -              -              -
+AccelerationActive    b        acceleration.active          -              -              -
+AccelerationKernel    s        acceleration.kernel          -              -              const
+AccelerationReason    s        acceleration.reason          -              -              -
+AccelerationCounters  a{st}    acceleration.counters        -              -              -
 Counters              a{st}    -                            -              host_counters  -
 UnattributedCounters  a{st}    counters                     -              -              -
+Containers  a(sssssasaqtsa{st})    containers                   CONTAINERS     -              -
 """)
 WORKLOAD_PROPERTIES = _properties("""
 Name                  s        name                         -              -              const

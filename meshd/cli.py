@@ -1,4 +1,4 @@
-"""meshd's command line: run, check, status, cleanup."""
+"""meshd's command line: run, check, status, observe, cleanup."""
 from __future__ import annotations
 
 import argparse
@@ -36,7 +36,11 @@ files:
   <state_dir>/envoy/          generated Envoy bootstrap, listeners and clusters
                               (readable by root and the meshd-envoy group only)
   <state_dir>/envoy-run/      what Envoy (user meshd-envoy) writes: its admin
-                              socket, access log and log
+                              socket and log
+  <state_dir>/flows.sock      Envoy sends its flow records here (root and the
+                              meshd-envoy group only)
+  <state_dir>/observe.sock    recent and live flow records (`meshd observe`)
+  <state_dir>/flows.log       the flow log without systemd (else the journal)
   <bpffs_dir>/v1/             pinned maps, programs and links (/sys/fs/bpf/meshd)
 """
 
@@ -86,6 +90,54 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(status)
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
 
+    observe = sub.add_parser(
+        "observe", formatter_class=fmt, help="watch connections and requests as they happen",
+        description=textwrap.dedent("""\
+            Print one line per connection (ports not declared HTTP) or HTTP request
+            that went through this instance's Envoy, from the records the daemon
+            keeps (the last 4096) and, with --follow, as they happen:
+
+              TIME DIR SOURCE -> DESTINATION PROTOCOL [METHOD PATH] STATUS sent= recv= DURATION
+
+            Outbound lines start at the workload and end at the destination it
+            connected to; inbound lines start at the client's address and end at
+            the workload (and the address it was reached at). STATUS is the HTTP
+            status code, "ok" for a TCP connection that went through, Envoy's
+            response flags when it did not (UF: the destination refused or did not
+            answer), or "miss" when the original destination was unknown. Bytes
+            are from the workload's side; DURATION is the whole connection or
+            request. The records are Envoy's access log, batched and sent to meshd
+            beside the traffic: watching never slows traffic down.
+
+            Filters combine (all must match). Without --follow, what the daemon has
+            is printed and meshd observe exits."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              meshd observe --follow --workload web        # live, one workload
+              meshd observe --since 5m --status error      # recent failures
+              meshd observe --follow --json | jq .path     # for scripts: one JSON object a line
+
+            JSON fields: time (unix seconds), workload, direction, source, destination,
+            peer, protocol, method, path, status, flags, bytes_sent, bytes_received,
+            duration_ms. The journal has the same records (docs/observability.md).
+
+            exit status: 0, 1 on a bad option, 3 when the daemon is not running."""))
+    _config_arg(observe)
+    observe.add_argument("--workload", "-w", metavar="NAME", default="",
+                         help="only this workload's connections and requests")
+    observe.add_argument("--direction", "-d", choices=["in", "out", "inbound", "outbound"],
+                         help="only inbound (to the workload) or outbound (from it)")
+    observe.add_argument("--status", "-s", metavar="STATUS", default="",
+                         help="only this status: a code (404), a class (5xx), ok, miss, "
+                              "Envoy's flags (UF) or error (5xx, a failed connection, a miss)")
+    observe.add_argument("--since", metavar="WHEN", default="",
+                         help="only records that started since WHEN: a duration ago (30s, 5m, "
+                              "2h) or a unix time (default: everything kept; with --follow: "
+                              "from now on)")
+    observe.add_argument("--follow", "-f", action="store_true",
+                         help="keep printing new records as they happen (Ctrl-C ends)")
+    observe.add_argument("--json", action="store_true", help="one JSON object per line")
+
     cleanup = sub.add_parser(
         "cleanup", formatter_class=fmt, help="remove everything this instance installed",
         description=textwrap.dedent("""\
@@ -93,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
             attached, remove its pins, its Envoy cgroup and its state files.
             Programs attached by anything else are left alone."""))
     _config_arg(cleanup)
+
+    hook = sub.add_parser(
+        "oci-hook", formatter_class=fmt, help="the OCI createRuntime hook Podman runs",
+        description=textwrap.dedent("""\
+            Read a container's OCI state on stdin (Podman runs this from
+            /usr/share/containers/oci/hooks.d/meshd.json for containers started with
+            --annotation io.meshd.workload=NAME), record the container and ask the
+            daemon to enroll it; return once its traffic goes through Envoy. With
+            meshd stopped or slow, or run by a non-root user (rootless Podman), the
+            container starts un-meshed with a log line (exit 0); input that is not
+            an OCI state is refused (exit 1)."""))
+    _config_arg(hook)
+    hook.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                      help="give up waiting for meshd after this long (default: 5)")
     return p
 
 
@@ -184,6 +250,41 @@ def cmd_status(args) -> int:
     return 0 if running else 3
 
 
+def _since(value: str, now: float) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if value[-1:] in units:
+            return now - float(value[:-1]) * units[value[-1]]
+        return float(value)
+    except ValueError:
+        raise SystemExit(f"meshd observe: --since: expected a duration (30s, 5m, 2h) or a "
+                         f"unix time, got {value!r}") from None
+
+
+def cmd_observe(args) -> int:
+    import json
+    import time
+    from . import observe, statefiles
+    state_dir = _mesh_or_lenient(args.config_dir).state_dir
+    now = time.time()
+    since = _since(args.since, now) if args.since else (now if args.follow else 0.0)
+    path = statefiles.path(state_dir, statefiles.OBSERVE_SOCKET)
+    direction = {"in": "inbound", "out": "outbound"}.get(args.direction, args.direction or "")
+    try:
+        for r in observe.stream(path, since, args.follow):
+            if observe.matches(r, args.workload, direction, args.status):
+                print(json.dumps(r, sort_keys=True) if args.json else observe.format_line(r),
+                      flush=True)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"meshd is not running (nothing at {path})", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        sys.stderr.close()   # the reader went away (| head): not an error
+    return 0
+
+
 def _need_root(command: str) -> None:
     if os.geteuid() != 0:
         raise PermissionError("must run as root (it loads and removes eBPF "
@@ -232,7 +333,13 @@ def _run(args) -> int:
     return run(args.config_dir)
 
 
-COMMANDS = {"check": cmd_check, "status": cmd_status, "cleanup": cmd_cleanup, "run": _run}
+def _oci_hook(args) -> int:
+    from .ocihook import main as hook_main
+    return hook_main(args.config_dir, min(max(args.timeout, 0.1), 60.0))
+
+
+COMMANDS = {"check": cmd_check, "status": cmd_status, "cleanup": cmd_cleanup, "run": _run,
+            "oci-hook": _oci_hook, "observe": cmd_observe}
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,7 @@ log = logging.getLogger("meshd.compile")
 
 # Maps only the programs fill: entries made by the old build between the first
 # copy and the swap are copied again afterwards (without overwriting newer ones).
-KERNEL_FILLED = ("cookie_dst", "tuple_dst", "envoy_upstreams", "inbound_ports")
+KERNEL_FILLED = ("cookie_dst", "tuple_dst", "envoy_upstreams", "inbound_ports", "accel_state")
 
 
 def layout_matches(info: bpfsys.MapInfo, spec: maplayout.MapSpec, sizes) -> bool:
@@ -47,7 +47,8 @@ def copy_entries(name: str, old_fd: int, new_fd: int, flags: int = bpfsys.BPF_AN
     """Copy a map's entries into its successor; returns how many did not fit."""
     spec = maplayout.MAPS[name]
     old, new = bpfsys.map_info(old_fd), bpfsys.map_info(new_fd)
-    if (old.key_size, old.value_size) != (new.key_size, new.value_size) or spec.kind == "sockmap":
+    if (old.key_size, old.value_size) != (new.key_size, new.value_size) or spec.kind in (
+            "sockmap", "sockhash"):
         log.warning("map %s: layout changed, its entries are not carried over", name)
         return 0
     m = Map(old_fd, spec)   # the sizes as the kernel wants them in a lookup (per-CPU: all)

@@ -67,6 +67,14 @@ class MeshConfig:
     max_connections: int = 65536   # steered connections open at once; beyond: direct, counted
     max_exclusions: int = 16384    # entries of each exclusion map (ports, IPv4 CIDRs, ...)
     max_inbound_ports: int = 16384  # meshed inbound ports
+    # socket acceleration of local pairs (sockops + sk_msg): "on" (true), "off"
+    # (false) or "force" (also on a kernel not on meshd/acceleration.py's allowlist)
+    acceleration: str = "off"
+    # observability (docs/observability.md): Prometheus endpoint ("" = off),
+    # flow log destination and the share of records it keeps
+    metrics_address: str = "127.0.0.1:9464"
+    flow_logs: str = "auto"
+    flow_log_sample: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -208,7 +216,38 @@ def _protocols(v: Any) -> tuple[tuple[int, str], ...]:
     if bad:
         raise ValueError("; ".join(bad))
     return tuple(sorted(good.items()))
+
+
+def _acceleration(v: Any) -> str:
+    """true | false | "force" -> "on" | "off" | "force"."""
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if v == "force":
+        return v
+    raise ValueError(f'expected true, false or "force", got {_describe(v)}')
+
+
 _cidrs = _list_of(_cidr, "CIDR strings", sort_key=lambda n: (n.version, n.network_address, n.prefixlen))
+
+
+def _metrics_address(v: Any) -> str:
+    if _string(v):
+        from .metrics import parse_address
+        parse_address(v)
+    return v
+
+
+def _flow_logs(v: Any) -> str:
+    from .flowlog import MODES
+    if _string(v) not in MODES:
+        raise ValueError(f"must be one of {', '.join(MODES)}, got {v!r}")
+    return v
+
+
+def _fraction(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        raise ValueError(f"expected a number above 0 and at most 1, got {_describe(v)}")
+    return float(v)
 
 
 def _map_size(low: int, high: int):
@@ -238,6 +277,10 @@ _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "max_connections": (_map_size(64, 16_777_216), 65536),
     "max_exclusions": (_map_size(16, 1_048_576), 16384),
     "max_inbound_ports": (_map_size(16, 65_535), 16384),
+    "acceleration": (_acceleration, "off"),
+    "metrics_address": (_metrics_address, "127.0.0.1:9464"),
+    "flow_logs": (_flow_logs, "auto"),
+    "flow_log_sample": (_fraction, 1.0),
 }
 _WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "cgroup": (_cgroup, None),
@@ -421,8 +464,10 @@ class _Parser:
             except ValueError as e:
                 self.err(self.at("workload", name, key), str(e))
         selectors = [k for k in ("cgroup", "unit") if k in table]
-        if len(selectors) != 1:
-            self.err(at, "needs exactly one of 'cgroup' or 'unit'" + (" (both are set)" if selectors else ""))
+        if len(selectors) > 1:
+            # neither is fine: a bare [workload.NAME] selects Podman containers only
+            # (podman run --annotation io.meshd.workload=NAME)
+            self.err(at, "needs at most one of 'cgroup' or 'unit' (both are set)")
         if len(self.errors) == errors_before:
             fields = {k: values.get(k, default) for k, (_, default) in _WORKLOAD_SCHEMA.items()}
             self.workloads[name] = Workload(name=name, source=str(at), **fields)

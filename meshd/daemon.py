@@ -14,7 +14,8 @@ import os
 import signal
 import time
 
-from . import __version__, cgroups, envoy_config, maplayout, notify, routing, sources, statefiles
+from . import (__version__, acceleration, cgroups, containers, envoy_config, flows, maplayout,
+               notify, routing, sources, statefiles)
 from .apply import Applier
 from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, DatapathError
@@ -28,17 +29,20 @@ from .footprint import NETNS_SELF, Footprint, FootprintError
 from .fsutil import atomic_write
 from .inotify import Inotify
 from .plan import EMPTY, ENVOY_OWNER, Plan, PlanError, plan
-from .status import (DatapathStatus, EnvoyStatus, MeshSettings, Status, WorkloadEnvoy,
-                     WorkloadStatus, status_path)
+from .status import (AccelerationStatus, ContainerStatus, DatapathStatus, EnvoyStatus,
+                     MeshSettings, Status,
+                     WorkloadEnvoy, WorkloadStatus, status_path)
 
 log = logging.getLogger("meshd")
 
 # Keys that name where an instance lives: changing them live would orphan pins,
 # cgroups or files, so a reload keeps the running values and says so.
 RESTART_ONLY = ("bpffs_dir", "state_dir", "cgroup_root", "netns", "envoy_binary",
-                "max_connections", "max_exclusions", "max_inbound_ports")
+                "metrics_address", "max_connections", "max_exclusions", "max_inbound_ports")
 STATUS_INTERVAL_MS = 1000
 RESCAN_INTERVAL_MS = 5000
+HOOK_WAIT_MS = 4000      # the hook fails open after this (its own timeout is longer)
+HOOK_POLL_MS = 5
 
 
 class StartupError(Exception):
@@ -89,8 +93,19 @@ class Daemon:
         self._timers: dict[str, int] = {}
         self._route_sources: dict = {}
         self._netlink = None
+        self.accel = acceleration.Decision(False, "not applied yet")
         self._cgroup_watches: dict[str, int] = {}
         self.bus = None  # meshd.bus.BusService once the main loop runs
+        self._status_error = ""
+        self.hooks = None  # meshd.hookserver.HookServer once the main loop runs
+        self._enroll_waiting: list = []   # (container id, reply) from the hook
+        # observability (meshd/flows.py, flowlog.py, observe.py, metrics.py)
+        self.reloads = {"ok": 0, "rejected": 0}
+        self.flow_receiver = self.flowlog = self.observer = self.metrics = None
+        self._workload_names: dict[int, str] = {}
+        self._last_stats: dict[str, int] = {}
+        self._snapshot = None
+        self._restarts_without_flows = 0
         self._table_full = 0   # the table_full counter when last logged
 
     # -- start-up -------------------------------------------------------------
@@ -104,6 +119,8 @@ class Daemon:
         self.footprint = fp = Footprint(mesh)
         fp.enter_netns()   # first: Envoy, the links and every socket live there
         fp.lock()
+        # a container whose namespace is this one (--network host) is a host process
+        self.discovery.own_netns_inode = os.stat(NETNS_SELF).st_ino
         binary = fp.envoy_binary()
 
         self.dp = fp.datapath()
@@ -152,6 +169,7 @@ class Daemon:
             raise StartupError(f"cannot attach sk_lookup to the network namespace: {e} "
                                "(needs Linux >= 5.9 with CONFIG_BPF_SYSCALL)") from None
         self.applier = Applier(self.dp, mesh.state_dir)
+        envoy_knows_flows = envoy_config.bootstrap_has_flows(mesh.state_dir)
         try:
             self.apply()
         except routing.RoutingError as e:
@@ -168,15 +186,33 @@ class Daemon:
                                          mesh.envoy_log_level, self._on_envoy_state,
                                          identity=ident)
         self.envoy.start()
+        if self.envoy.adopted and not envoy_knows_flows:
+            log.warning("Envoy was started by an older meshd: no flow records until it restarts")
+            self.applier.flows_ok = False
+            self.applier.render_envoy()
+            self._restarts_without_flows = self.envoy.restarts
 
     # -- applying the config --------------------------------------------------
     def apply(self) -> None:
         """The mesh-wide settings, then the workloads (reconcile)."""
         mesh = self.config.mesh
         self.footprint.policy_routing(mesh.preserve_client_address)
-        self.dp.set_settings(mesh.outbound_port, mesh.inbound_port)
+        self._decide_acceleration(mesh.acceleration)
+        self.dp.set_settings(mesh.outbound_port, mesh.inbound_port, self.accel.active)
         self._update_route_sources()
         self.reconcile()
+
+    def _decide_acceleration(self, mode: str) -> None:
+        """Whether sockops/sk_msg accelerate local pairs from now on. Turning it
+        off or on touches no established connection's data (sk_msg.c's latch);
+        a refusal (kernel not on the allowlist) is logged as an error."""
+        new = acceleration.decide(mode)
+        if new != self.accel:
+            if mode == "on" and not new.active:
+                log.error("socket acceleration %s", new.reason)
+            else:
+                log.info("socket acceleration %s (%s)", "on" if new.active else "off", new.reason)
+        self.accel = new
 
     def _update_route_sources(self) -> None:
         """The source addresses getsockname shows steered sockets follow the
@@ -192,8 +228,10 @@ class Daemon:
         """discover -> plan -> apply: make links, workload ids, exclusions,
         inbound ports and Envoy's files match config + existing cgroups."""
         cfg, previous = self.config, self.plan
+        self.records = containers.load_all(cfg.mesh.state_dir)
         world = self.discovery.scan(
-            cfg.workloads, lambda name, cgid: not previous.enrolled_on(name, cgid))
+            cfg.workloads, lambda name, cgid: not previous.enrolled_on(name, cgid),
+            self.records.values())
         now, failed = time.time(), {}
         for _ in range(len(cfg.workloads) + 1):   # each round drops >= 1 failed workload
             p = plan(cfg, world, self.applier.ids, previous, now, failed)
@@ -201,11 +239,17 @@ class Daemon:
             if not more:
                 break
             for name, error in more.items():
+                if name.startswith("container:"):
+                    c = p.container(next(i for i in world.containers if i[:12] == name[10:]))
+                    log.warning("container %s: %s", c.short_id, error, extra=_ctr_fields(c))
+                    continue
                 log.warning("workload %s: %s", name, error,
                             extra={"WORKLOAD": name, "CGROUP": world.cgroups[name].rel})
             failed.update(more)
         self._log_changes(previous, p)
+        self._forget_stopped(previous, p)
         self.plan = p
+        self._workload_names = {w.id: w.name for w in p.workloads if w.id}
         if hasattr(self, "inotify"):
             self._update_cgroup_watches()
 
@@ -221,11 +265,66 @@ class Daemon:
                 log.info("workload %s no longer enrolled: %s", w.name, w.error,
                          extra={"WORKLOAD": w.name, "CGROUP": before.cgroup})
 
+    def _forget_stopped(self, old: Plan, new: Plan) -> None:
+        """Log container changes; a recorded container whose cgroup is gone has
+        stopped: its record goes (its links, map entries and listener went with
+        the plan that no longer has it)."""
+        for c in new.containers:
+            before = old.container(c.id)
+            if c.enrolled and not (before and before.enrolled):
+                log.info("container %s enrolled into workload %s (cgroup %s%s)", c.short_id,
+                         c.workload, c.cgroup, f", address {c.ipv4}" if c.ipv4 else "",
+                         extra=_ctr_fields(c))
+            elif not c.enrolled and (before is None or before.error != c.error):
+                log.warning("container %s: %s", c.short_id, c.error, extra=_ctr_fields(c))
+        for cid, rec in self.records.items():
+            if new.container(cid) is None:
+                containers.remove(self.config.mesh.state_dir, cid)
+                log.info("container %s stopped: un-enrolled from workload %s", cid[:12],
+                         rec.workload, extra={"CONTAINER_ID": cid, "CONTAINER_NAME": rec.name,
+                                              "WORKLOAD": rec.workload})
+
+    # -- the OCI hook -----------------------------------------------------------
+    def enroll_container(self, cid: str, reply) -> None:
+        """The hook recorded a container: enroll it (batched with others that
+        arrive within a few ms) and answer once Envoy listens inside it."""
+        self._enroll_waiting.append((cid, reply, time.monotonic()))
+        self._debounce("enroll", HOOK_POLL_MS, self._enroll_batch)
+
+    def _enroll_batch(self) -> None:
+        self._reconcile_logged()
+        self._answer_hooks()
+
+    def _answer_hooks(self) -> bool:
+        from gi.repository import GLib
+        waiting = []
+        for cid, reply, since in self._enroll_waiting:
+            c = self.plan.container(cid)
+            if c is None:
+                reply(False, "meshd has no record of it, or its cgroup is gone")
+            elif not c.enrolled:
+                reply(False, c.error)
+            elif not c.netns or (self.dp.container_listening(c.netns_cookie, "OUT_V4") and
+                                 self.dp.container_listening(c.netns_cookie, "IN_V4")):
+                reply(True, "meshed")
+            elif time.monotonic() - since > HOOK_WAIT_MS / 1000:
+                log.warning("container %s: Envoy's listeners inside it are not up after %d ms; "
+                            "it starts failing open (direct) until it is", c.short_id,
+                            HOOK_WAIT_MS, extra=_ctr_fields(c))
+                reply(False, "Envoy's listener in its namespace is not up yet (fails open)")
+            else:
+                waiting.append((cid, reply, since))
+        self._enroll_waiting = waiting
+        if waiting and "hook-poll" not in self._timers:
+            self._debounce("hook-poll", HOOK_POLL_MS, self._answer_hooks)
+        return False
+
     def reload(self, why: str) -> bool:
         try:
             cfg = load_config(self.config_dir)
         except ConfigInvalid as e:
             self.config_errors = e.errors
+            self.reloads["rejected"] += 1
             for err in e.errors:
                 log.error("config rejected, last good config stays: %s", err,
                           extra={"CONFIG_FILE": err.file, "CONFIG_LINE": err.line,
@@ -242,6 +341,9 @@ class Daemon:
         if kept:
             cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **kept))
         self.config, self.config_errors = cfg, []
+        self.reloads["ok"] += 1
+        if (cfg.mesh.flow_logs, cfg.mesh.flow_log_sample) != (old.flow_logs, old.flow_log_sample):
+            self._open_flowlog()
         log.info("configuration reloaded (%s): %d workload(s)", why, len(cfg.workloads))
         self.apply()
         self.write_status()
@@ -264,12 +366,62 @@ class Daemon:
         wd_ms = notify.watchdog_interval_ms()
         if wd_ms:
             GLib.timeout_add(wd_ms, lambda: notify.send("WATCHDOG=1") or True)
+        self._start_observability()
         from .bus import BusService
         self.bus = BusService(self)
         self.bus.publish()  # False (and a warning) without a system bus: meshd works without
+        from .hookserver import HookServer
+        from .ocihook import socket_path
+        self.hooks = HookServer(socket_path(self.config.mesh.state_dir), self.enroll_container)
         self.write_status()
         self.loop.run()
         return 0
+
+    # -- observability ----------------------------------------------------------
+    def _start_observability(self) -> None:
+        """Flow records from Envoy (journal/file, `meshd observe`) and the
+        metrics endpoint. Each part that cannot start is logged and left off:
+        traffic and the rest of meshd do not depend on them."""
+        mesh = self.config.mesh
+        from .observe import ObserveServer
+        try:
+            self.observer = ObserveServer(statefiles.path(mesh.state_dir,
+                                                          statefiles.OBSERVE_SOCKET))
+            self._open_flowlog()
+            self.flow_receiver = flows.FlowReceiver(
+                envoy_config.flows_socket_path(mesh.state_dir), self._on_flow_records)
+        except (OSError, ImportError) as e:
+            log.warning("flow records are off: %s", e)
+        if mesh.metrics_address:
+            try:
+                from .metrics import MetricsServer
+                self.metrics = MetricsServer(mesh.metrics_address, lambda: self._snapshot,
+                                             envoy_config.admin_socket_path(mesh.state_dir))
+                log.info("metrics on %s", mesh.metrics_address)
+            except (OSError, ImportError) as e:
+                log.warning("metrics are off: cannot serve %s: %s", mesh.metrics_address, e)
+
+    def _open_flowlog(self) -> None:
+        from .flowlog import FlowLog
+        if self.flowlog is not None:
+            self.flowlog.close()
+        mesh = self.config.mesh
+        self.flowlog = FlowLog(mesh.flow_logs, mesh.flow_log_sample, mesh.state_dir,
+                               unit=getattr(self.envoy, "unit_name", ""))
+
+    def _on_flow_records(self, batch: list) -> None:
+        name = self._workload_names.get
+        try:
+            records = [r for r in (flows.record(raw, name) for raw in batch) if r is not None]
+            self.observer.publish(records)
+            self.flowlog.write(records)
+        except Exception:   # never lose the receiver's watch to one bad record
+            log.exception("flow records: a batch was dropped")
+
+    def _stop_observability(self) -> None:
+        for part in (self.flow_receiver, self.observer, self.flowlog, self.metrics):
+            if part is not None:
+                part.close()
 
     def _debounce(self, name: str, ms: int, fn) -> None:
         from gi.repository import GLib
@@ -304,7 +456,8 @@ class Daemon:
     def _update_cgroup_watches(self) -> None:
         """Watch where each configured cgroup is (or will appear), then rescan:
         a cgroup created between the scan and the watch is not missed."""
-        want = self.discovery.watch_dirs(self.config.workloads)
+        want = (self.discovery.watch_dirs(self.config.workloads)
+                | self.discovery.container_watch_dirs(getattr(self, "records", {}).values()))
         added = False
         for d in set(self._cgroup_watches) - want:
             self.inotify.unwatch(self._cgroup_watches.pop(d))
@@ -341,12 +494,19 @@ class Daemon:
         self.write_status()
         if self.bus is not None:
             self.bus.close()
+        if self.hooks is not None:
+            self.hooks.close()
+        self._stop_observability()
         self.dp.close()
         self.loop.quit()
         return False
 
     def _on_envoy_state(self, state: str) -> None:
         log.info("Envoy is %s", state)
+        if (not self.applier.flows_ok and state == ENVOY_RUNNING
+                and self.envoy.restarts > self._restarts_without_flows):
+            self.applier.flows_ok = True    # restarted from the current bootstrap
+            self.applier.render_envoy()
         self._check_ready()
         self.write_status()
 
@@ -378,6 +538,7 @@ class Daemon:
             return {name: counters.get(wid, {}).get(name, 0) for name in maplayout.COUNTERS}
         stats = self._envoy_stats()
         inbound = self.dp.inbound_ports() if live else {}
+        ctr_ports = self.dp.container_ports() if live else {}
         mesh = self.config.mesh
         return Status(
             version=__version__, pid=os.getpid(), state=self.state, updated=time.time(),
@@ -398,6 +559,11 @@ class Daemon:
                 pins=self.dp.root, adopted=self.dp.adopted,
                 links=tuple(self.dp.pinned_links()) if live else (),
                 tracked_connections=self.dp.tracked_connections() if live else 0),
+            acceleration=AccelerationStatus(
+                mode=mesh.acceleration, active=self.accel.active, kernel=os.uname().release,
+                reason=self.accel.reason,
+                counters=self.dp.accel_counters() if live else
+                {n: 0 for n in maplayout.ACCEL_COUNTERS}),
             counters=row(0),
             workloads=tuple(WorkloadStatus(
                 name=w.name, id=w.id, cgroup=w.cgroup, cgroup_id=w.cgroup_id,
@@ -405,17 +571,26 @@ class Daemon:
                 other_programs={h: tuple(ids) for h, ids in
                                 self.applier.foreign.get(w.name, {}).items()} if w.enrolled else {},
                 counters=row(w.id), inbound_ports=tuple(inbound.get(w.id, ())),
-                envoy=workload_envoy_stats(stats, w.id)) for w in self.plan.workloads))
+                envoy=workload_envoy_stats(stats, w.id)) for w in self.plan.workloads),
+            containers=tuple(ContainerStatus(
+                id=c.id, name=c.name, workload=c.workload, cgroup=c.cgroup,
+                network="host" if not c.netns else c.netns, addresses=(c.ipv4,) if c.ipv4 else (),
+                inbound_ports=tuple(ctr_ports.get(c.ipv4, ())) if c.enrolled else (),
+                enrolled_since=c.enrolled_since, error=c.error,
+                counters=row(c.workload_id) if c.workload_id else {})
+                for c in self.plan.containers))
 
     def _envoy_stats(self) -> dict[str, int]:
         if self.envoy.state != ENVOY_RUNNING:
+            self._last_stats = {}
             return {}
         try:
-            return envoy_admin.stats(envoy_config.admin_socket_in_use(self.config.mesh.state_dir),
-                                     timeout=0.5)
+            self._last_stats = envoy_admin.stats(
+                envoy_config.admin_socket_in_use(self.config.mesh.state_dir), timeout=0.5)
         except (OSError, ValueError) as e:
             log.debug("Envoy stats: %s", e)
-            return {}
+            self._last_stats = {}
+        return self._last_stats
 
     def write_status(self) -> None:
         """status.json and the D-Bus properties, from one Status."""
@@ -424,9 +599,20 @@ class Daemon:
         try:
             atomic_write(status_path(self.config.mesh.state_dir), st.to_json())
         except OSError as e:
-            log.warning("cannot write status: %s", e)
+            if str(e.strerror) != self._status_error:   # once, not every second
+                log.warning("cannot write status: %s", e)
+            self._status_error = str(e.strerror)
+        else:
+            self._status_error = ""
         if self.bus is not None:
             self.bus.update(st)
+        from .metrics import Snapshot
+        fl, rx = self.flowlog, self.flow_receiver
+        self._snapshot = Snapshot(   # one reference swap: the scrape thread reads it whole
+            status=st, envoy_stats=self._last_stats, reloads=dict(self.reloads),
+            maps=self.dp.map_fill(st.datapath.tracked_connections) if self.dp.maps else {},
+            flows={"received": rx.received if rx else 0, "logged": fl.written if fl else 0,
+                   "log_failed": fl.failed if fl else 0})
 
 
     def _log_table_full(self, total: int) -> None:
@@ -436,6 +622,12 @@ class Daemon:
                         "maps are full (mesh.max_connections = %d; counter table_full = %d)",
                         total - self._table_full, self.config.mesh.max_connections, total)
         self._table_full = total
+
+
+def _ctr_fields(c) -> dict:
+    """Journal fields of a log line about a container."""
+    return {"CONTAINER_ID": c.id, "CONTAINER_NAME": c.name, "WORKLOAD": c.workload,
+            "CGROUP": c.cgroup}
 
 
 def run(config_dir: str) -> int:

@@ -11,6 +11,7 @@ Only cleanup() removes the pins.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ log = logging.getLogger("meshd.datapath")
 
 LAYOUT = "v1"  # bump when a map's layout or a pin name changes
 SOURCES = ("connect.c", "sockops.c", "getsockopt.c", "getpeername.c", "getsockname.c",
-           "sk_lookup.c")
+           "sk_lookup.c", "sk_msg.c")
 MAPS = tuple(maplayout.MAPS)
 
 
@@ -53,6 +54,8 @@ HOOKS = {
     "envoy_sockops": Hook("meshd_envoy_sockops", bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
     "getsockopt": Hook("meshd_getsockopt", bpfsys.PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_GETSOCKOPT),
     "sk_lookup": Hook("meshd_sk_lookup", bpfsys.PROG_SK_LOOKUP, bpfsys.SK_LOOKUP),
+    # attached to the accel_socks map, not to a cgroup (open() does it)
+    "sk_msg": Hook("meshd_sk_msg", bpfsys.PROG_SK_MSG, bpfsys.SK_MSG_VERDICT),
 }
 WORKLOAD_HOOKS = ("connect4", "connect6", "getpeername4", "getpeername6", "getsockname4",
                   "getsockname6", "sockops")
@@ -150,6 +153,11 @@ class Datapath:
                 raise DatapathError(f"the pins under {self.root} are not this build's after "
                                     "installing it (another meshd on the same bpffs_dir?)")
         self._check_maps()
+        # sk_msg runs on the sends of sockets sockops puts in accel_socks; the
+        # map holds the attachment (pinned with it), so this only matters
+        # after a load, and repeating it on adoption changes nothing.
+        bpfsys.prog_attach(self.progs["sk_msg"], self.maps["accel_socks"],
+                           bpfsys.SK_MSG_VERDICT)
         return how
 
     def install(self) -> str:
@@ -230,12 +238,13 @@ class Datapath:
         finally:
             os.close(cg_fd)
 
-    def attach_netns(self, netns_path: str) -> None:
-        """Link sk_lookup to a network namespace, pinned as links/netns:sk_lookup."""
+    def attach_netns(self, netns_path: str, owner: str = "netns") -> None:
+        """Link sk_lookup to a network namespace, pinned as links/<owner>:sk_lookup
+        (the served namespace's owner is "netns"; a container's, its own)."""
         ns_fd = os.open(netns_path, os.O_RDONLY)
         try:
             # for a netns link, the link info's union starts with the netns inode (u32)
-            self._ensure_link(_link_name("netns", "sk_lookup"), "sk_lookup", ns_fd,
+            self._ensure_link(_link_name(owner, "sk_lookup"), "sk_lookup", ns_fd,
                               os.fstat(ns_fd).st_ino, mask=0xFFFFFFFF)
         finally:
             os.close(ns_fd)
@@ -308,13 +317,41 @@ class Datapath:
         return out
 
     # -- map contents ---------------------------------------------------------
-    def set_settings(self, outbound_port: int, inbound_port: int) -> None:
-        self._map("settings").set(0, maplayout.MeshSettings(outbound_port=outbound_port,
-                                                            inbound_port=inbound_port))
+    def set_settings(self, outbound_port: int, inbound_port: int,
+                     acceleration: bool = False) -> None:
+        """Envoy's ports, and whether sockops/sk_msg accelerate local pairs
+        (off: no socket joins accel_socks and sends take the TCP path)."""
+        flags = maplayout.MESH_F_ACCEL if acceleration else 0
+        self._map("settings").set(0, maplayout.MeshSettings(
+            outbound_port=outbound_port, inbound_port=inbound_port, flags=flags))
 
     def set_workload_ids(self, ids: dict[int, int]) -> None:
         """cgroup id -> workload id; entries not in `ids` are removed."""
         sync(self._map("workload_ids"), ids)
+
+    def set_containers(self, netns: dict[int, tuple[int, str]]) -> None:
+        """Container namespaces (netns cookie -> (index, IPv4 address)); entries
+        not given are removed, and their listening ports with them."""
+        sync(self._map("container_netns"), {
+            cookie: maplayout.CtrNetns(index=i, addr4=maplayout.route_source(ip))
+            for cookie, (i, ip) in netns.items()})
+        addrs = {maplayout.route_source(ip): cookie for cookie, (_, ip) in netns.items()}
+        sync(self._map("container_addr4"), addrs)
+        sync(self._map("ctr_inbound_ports"), {}, keep=lambda k, wl: k.addr4 in addrs)
+
+    def container_ports(self) -> dict[str, list[int]]:
+        """The ports each container (by IPv4 address) listens on, via Envoy."""
+        out: dict[str, list[int]] = {}
+        for k, _ in self._map("ctr_inbound_ports").items():
+            out.setdefault(str(ipaddress.IPv4Address(k.addr4.to_bytes(4, sys.byteorder))),
+                           []).append(k.port)
+        return {a: sorted(p) for a, p in out.items()}
+
+    def container_listening(self, netns_cookie: int, slot: str = "OUT_V4") -> bool:
+        """Is Envoy's listener inside this container namespace in the data path?"""
+        i = [c for c, _ in maplayout.LISTENER_SLOTS].index(slot)
+        return self._map("netns_listeners").get(
+            maplayout.NetnsSlot(netns=netns_cookie, slot=i)) is not None
 
     def set_exclusions(self, ports: dict[int, set[int]], cidrs: dict[int, set]) -> None:
         """Exclusions by workload id (0 = every workload): ports and networks."""
@@ -371,6 +408,12 @@ class Datapath:
                 out[wl] = row
         return out
 
+    def accel_counters(self) -> dict[str, int]:
+        """Acceleration's counters (maplayout.ACCEL_COUNTERS), summed over CPUs."""
+        m = self._map("accel_counters")
+        return {name: sum(m.get(slot) or ()) for slot, name in
+                enumerate(maplayout.ACCEL_COUNTERS)}
+
     def envoy_listening(self) -> dict[str, bool]:
         """Which of Envoy's listeners are in the SOCKMAP (i.e. alive).
 
@@ -380,6 +423,19 @@ class Datapath:
 
     def tracked_connections(self) -> int:
         return len(self._map("cookie_dst").keys())
+
+    def map_fill(self, tracked: int) -> dict[str, tuple[int, int]]:
+        """(entries, max_entries) of the maps that fill with use: connections
+        (tracked_connections(), passed in: it was just counted), workload ids
+        and inbound ports. For the metrics (meshd/metrics.py)."""
+        if not hasattr(self, "_capacity"):
+            self._capacity = {n: bpfsys.map_info(self.maps[n]).max_entries
+                              for n in ("cookie_dst", "workload_ids", "inbound_ports")}
+        return {"cookie_dst": (tracked, self._capacity["cookie_dst"]),
+                "workload_ids": (len(self._map("workload_ids").keys()),
+                                 self._capacity["workload_ids"]),
+                "inbound_ports": (len(self._map("inbound_ports").keys()),
+                                  self._capacity["inbound_ports"])}
 
     # -- teardown -------------------------------------------------------------
     def close(self) -> None:

@@ -35,13 +35,14 @@ LISTENER_INBOUND = "meshd_inbound"
 CLUSTER_ORIGINAL_DST = "meshd_original_dst"
 CLUSTER_INBOUND = "meshd_inbound"
 CLUSTER_BLACKHOLE = "meshd_blackhole"
+CLUSTER_FLOWS = "meshd_flows"
 # Envoy's connections to the local application come from here; sk_lookup lets
 # them through instead of steering them back into Envoy (as Istio's 127.0.0.6;
 # for IPv6 ::1, since ::6 is not a local address and replies to it get lost).
 INBOUND_SOURCE_V4 = str(maplayout.ENVOY_INBOUND_SOURCE4)
 INBOUND_SOURCE_V6 = "::1"
 T_ORIGINAL_SRC = _T + "envoy.extensions.filters.listener.original_src.v3.OriginalSrc"
-T_FILE_ACCESS_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+T_FLUENTD_ACCESS_LOG = _T + "envoy.extensions.access_loggers.fluentd.v3.FluentdAccessLogConfig"
 
 BOOTSTRAP = "bootstrap.json"
 LDS = "lds.json"
@@ -68,12 +69,22 @@ def admin_socket_in_use(state_dir: str) -> str:
     return old if not os.path.exists(new) and os.path.exists(old) else new
 
 
-def access_log_path(state_dir: str) -> str:
-    return statefiles.path(state_dir, statefiles.ACCESS_LOG)
+def flows_socket_path(state_dir: str) -> str:
+    return statefiles.path(state_dir, statefiles.FLOWS_SOCKET)
 
 
 def bootstrap_path(state_dir: str) -> str:
     return os.path.join(config_dir(state_dir), BOOTSTRAP)
+
+
+def bootstrap_has_flows(state_dir: str) -> bool:
+    """Does the bootstrap on disk (the one a running Envoy may have started from)
+    define the flow-record cluster? True when there is none yet."""
+    try:
+        with open(bootstrap_path(state_dir)) as f:
+            return CLUSTER_FLOWS in f.read()
+    except FileNotFoundError:
+        return True
 
 
 def _addr(ip: str, port: int) -> dict:
@@ -97,9 +108,10 @@ def _discovery_response(type_url: str, resources: list[dict]) -> dict:
 
 
 def render_bootstrap(state_dir: str) -> dict:
-    sock = admin_socket_path(state_dir)
-    if len(sock.encode()) > _SUN_PATH_MAX:
-        raise ValueError(f"admin socket path too long for AF_UNIX ({len(sock)} bytes): {sock}")
+    sock, flows = admin_socket_path(state_dir), flows_socket_path(state_dir)
+    for path in (sock, flows):
+        if len(path.encode()) > _SUN_PATH_MAX:
+            raise ValueError(f"socket path too long for AF_UNIX ({len(path)} bytes): {path}")
     cdir = config_dir(state_dir)
     return {
         "node": {"id": "meshd", "cluster": "meshd"},
@@ -110,6 +122,7 @@ def render_bootstrap(state_dir: str) -> dict:
             "lds_config": _path_source(os.path.join(cdir, LDS), cdir),
             "cds_config": _path_source(os.path.join(cdir, CDS), cdir),
         },
+        "static_resources": {"clusters": [_flows_cluster(flows)]},
         "overload_manager": {
             "resource_monitors": [
                 {
@@ -124,25 +137,50 @@ def render_bootstrap(state_dir: str) -> dict:
     }
 
 
-def _access_log(path: str) -> list[dict]:
-    """One JSON line per connection/request, with the client's real address."""
-    fields = {"start": "%START_TIME%", "client": "%DOWNSTREAM_REMOTE_ADDRESS%",
-              "destination": "%DOWNSTREAM_LOCAL_ADDRESS%", "upstream": "%UPSTREAM_HOST%",
-              "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%", "code": "%RESPONSE_CODE%",
-              "bytes_received": "%BYTES_RECEIVED%", "bytes_sent": "%BYTES_SENT%",
-              "duration_ms": "%DURATION%"}
-    return [{"name": "envoy.access_loggers.file",
-             "typed_config": {"@type": T_FILE_ACCESS_LOG, "path": path,
-                              "log_format": {"json_format": fields}}}]
+# One record per connection (tcp_proxy) or request (HTTP), streamed to meshd
+# (meshd/flows.py) with the Fluentd forward protocol over a Unix socket: each
+# worker batches records in memory and sends them every FLOW_FLUSH, with no
+# file or disk write in Envoy; while meshd is not reading, a worker keeps at
+# most FLOW_BUFFER bytes and then drops records (counted by Envoy as
+# access_logs.meshd_flows.entries_lost), so traffic never waits for meshd.
+# Every chain has the same logger config, so a worker shares one connection;
+# meshd tells the chains apart by %FILTER_CHAIN_NAME% (named below).
+FLOW_FLUSH = "0.2s"
+FLOW_BUFFER = 256 * 1024
+FLOW_RECORD = {"t": "%START_TIME(%s.%3f)%", "chain": "%FILTER_CHAIN_NAME%",
+               "client": "%DOWNSTREAM_REMOTE_ADDRESS%", "local": "%DOWNSTREAM_LOCAL_ADDRESS%",
+               "upstream": "%UPSTREAM_HOST%", "proto": "%PROTOCOL%",
+               "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH):256%",
+               "code": "%RESPONSE_CODE%", "flags": "%RESPONSE_FLAGS%",
+               "rx": "%BYTES_RECEIVED%", "tx": "%BYTES_SENT%", "ms": "%DURATION%"}
 
 
-def _tcp_proxy(stat_prefix: str, cluster: str, access_log: str = "") -> dict:
+def _access_log() -> list[dict]:
+    return [{"name": "envoy.access_loggers.fluentd",
+             "typed_config": {"@type": T_FLUENTD_ACCESS_LOG, "cluster": CLUSTER_FLOWS,
+                              "tag": "meshd", "stat_prefix": "meshd_flows",
+                              "buffer_flush_interval": FLOW_FLUSH,
+                              "buffer_size_bytes": FLOW_BUFFER, "record": FLOW_RECORD,
+                              # Reconnect soon after meshd restarts, forever.
+                              "retry_options": {"backoff_options": {
+                                  "base_interval": "0.2s", "max_interval": "2s"}}}}]
+
+
+def _flows_cluster(socket_path: str) -> dict:
+    """Where the records go: meshd's socket. Static (the Fluentd logger wants
+    a bootstrap cluster), so it is in place before any listener."""
+    return {"name": CLUSTER_FLOWS, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": CLUSTER_FLOWS, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"pipe": {"path": socket_path}}}}]}]}}
+
+
+def _tcp_proxy(stat_prefix: str, cluster: str, access_log: bool = True) -> dict:
     cfg = {"@type": T_TCP_PROXY, "stat_prefix": stat_prefix, "cluster": cluster,
            # No idle timeout of our own (Envoy's default is 1 h): a quiet
            # connection lives as long as the kernel and the peers let it.
            "idle_timeout": "0s"}
     if access_log:
-        cfg["access_log"] = _access_log(access_log)
+        cfg["access_log"] = _access_log()
     return {"name": "envoy.filters.network.tcp_proxy", "typed_config": cfg}
 
 
@@ -158,7 +196,7 @@ _PRESERVE_CASE = {
 _HTTP_COMMON = {"idle_timeout": "0s", "max_headers_count": 10000}
 
 
-def _http_connection_manager(stat_prefix: str, cluster: str, access_log: str = "",
+def _http_connection_manager(stat_prefix: str, cluster: str, access_log: bool = True,
                              forwarded_for: bool = False) -> dict:
     """Envoy's HTTP handling, set to change as little as Envoy allows (README
     "Transparency" lists what it still changes)."""
@@ -201,7 +239,7 @@ def _http_connection_manager(stat_prefix: str, cluster: str, access_log: str = "
                           "typed_config": {"@type": T_ROUTER, "suppress_envoy_headers": True}}],
     }
     if access_log:
-        hcm["access_log"] = _access_log(access_log)
+        hcm["access_log"] = _access_log()
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
 
 
@@ -217,7 +255,7 @@ def is_http(protocol: str) -> bool:
 
 
 def _chain(name: str, match: dict, protocol: str, stat: str, cluster: str,
-           access_log: str = "", forwarded_for: bool = False) -> dict:
+           access_log: bool = True, forwarded_for: bool = False) -> dict:
     """One filter chain; its stat prefix is <stat's direction>_<http|tcp><stat's suffix>,
     e.g. outbound_http_3: the numbers status reads per workload."""
     direction, _, suffix = stat.partition("_")
@@ -231,7 +269,7 @@ def _chain(name: str, match: dict, protocol: str, stat: str, cluster: str,
     return chain
 
 
-def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str,
+def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: bool = True,
                             client_mark: int = 0,
                             workload_ports: dict[int, list[int]] | None = None,
                             protocols: dict[int, str] | None = None,
@@ -251,7 +289,7 @@ def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str,
         # Somebody connected to the inbound port itself: nothing to forward to.
         "name": "inbound_miss",
         "filter_chain_match": {"destination_port": inbound_port},
-        "filters": [_tcp_proxy("inbound_miss", CLUSTER_BLACKHOLE)],
+        "filters": [_tcp_proxy("inbound_miss", CLUSTER_BLACKHOLE, access_log)],
     }]
     served = set()
     for wid, ports in sorted((workload_ports or {}).items()):
@@ -285,7 +323,8 @@ def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: str,
 
 
 def render_listeners(outbound_port: int, ipv6: bool, workload_ids=(),
-                     protocols: dict[int, str] | None = None) -> list[dict]:
+                     protocols: dict[int, str] | None = None,
+                     access_log: bool = True) -> list[dict]:
     """The outbound listener. A connection's chain is chosen by its original
     destination port (protocols) and its workload (source 127.77.0.<id>).
     Envoy matches the destination port before the source, so each workload
@@ -296,19 +335,19 @@ def render_listeners(outbound_port: int, ipv6: bool, workload_ids=(),
         # Fail it loudly and count it (tcp.outbound_miss.*).
         "name": "outbound_miss",
         "filter_chain_match": {"destination_port": outbound_port},
-        "filters": [_tcp_proxy("outbound_miss", CLUSTER_BLACKHOLE)],
+        "filters": [_tcp_proxy("outbound_miss", CLUSTER_BLACKHOLE, access_log)],
     }]
     for wid in sorted(workload_ids):
         src = {"source_prefix_ranges": [{"address_prefix": maplayout.workload_source4(wid), "prefix_len": 32}]}
         for port, proto in declared:
             chains.append(_chain(f"outbound_wl{wid}_port{port}", dict(src, destination_port=port),
-                                 proto, f"outbound_{wid}", CLUSTER_ORIGINAL_DST))
+                                 proto, f"outbound_{wid}", CLUSTER_ORIGINAL_DST, access_log))
         chains.append(_chain(f"outbound_wl{wid}", src, "tcp", f"outbound_{wid}",
-                             CLUSTER_ORIGINAL_DST))
+                             CLUSTER_ORIGINAL_DST, access_log))
     for port, proto in declared:   # connections no workload address tells apart (IPv6)
         chains.append(_chain(f"outbound_port{port}", {"destination_port": port}, proto,
-                             "outbound", CLUSTER_ORIGINAL_DST))
-    default = _chain("outbound_tcp", {}, "tcp", "outbound", CLUSTER_ORIGINAL_DST)
+                             "outbound", CLUSTER_ORIGINAL_DST, access_log))
+    default = _chain("outbound_tcp", {}, "tcp", "outbound", CLUSTER_ORIGINAL_DST, access_log)
     listener: dict = {
         "name": LISTENER_OUTBOUND,
         "address": _addr("127.0.0.1", outbound_port),
@@ -385,12 +424,85 @@ def render_clusters(ipv6: bool = True, client_mark: int = 0) -> list[dict]:
     ]
 
 
+CONTAINER_PREFIX = "meshd_ctr_"
+
+
+def _in_netns(addr: dict, netns: str) -> dict:
+    return {"socket_address": dict(addr["socket_address"], network_namespace_filepath=netns)}
+
+
+def render_container(short_id: str, netns: str, workload_id: int, outbound_port: int,
+                     protocols: dict[int, str] | None = None,
+                     access_log: bool = True) -> tuple[dict, dict]:
+    """A container with its own network namespace: Envoy's outbound listener
+    inside that namespace (connect4 there sends to 127.0.0.1:<outbound_port>),
+    and an ORIGINAL_DST cluster whose connections are made from inside it too,
+    so the server sees the container's own address, as without meshd. Its
+    chains count into the workload's numbers (same stat prefixes)."""
+    name = CONTAINER_PREFIX + short_id
+    chains = [{"name": "outbound_miss", "filter_chain_match": {"destination_port": outbound_port},
+               "filters": [_tcp_proxy("outbound_miss", CLUSTER_BLACKHOLE, access_log)]}]
+    for port, proto in sorted((protocols or {}).items()):
+        chains.append(_chain(f"outbound_port{port}", {"destination_port": port}, proto,
+                             f"outbound_{workload_id}", name, access_log))
+    listener = {
+        "name": name,
+        "address": _in_netns(_addr("127.0.0.1", outbound_port), netns),
+        "listener_filters": [_original_dst_filter()],
+        "filter_chains": chains,
+        "default_filter_chain": _chain("outbound_tcp", {}, "tcp", f"outbound_{workload_id}",
+                                       name, access_log),
+    }
+    cluster = _original_dst_cluster(name)
+    cluster["upstream_bind_config"] = {"source_address": _in_netns(_addr("0.0.0.0", 0), netns)[
+        "socket_address"]}
+    return listener, cluster
+
+
+def render_container_inbound(short_id: str, netns: str, workload_id: int, inbound_port: int,
+                             client_mark: int = 0, protocols: dict[int, str] | None = None,
+                             access_log: bool = True, forwarded_for: bool = False
+                             ) -> tuple[dict, dict]:
+    """A container's inbound listener inside its namespace (sk_lookup linked
+    there hands it connections for the ports the container listens on), and
+    the cluster that connects to the application from inside the namespace:
+    from the client's own address (original_src, with the mark the policy
+    routing in that namespace follows), or from 127.0.0.6."""
+    name = f"{CONTAINER_PREFIX}{short_id}_in"
+    log = dict(access_log=access_log, forwarded_for=forwarded_for)
+    chains = [{"name": "inbound_miss", "filter_chain_match": {"destination_port": inbound_port},
+               "filters": [_tcp_proxy("inbound_miss", CLUSTER_BLACKHOLE, access_log)]}]
+    for port, proto in sorted((protocols or {}).items()):
+        if port != inbound_port:
+            chains.append(_chain(f"inbound_port{port}", {"destination_port": port}, proto,
+                                 f"inbound_{workload_id}", name, **log))
+    listener = {
+        "name": name,
+        "address": _in_netns(_addr("127.0.0.1", inbound_port), netns),
+        "transparent": True,
+        "listener_filters": [_original_dst_filter()],
+        "filter_chains": chains,
+        "default_filter_chain": _chain("inbound_tcp", {}, "tcp", f"inbound_{workload_id}",
+                                       name, access_log),
+    }
+    if client_mark:
+        listener["listener_filters"].append(
+            {"name": "envoy.filters.listener.original_src",
+             "typed_config": {"@type": T_ORIGINAL_SRC, "mark": client_mark}})
+    cluster = _original_dst_cluster(name)
+    source = "0.0.0.0" if client_mark else INBOUND_SOURCE_V4
+    cluster["upstream_bind_config"] = {"source_address": _in_netns(_addr(source, 0), netns)[
+        "socket_address"]}
+    return listener, cluster
+
+
 def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
            client_mark: int = 0,
            workload_ports: dict[int, list[int]] | None = None,
            protocols: dict[int, str] | None = None,
            workload_protocols: dict[int, dict[int, str]] | None = None,
-           forwarded_for: bool = False) -> dict[str, dict]:
+           forwarded_for: bool = False, access_log: bool = True,
+           containers: tuple[tuple[str, str, int], ...] = ()) -> dict[str, dict]:
     """Return {"bootstrap.json": ..., "lds.json": ..., "cds.json": ...}.
 
     workload_ports: enrolled workload id -> its meshed inbound ports; each
@@ -399,14 +511,22 @@ def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
     for name, port in (("outbound_port", outbound_port), ("inbound_port", inbound_port)):
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError(f"{name}: invalid port {port!r}")
+    ctr = []
+    for cid, netns, wid in sorted(containers):
+        protos = {**(protocols or {}), **(workload_protocols or {}).get(wid, {})}
+        ctr.append(render_container(cid, netns, wid, outbound_port, protos, access_log))
+        ctr.append(render_container_inbound(cid, netns, wid, inbound_port, client_mark, protos,
+                                            access_log, forwarded_for))
     return {
         BOOTSTRAP: render_bootstrap(state_dir),
         LDS: _discovery_response(T_LISTENER, render_listeners(
-            outbound_port, ipv6, (workload_ports or {}).keys(), protocols) + [
-                render_inbound_listener(inbound_port, ipv6, access_log_path(state_dir),
+            outbound_port, ipv6, (workload_ports or {}).keys(), protocols, access_log) + [
+                render_inbound_listener(inbound_port, ipv6, access_log,
                                         client_mark, workload_ports, protocols,
-                                        workload_protocols, forwarded_for)]),
-        CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6, client_mark)),
+                                        workload_protocols, forwarded_for)]
+            + [listener for listener, _ in ctr]),
+        CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6, client_mark)
+                                 + [cluster for _, cluster in ctr]),
     }
 
 

@@ -23,10 +23,18 @@ MAX_WORKLOADS = 256   # workload ids 1..255; 0 = "global" (applies to every work
 # connect4 binds a steered socket to WORKLOAD_NET4.<workload id>: Envoy tells
 # workloads apart by that source address.
 WORKLOAD_NET4 = ipaddress.IPv4Network("127.77.0.0/24")
+# In a Podman container's own network namespace, connect4 binds a steered
+# socket to CONTAINER_NET4 | <the container's index> instead: one Envoy listener
+# per container namespace, and 4-tuples that stay unique across namespaces.
+CONTAINER_NET4 = ipaddress.IPv4Network("127.78.0.0/16")
 # Envoy's connections to local applications come from here (Istio's choice);
 # sk_lookup lets them through instead of steering them back into Envoy.
 ENVOY_INBOUND_SOURCE4 = ipaddress.IPv4Address("127.0.0.6")
 WL_EXPLICIT_PORTS = 1   # workload_flags: only meshd sets this workload's inbound ports
+MESH_F_ACCEL = 1        # settings.flags: socket acceleration on (sockops.c, sk_msg.c)
+# envoy_upstreams values: Envoy connected to a meshed port; its SYN reached an
+# enrolled workload's listener on this host (the pair is local: accelerable)
+ENVOY_UPSTREAM_SEEN, ENVOY_UPSTREAM_LOCAL = 1, 2
 
 # Counter slots per workload id (index = id * NR_COUNTERS + slot). The C enum is
 # generated from this list: C_<NAME> = slot.
@@ -44,6 +52,21 @@ COUNTERS = (
     "table_full",         # a connection map was full: the connection went direct
 )
 NR_COUNTERS = len(COUNTERS)
+
+# Acceleration's counters (accel_counters, one per-CPU slot each): C enum
+# A_<NAME> = slot.
+ACCEL_COUNTERS = (
+    "sockets",               # sockets put into accel_socks
+    "pairs",                 # ... whose peer was already there (a local pair joined)
+    "closed",                # sockets of accel_socks closed
+    "messages_redirected",   # sends handed straight to the peer socket
+    "bytes_redirected",
+    "fallbacks",             # sends of a socket in the map that took the TCP path
+    "insert_failed",         # the kernel refused a socket (map full, ...)
+)
+ACCEL_MAX_SOCKETS = 65536   # accel_socks, accel_state (MESHD_MAX_ACCEL)
+# accel_state values: a socket's latch (sk_msg.c)
+ACCEL_STATES = ("UNDECIDED", "REDIRECT", "TCP")
 
 # envoy_listeners slots: (C enum name, name in status), in slot order.
 LISTENER_SLOTS = (("OUT_V4", "ipv4"), ("OUT_V6", "ipv6"),
@@ -136,8 +159,34 @@ class Route6Src(Struct):
     _fields_ = [("addr", _ADDR6)]
 
 
+class AccelKey(Struct):
+    """A socket of a local pair (accel_socks, accel_state): its network
+    namespace's cookie and the tuple as that socket sees it."""
+    C_NAME = "accel_key"
+    _fields_ = [("netns", _u64), ("t", ConnTuple)]
+
+
+class CtrNetns(Struct):
+    """container_netns's value: a container namespace's index and IPv4 address."""
+    C_NAME = "ctr_netns"
+    _fields_ = [("index", _u32), ("addr4", _u32)]
+
+
+class NetnsSlot(Struct):
+    """netns_listeners's key: one of Envoy's listeners in one container namespace."""
+    C_NAME = "netns_slot"
+    _fields_ = [("netns", _u64), ("slot", _u32), ("pad", _u32)]
+
+
+class CtrPort(Struct):
+    """ctr_inbound_ports's key: a port (host order) of a container's address."""
+    C_NAME = "ctr_port"
+    _fields_ = [("addr4", _u32), ("port", _u16), ("pad", _u16)]
+
+
 STRUCTS = (MeshSettings, OrigDst, ConnTuple, PortKey, Cidr4Key, Cidr6Key,
-           Route4Key, Route6Key, Route6Src)
+           Route4Key, Route6Key, Route6Src, AccelKey, CtrNetns, NetnsSlot,
+           CtrPort)
 
 
 def _with_addr(cls: type, addr, **fields):
@@ -186,7 +235,7 @@ SIZE_MACROS = {"MESHD_MAX_CONNS": "connections", "MESHD_MAX_EXCLUSIONS": "exclus
                "MESHD_MAX_INBOUND_PORTS": "inbound_ports"}
 # BCC's table type names -> enum bpf_map_type
 MAP_TYPES = {"hash": 1, "array": 2, "percpu_array": 6, "lru_hash": 9, "lpm_trie": 11,
-             "sockmap": 15}
+             "sockmap": 15, "sockhash": 18}
 BPF_F_NO_PREALLOC = 1
 
 
@@ -237,6 +286,17 @@ MAPS = {
     "envoy_upstreams": MapSpec(ConnTuple, _u8, "lru_hash", _CONNS),
     "route_src4": MapSpec(Route4Key, _u32, "lpm_trie", 4096, BPF_F_NO_PREALLOC),
     "route_src6": MapSpec(Route6Key, Route6Src, "lpm_trie", 4096, BPF_F_NO_PREALLOC),
+    # acceleration: fixed size (see meshd.h: this layout must not change with
+    # the config); a socket that does not fit uses TCP (insert_failed)
+    "accel_socks": MapSpec(AccelKey, _u32, "sockhash", ACCEL_MAX_SOCKETS),  # BCC's 4-byte value
+    "accel_state": MapSpec(AccelKey, _u8, "lru_hash", ACCEL_MAX_SOCKETS),
+    "accel_counters": MapSpec(_u32, _u64, "percpu_array", len(ACCEL_COUNTERS)),
+    "container_netns": MapSpec(_u64, CtrNetns, "hash", 4096),   # netns cookie -> container
+    # Envoy's listeners in container namespaces; a lookup returns the cookie
+    "netns_listeners": MapSpec(NetnsSlot, _u64, "sockhash", 8192),
+    "container_addr4": MapSpec(_u32, _u64, "hash", 4096),   # container IPv4 -> netns cookie
+    # a container's listening port -> workload id
+    "ctr_inbound_ports": MapSpec(CtrPort, _u32, "hash", "MESHD_MAX_INBOUND_PORTS"),
 }
 
 
@@ -245,16 +305,25 @@ def c_prelude(sizes: MapSizes = MapSizes()) -> str:
     """#defines and enums for meshd.h, from the declarations above."""
     counters = "".join(f"\tC_{name.upper()} = {i},\n" for i, name in enumerate(COUNTERS))
     slots = ", ".join(f"{c} = {i}" for i, (c, _) in enumerate(LISTENER_SLOTS))
+    accel = "".join(f"\tA_{name.upper()} = {i},\n" for i, name in enumerate(ACCEL_COUNTERS))
+    states = ", ".join(f"ACCEL_{name} = {i}" for i, name in enumerate(ACCEL_STATES, 1))
     return (
         "/* ---- generated by meshd/maplayout.py ---- */\n"
         "#define MESHD_LAYOUT_PRELUDE 1\n"
         f"#define MESHD_MAX_WORKLOADS {MAX_WORKLOADS}\n"
         f"#define WORKLOAD_NET4 {int(WORKLOAD_NET4.network_address):#010x}\n"
+        f"#define CONTAINER_NET4 {int(CONTAINER_NET4.network_address):#010x}\n"
         f"#define MESHD_ENVOY_INBOUND_SOURCE4 {int(ENVOY_INBOUND_SOURCE4):#010x}\n"
         f"#define WL_EXPLICIT_PORTS {WL_EXPLICIT_PORTS}\n"
+        f"#define MESH_F_ACCEL {MESH_F_ACCEL}\n"
+        f"#define ENVOY_UPSTREAM_SEEN {ENVOY_UPSTREAM_SEEN}\n"
+        f"#define ENVOY_UPSTREAM_LOCAL {ENVOY_UPSTREAM_LOCAL}\n"
+        f"#define MESHD_MAX_ACCEL {ACCEL_MAX_SOCKETS}\n"
         + "".join(f"#define {macro} {getattr(sizes, field)}\n"
                   for macro, field in SIZE_MACROS.items()) +
         f"enum meshd_counter {{\n{counters}\tMESHD_NR_COUNTERS = {NR_COUNTERS},\n}};\n"
+        f"enum accel_counter {{\n{accel}\tMESHD_NR_ACCEL_COUNTERS = {len(ACCEL_COUNTERS)},\n}};\n"
+        f"enum accel_state {{ {states} }};\n"
         f"enum listener_slot {{ {slots} }};\n"
     )
 

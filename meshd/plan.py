@@ -49,6 +49,7 @@ class Links:
     owner: Owner
     cgroup_path: str
     hooks: tuple[str, ...] = WORKLOAD_HOOKS
+    netns: str = ""     # a container's own namespace: sk_lookup is linked there too
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,29 @@ class WorkloadPlan:
     enrolled: bool = False          # else waiting (no cgroup yet, or its links failed)
     enrolled_since: float = 0.0     # time.time() when enrolled on this cgroup
     error: str = ""
+
+
+@dataclass(frozen=True)
+class ContainerPlan:
+    """A Podman container recorded by the OCI hook, and whether it is meshed."""
+    id: str
+    workload: str
+    workload_id: int = 0
+    name: str = ""
+    cgroup: str = ""
+    cgroup_path: str = ""
+    cgroup_id: int = 0
+    netns: str = ""                 # its own namespace's path; "" = the served one
+    netns_cookie: int = 0
+    index: int = 0                  # connect4 binds CONTAINER_NET4 | index there
+    ipv4: str = ""
+    enrolled: bool = False
+    enrolled_since: float = 0.0
+    error: str = ""
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,9 @@ class EnvoyInput:
     protocols: dict[int, str] = field(default_factory=dict)
     workload_protocols: dict[int, dict[int, str]] = field(default_factory=dict)
     forwarded_for: bool = False
+    # containers with their own namespace: (short id, namespace path, workload id)
+    containers: tuple[tuple[str, str, int], ...] = ()
+    access_log: bool = True   # Envoy streams flow records to meshd (off: flow_logs = "off")
 
 
 @dataclass(frozen=True)
@@ -97,9 +124,14 @@ class Plan:
     excluded_cidrs: dict[int, frozenset] = field(default_factory=dict)
     inbound: Inbound = Inbound()
     envoy: EnvoyInput | None = None
+    containers: tuple[ContainerPlan, ...] = ()
+    container_netns: dict[int, tuple[int, str]] = field(default_factory=dict)  # cookie -> (index, ipv4)
 
     def workload(self, name: str) -> WorkloadPlan | None:
         return next((w for w in self.workloads if w.name == name), None)
+
+    def container(self, cid: str) -> ContainerPlan | None:
+        return next((c for c in self.containers if c.id == cid), None)
 
     def enrolled_on(self, name: str, cgroup_id: int) -> bool:
         """Was this workload enrolled on this very cgroup?"""
@@ -148,7 +180,8 @@ def plan(config: Config, world: World, ids: dict[str, int], previous: Plan = EMP
         if found is None:
             workloads.append(WorkloadPlan(
                 w.name, wid, error=(f"waiting for cgroup {w.cgroup}" if w.cgroup
-                                    else f"waiting for unit {w.unit} to start")))
+                                    else f"waiting for unit {w.unit} to start" if w.unit
+                                    else "selects containers only")))
             continue
         if w.name in failed:
             workloads.append(WorkloadPlan(w.name, wid, error=failed[w.name]))
@@ -158,6 +191,9 @@ def plan(config: Config, world: World, ids: dict[str, int], previous: Plan = EMP
         workloads.append(WorkloadPlan(w.name, wid, found.rel, found.path, found.id, True, since))
         links.append(Links(Owner.workload(w.name), found.path))
     by_name = {p.name: p for p in workloads}
+    ctrs = _containers(config, world, ids, previous, now, failed)
+    links += [Links(Owner("container", c.short_id), c.cgroup_path, netns=c.netns)
+              for c in ctrs if c.enrolled]
 
     excluded_ports = {0: frozenset(mesh.exclude_outbound_ports)}
     excluded_cidrs = {0: frozenset(mesh.exclude_outbound_cidrs)}
@@ -167,7 +203,8 @@ def plan(config: Config, world: World, ids: dict[str, int], previous: Plan = EMP
 
     return Plan(
         workloads=tuple(workloads), links=tuple(links), ids=ids,
-        cgroup_ids={p.cgroup_id: p.id for p in workloads if p.enrolled},
+        cgroup_ids={**{p.cgroup_id: p.id for p in workloads if p.enrolled},
+                    **{c.cgroup_id: c.workload_id for c in ctrs if c.enrolled}},
         excluded_ports=excluded_ports, excluded_cidrs=excluded_cidrs,
         inbound=_inbound(config, world, by_name, previous),
         envoy=EnvoyInput(
@@ -175,7 +212,49 @@ def plan(config: Config, world: World, ids: dict[str, int], previous: Plan = EMP
             routing.MARK if mesh.preserve_client_address else 0,
             tuple(p.id for p in workloads if p.enrolled), dict(mesh.protocols),
             {ids[w.name]: dict(w.protocols) for w in config.workloads},
-            mesh.http_forwarded_for))
+            mesh.http_forwarded_for,
+            tuple((c.short_id, c.netns, c.workload_id) for c in ctrs if c.enrolled and c.netns),
+            mesh.flow_logs != "off"),
+        containers=ctrs,
+        container_netns={c.netns_cookie: (c.index, c.ipv4) for c in ctrs
+                         if c.enrolled and c.netns})
+
+
+MAX_CONTAINER_INDEX = 0xFFFF
+
+
+def _containers(config: Config, world: World, ids: dict[str, int], previous: Plan,
+                now: float, failed: dict[str, str]) -> tuple[ContainerPlan, ...]:
+    """Each recorded container that exists: enrolled into its declared
+    workload, or why not. A container keeps its index while it lives."""
+    declared = {w.name for w in config.workloads}
+    used = {c.index for c in previous.containers if c.id in world.containers and c.index}
+    out = []
+    for cid, cf in sorted(world.containers.items()):
+        rec, old = cf.record, previous.container(cid)
+        index = old.index if old and old.index else 0
+        if not index and cf.netns is not None:
+            index = next((i for i in range(1, MAX_CONTAINER_INDEX + 1) if i not in used), 0)
+            used.add(index)
+        base = dict(id=cid, workload=rec.workload, name=rec.name, cgroup=cf.cgroup.rel,
+                    cgroup_path=cf.cgroup.path, cgroup_id=cf.cgroup.id, index=index,
+                    netns=rec.netns if cf.netns else "",
+                    netns_cookie=cf.netns.cookie if cf.netns else 0,
+                    ipv4=(cf.netns.ipv4 or "") if cf.netns else "")
+        error = cf.error or failed.get(f"container:{cid[:12]}", "")
+        if rec.workload not in declared:
+            error = f"workload {rec.workload} is not declared: not meshed"
+        elif cf.netns is not None and not cf.netns.ipv4:
+            error = "its network namespace has no IPv4 address: not meshed"
+        elif cf.netns is not None and not index:
+            error = f"more than {MAX_CONTAINER_INDEX} containers: not meshed"
+        if error:
+            out.append(ContainerPlan(**base, error=error))
+            continue
+        since = old.enrolled_since if old and old.enrolled and old.cgroup_id == cf.cgroup.id else now
+        out.append(ContainerPlan(**base, workload_id=ids[rec.workload], enrolled=True,
+                                 enrolled_since=since))
+    return tuple(out)
 
 
 def _inbound(config: Config, world: World, by_name: dict[str, WorkloadPlan],

@@ -36,17 +36,24 @@ def _saved_path(state_dir: str) -> str:
 
 
 def install(state_dir: str) -> None:
+    with open(FWMARK_ACCEPT) as f:
+        old = f.read().strip()
+    if old != "1" and not os.path.exists(_saved_path(state_dir)):
+        # a torn write here would lose the value cleanup must restore
+        fsutil.atomic_write(_saved_path(state_dir), old + "\n")
+    install_rules()
+
+
+def install_rules() -> None:
+    """The sysctl, rule and route in the calling thread's namespace (a
+    container's namespace goes with the container: nothing to restore)."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
     with open(FWMARK_ACCEPT) as f:
-        old = f.read().strip()
-    if old != "1":
-        if not os.path.exists(_saved_path(state_dir)):
-            # a torn write here would lose the value cleanup must restore
-            fsutil.atomic_write(_saved_path(state_dir), old + "\n")
-        with open(FWMARK_ACCEPT, "w") as f:
-            f.write("1\n")
+        if f.read().strip() != "1":
+            with open(FWMARK_ACCEPT, "w") as w:
+                w.write("1\n")
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):

@@ -58,6 +58,17 @@ class DatapathStatus:
 
 
 @dataclass(frozen=True)
+class AccelerationStatus:
+    """Socket acceleration of local pairs: configured mode, whether it is on
+    here and why, and its counters (maplayout.ACCEL_COUNTERS, every name)."""
+    mode: str = "off"                    # on, off, force ([mesh] acceleration)
+    active: bool = False
+    kernel: str = ""
+    reason: str = ""
+    counters: Counters = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class WorkloadEnvoy:
     """A workload's numbers from its own Envoy filter chains; bytes from the
     workload's side (sent = what it wrote)."""
@@ -87,6 +98,25 @@ class WorkloadStatus:
 
 
 @dataclass(frozen=True)
+class ContainerStatus:
+    """A Podman container the OCI hook recorded; counters are its workload's."""
+    id: str = ""
+    name: str = ""
+    workload: str = ""
+    cgroup: str = ""
+    network: str = ""                    # "host", or its namespace's path
+    addresses: Tuple[str, ...] = ()
+    inbound_ports: Tuple[int, ...] = ()  # its listening ports, steered into Envoy
+    enrolled_since: float = 0.0          # 0: not meshed
+    error: str = ""                      # why not meshed
+    counters: Counters = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        return "enrolled" if self.enrolled_since else (self.error or "waiting")
+
+
+@dataclass(frozen=True)
 class Status:
     version: str = ""
     pid: int = 0
@@ -99,8 +129,10 @@ class Status:
     mesh: MeshSettings = MeshSettings()
     envoy: EnvoyStatus = EnvoyStatus()
     datapath: DatapathStatus = DatapathStatus()
+    acceleration: AccelerationStatus = AccelerationStatus()
     counters: Counters = field(default_factory=dict)   # unattributed (slot 0)
     workloads: Tuple[WorkloadStatus, ...] = ()
+    containers: Tuple[ContainerStatus, ...] = ()
 
     def host_counters(self) -> Counters:
         """The whole host: unattributed plus every configured workload's."""
@@ -186,6 +218,11 @@ def format_text(st: Status, running: bool, source: str) -> str:
         out.append("             workloads FAIL OPEN (connect directly) until Envoy is back")
     out.append(f"  datapath:  {dp.pins} ({'adopted' if dp.adopted else 'loaded'}), "
                f"{len(dp.links)} links, {dp.tracked_connections} tracked connections")
+    ac = st.acceleration
+    out.append(f"  accel:     {'active' if ac.active else 'inactive'} (mode {ac.mode}; "
+               f"{ac.reason})")
+    if any(ac.counters.values()):
+        out.append("             " + " ".join(f"{k}={v}" for k, v in ac.counters.items()))
     out.append(f"  excluded:  ports {list(mesh.exclude_outbound_ports)} "
                f"cidrs {list(mesh.exclude_outbound_cidrs)}")
     out.append(f"  workloads: {len(st.workloads)}")
@@ -201,6 +238,15 @@ def format_text(st: Status, running: bool, source: str) -> str:
                        f"bytes_sent={e.bytes_sent} bytes_received={e.bytes_received}")
         if any(w.counters.values()):
             out.append("      " + " ".join(f"{k}={v}" for k, v in w.counters.items()))
+    if st.containers:
+        out.append(f"  containers: {len(st.containers)}")
+    for c in st.containers:
+        out.append(f"    {c.id[:12]} {c.name or '-':<16} workload {c.workload:<12} "
+                   f"{'enrolled' if c.enrolled_since else 'NOT MESHED: ' + c.error}")
+        out.append(f"      cgroup {c.cgroup}; network {c.network}; addresses "
+                   f"{', '.join(c.addresses) or '-'}")
+        if c.inbound_ports:
+            out.append(f"      inbound ports via Envoy: {list(c.inbound_ports)}")
     if st.counters.get("miss"):
         out.append(f"  misses:    {st.counters['miss']} connections reached Envoy without an "
                    "original destination (failed, not forwarded)")

@@ -17,7 +17,7 @@ PKGS+=(wrk iperf3 nginx-light netcat-openbsd redis-server redis-tools python3-we
 PKGS+=(dpkg-dev debhelper dh-python lintian systemd-container debootstrap)   # packaging, system tier
 PKGS+=(podman runc busybox-static)                                           # Podman
 PKGS+=(etcd-server etcd-client python3-etcd3gw python3-cryptography)         # identity, catalog
-PKGS+=(prometheus python3-prometheus-client)                                 # metrics
+PKGS+=(prometheus python3-prometheus-client python3-msgpack)                 # metrics, flow records
 PKGS+=(python3-hypothesis bpftool linux-perf)                                # hostile input, profiling
 missing=()
 for p in "${PKGS[@]}"; do

@@ -348,3 +348,26 @@ def meshed(mesh, server):
     mesh.configure()
     mesh.start()
     return mesh, server
+
+
+@pytest.fixture(scope="session")
+def podman_store():
+    """Podman's storage, run root and test image for the session (helpers/podman.py)."""
+    from helpers.podman import PodmanStore
+    store = PodmanStore()
+    try:
+        yield store
+    finally:
+        store.remove()
+
+
+@pytest.fixture
+def podman(podman_store, prefix, mesh):
+    """Podman in the `mesh` fixture's namespace, with a hooks dir pointing at this
+    checkout's meshd and the mesh's config; removes the test's containers."""
+    from helpers.podman import Podman
+    p = Podman(podman_store, prefix, mesh.netns, mesh.config_dir, MESHD[0], mesh.tmp)
+    try:
+        yield p
+    finally:
+        p.cleanup()

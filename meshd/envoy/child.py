@@ -4,7 +4,7 @@ tests, any cgroup root that is not a systemd slice).
 Envoy is started in its own session (so that meshd dying, even by SIGKILL, leaves it
 running) and in its own cgroup (so the egress hooks never steer its upstream
 connections).  Its PID goes to ``{state_dir}/envoy.pid``; a restarted meshd adopts the
-Envoy named there instead of starting a new one.  Its log is ``{state_dir}/envoy.log``.
+Envoy named there instead of starting a new one.  Its log is ``{state_dir}/envoy-run/envoy.log``.
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ class EnvoySupervisor(PidfdSupervisor):
     def _preexec(self) -> None:
         # Runs in the child between fork and exec: move ourselves into Envoy's cgroup
         # *before* exec, so not one of Envoy's connections is ever steered back to itself.
-        # What Envoy creates (access log) is not for other users.
+        # What Envoy creates is not for other users.
         os.umask(0o027)
         fd = os.open(os.path.join(self.cgroup_dir, "cgroup.procs"), os.O_WRONLY)
         try:

@@ -16,11 +16,13 @@ The files:
 - ``<state_dir>/envoy/`` (bootstrap, listeners, clusters; anything else Envoy must
   read, such as key files): root:meshd-envoy 0750, files 0640, written by meshd
   (:func:`envoy_group`). Envoy reads them; no other user can.
-- ``<state_dir>/envoy-run/`` (the admin socket, the access log, Envoy's log):
+- ``<state_dir>/envoy-run/`` (the admin socket, Envoy's log):
   meshd-envoy:root 0750. Envoy writes there and nowhere else; the directory is the
   gate: only Envoy and root's group may enter it, so the admin socket inside can be
   mode 0666 and meshd (root without CAP_DAC_OVERRIDE under systemd) connects. No
   set-group-id bit: meshd.service's RestrictSUIDSGID= refuses to set one.
+- ``<state_dir>/flows.sock`` (meshd/flows.py, where Envoy sends its flow records):
+  root:meshd-envoy 0660: Envoy may send, no other user may forge a record.
 """
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ def sandbox(binary: str, state_dir: str,
         ("AmbientCapabilities", "t", 0 if identity.is_root else caps),
         ("CapabilityBoundingSet", "t", caps),
         ("NoNewPrivileges", "b", True),
-        # Read-only everything; it writes only <state_dir>/envoy-run (admin socket, access log).
+        # Read-only everything; it writes only <state_dir>/envoy-run (admin socket, log).
         ("ProtectSystem", "s", "strict"),
         ("ReadWritePaths", "as", [statefiles.path(os.path.abspath(state_dir),
                                                   statefiles.ENVOY_RUN_DIR)]),

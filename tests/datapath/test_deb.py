@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -122,6 +123,15 @@ def test_dbus_policy_is_shipped_when_the_tree_has_one(contents):
     assert "/usr/share/dbus-1/system.d/io.meshd.Mesh1.conf" in contents
 
 
+def test_podman_hook_is_shipped_where_podman_reads_hooks(contents):
+    # Podman's default hooks directory; the hook runs /usr/bin/meshd oci-hook
+    assert "/usr/share/containers/oci/hooks.d/meshd.json" in contents
+    assert contents["/usr/share/containers/oci/hooks.d/meshd.json"].startswith("-rw-r--r--")
+    hook = json.loads((REPO / "etc/containers/oci/hooks.d/meshd.json").read_text())
+    assert hook["hook"]["path"] == "/usr/bin/meshd" and hook["stages"] == ["createRuntime"]
+    assert hook["hook"]["args"][1:3] == ["oci-hook", "--config-dir"]
+
+
 def test_control_fields(deb):
     assert field(deb, "Package") == "meshd"
     assert field(deb, "Version") == meshd.__version__
@@ -138,6 +148,9 @@ def test_control_fields(deb):
     assert re.search(r"(^|, )meshd-envoy(,|$)", recommends), recommends
     assert "envoy" not in depends
     assert "envoy" in field(deb, "Description").lower()
+    # Metrics and flow records: recommended; without them meshd runs and says they are off.
+    for dep in ("python3-prometheus-client", "python3-msgpack"):
+        assert re.search(rf"(^|, ){dep}(,|$)", recommends) and dep not in depends
 
 
 def test_config_is_a_conffile(unpacked):

@@ -2,6 +2,7 @@
 
 GET /payload  -> PAYLOAD (deterministic bytes, so the client can check them)
 GET /echo     -> JSON: the request headers and the client address the server saw
+GET /status/NNN[?anything] -> an empty response with status NNN (e.g. 503)
 raw TCP port  -> "hello <client ip>\n" then echoes what it reads
 Serves IPv4 and IPv6 on every port given: http ports first, then --tcp ports.
 """
@@ -26,6 +27,11 @@ class Handler(BaseHTTPRequestHandler):
             body = json.dumps({"headers": {k.lower(): v for k, v in self.headers.items()},
                                "client": self.client_address[0].removeprefix("::ffff:")}).encode()
             ctype = "application/json"
+        elif self.path.startswith("/status/") and self.path[8:11].isdigit():  # ?query ignored
+            self.send_response(int(self.path[8:11]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         else:
             self.send_error(404)
             return

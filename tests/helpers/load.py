@@ -42,7 +42,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+try:    # imported as tests/helpers/load.py
+    from helpers.echo_server import DualStackHTTP, DualStackTCP
+except ImportError:   # run as a script, next to echo_server.py (also in the system tier's guest)
+    from echo_server import DualStackHTTP, DualStackTCP
 
 PATTERN = random.Random(20261201).randbytes(1 << 20)
 VIA_HEADER = "x-forwarded-proto"      # what Envoy adds on a port declared "http"
@@ -80,17 +85,6 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-class DualStackHTTP(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
-
-    def server_bind(self):
-        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
-
-
 class Echo(socketserver.BaseRequestHandler):
     def handle(self):
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -98,20 +92,14 @@ class Echo(socketserver.BaseRequestHandler):
             self.request.sendall(data)
 
 
-class DualStackTCP(socketserver.ThreadingTCPServer):
-    address_family = socket.AF_INET6
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
-
-    def server_bind(self):
-        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
+def _server(base):
+    """echo_server.py's dual-stack server class, with a deeper accept queue."""
+    return type("Load" + base.__name__, (base,), {"request_queue_size": 1024})
 
 
 def serve(http_ports, tcp_ports) -> None:
-    servers = [DualStackHTTP(("::", p), Handler) for p in http_ports]
-    servers += [DualStackTCP(("::", p), Echo) for p in tcp_ports]
+    servers = [_server(DualStackHTTP)(("::", p), Handler) for p in http_ports]
+    servers += [_server(DualStackTCP)(("::", p), Echo) for p in tcp_ports]
     for s in servers:
         threading.Thread(target=s.serve_forever, daemon=True).start()
     print("ready", flush=True)
@@ -390,6 +378,22 @@ def start_mix(load: "Load", popen, host: str, http_port: int, tcp_port: int, sec
                    rate=rate, events=events)
         load.start(popen, "stream", host, tcp_port, seconds, f"{name}-stream-{i}",
                    rate=rate, size=stream_size, events=events)
+
+
+def after(res: dict[str, dict], t: float, until: float = float("inf")) -> dict:
+    """What the clients run with events saw after a fault at time t (and before
+    `until`, the next fault): seconds from t until an operation started after t first
+    succeeded (`first_ok`; None: never), until one first went through Envoy
+    (`first_via_envoy`, HTTP only), how many operations started after t failed
+    (`failed_after`), and how many were under way at t and failed (`failed_in_flight`)."""
+    ev = [e for n, c in res.items() if n != "total" for e in c.get("events", ())
+          if e[1] >= t and e[0] < until]
+    ok_after = [e for e in ev if e[0] >= t and e[2]]
+    via = [e for e in ok_after if e[3] == 1]
+    return dict(first_ok=min((e[1] - t for e in ok_after), default=None),
+                first_via_envoy=min((e[0] - t for e in via), default=None),
+                failed_after=sum(1 for e in ev if e[0] >= t and not e[2]),
+                failed_in_flight=sum(1 for e in ev if e[0] < t and not e[2]))
 
 
 def summary(res: dict[str, dict]) -> str:

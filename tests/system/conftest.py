@@ -27,7 +27,8 @@ from helpers.common import cgroup2_root, kill_cgroup, reap, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("systemd,systemd-sysv,dbus,python3,python3-bpfcc,python3-gi,python3-pydbus,"
-            "python3-systemd,python3-pyroute2,libbpf1,iproute2,curl,procps,util-linux")
+            "python3-systemd,python3-pyroute2,libbpf1,iproute2,curl,procps,util-linux,"
+            "python3-prometheus-client,python3-msgpack")   # meshd's Recommends: metrics, flows
 CACHE = Path("/var/cache/meshd-tests")
 
 
@@ -159,7 +160,8 @@ class Guest:
 
 @pytest.fixture(scope="module")
 def guest(rootfs, debs, tmp_path_factory):
-    """A booted guest with the two .debs and the test server script at /mnt/meshd.
+    """A booted guest with the two .debs and the test scripts (echo_server.py, load.py)
+    at /mnt/meshd.
     Nothing else: no Envoy, no pip; the guest gets Envoy from meshd-envoy."""
     name = "mt" + os.urandom(3).hex() + "g"
     share = tmp_path_factory.mktemp(name)
@@ -168,6 +170,7 @@ def guest(rootfs, debs, tmp_path_factory):
         shutil.copy(deb, share / deb.name)
         os.chmod(share / deb.name, 0o644)   # readable by apt's _apt sandbox user
     shutil.copy(REPO / "tests" / "helpers" / "echo_server.py", share / "echo_server.py")
+    shutil.copy(REPO / "tests" / "helpers" / "load.py", share / "load.py")   # the load harness
     g = Guest(rootfs, name, share)
     try:
         yield g.boot()

@@ -4,6 +4,7 @@ start -> use -> restart -> reload -> stop -> purge), as an operator would."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -136,9 +137,37 @@ def test_start_returns_when_serving(installed):
     status = g.sh("systemctl status meshd --no-pager", check=False).stdout
     assert "workloads enrolled" in status    # STATUS= line
     # structured journal fields: which workload, which cgroup
-    entries = [json.loads(l) for l in g.sh(
-        "journalctl -u meshd -o json --no-pager WORKLOAD=client").stdout.splitlines()]
+    # (meshd's own lines, not the flow records it writes for Envoy's unit)
+    entries = [e for e in map(json.loads, g.sh(
+        "journalctl -u meshd -o json --no-pager WORKLOAD=client").stdout.splitlines())
+        if "DIRECTION" not in e]
     assert entries and entries[-1]["CGROUP"] == "/system.slice/webclient.service"
+
+
+def test_flow_records_in_the_journal_as_envoys_unit(installed):
+    """One journal entry per connection, sent by meshd for Envoy's unit: `journalctl -u
+    meshd-envoy WORKLOAD=client` lists whom the workload talked to."""
+    g = installed
+    def flows():
+        return journal(g, "WORKLOAD=client", "SYSLOG_IDENTIFIER=meshd-flow", unit=ENVOY_UNIT)
+    def settled():   # the earlier tests' records have arrived (Envoy sends every 0.2 s)
+        n = len(flows())
+        time.sleep(1)
+        return n == len(flows()) and n + 1
+    before = wait_for(settled, timeout=20, what="earlier records in") - 1
+    for _ in range(3):
+        echo(g)
+    entries = wait_for(lambda: (e := flows()) and len(e) >= before + 3 and e, timeout=20,
+                       what="3 flow records in the journal")
+    assert len(entries) == before + 3   # one per connection, nothing else
+    for e in entries[before:]:
+        assert e["OBJECT_SYSTEMD_UNIT"] == ENVOY_UNIT
+        assert (e["DIRECTION"], e["PROTOCOL"], e["STATUS"]) == ("outbound", "tcp", "ok")
+        assert e["PEER"] == e["DESTINATION"] == f"{SERVER}:8080"
+        assert int(e["BYTES_SENT"]) > 0 and int(e["BYTES_RECEIVED"]) > 0
+        assert int(e["DURATION_MS"]) >= 0
+    # journalctl's other matches narrow the same entries
+    assert len(journal(g, "WORKLOAD=client", f"PEER={SERVER}:8080", unit=ENVOY_UNIT)) >= 3
 
 
 def declared_hardening() -> dict[str, str]:
@@ -329,6 +358,59 @@ def test_systemctl_reload_applies_config(installed):
     assert done[-1]["MESSAGE"].endswith(": 1 workload(s)")
     assert not via_envoy(g, 2222)
     assert via_envoy(g)
+
+
+FULL = os.environ.get("MESHD_TEST_FULL") == "1"
+
+
+def test_restarts_and_reloads_under_mixed_load_lose_nothing(installed):
+    """tests/helpers/load.py's mix (keep-alive, a connection per request, a long
+    stream) from the workload unit while meshd is restarted and reloaded by systemctl,
+    several times: no request failed, no connection dropped, every byte verified,
+    every connection through the same Envoy."""
+    g = installed
+    n = 10 if FULL else 2
+    g.sh("systemctl is-active mtload.service >/dev/null || systemd-run --unit=mtload.service "
+         "ip netns exec srv python3 /mnt/meshd/load.py serve --http 8081 --tcp 9001")
+    wait_for(lambda: g.sh(f"curl -sf -m 2 -o /dev/null http://{SERVER}:8081/n/1/1",
+                          check=False).returncode
+             == 0, what="load server")
+    pid, before = envoy_pid(g), outbound_connections(g)
+    reloads_before = len(reloads(g, "SIGHUP"))
+    g.sh("rm -rf /run/mtload && mkdir /run/mtload")
+    client = "python3 /mnt/meshd/load.py client --seconds 300 --rate 50 --host " + SERVER
+    # { ...; }: only the clients go to the background, after the shell joined the unit
+    g.in_unit("webclient.service", "{ " + " ".join(
+        f"{client} --mode {m} --port {port} > /run/mtload/{m}.json 2>&1 & "
+        f"echo $! >> /run/mtload/pids;" for m, port in
+        (("keepalive", 8081), ("newconn", 8081), ("stream", 9001))) + " }")
+    try:
+        wait_for(lambda: g.sh("grep -c ready /run/mtload/*.json", check=False).stdout.count(":1") == 3,
+                 what="load clients running")
+        for i in range(n):
+            g.sh("systemctl restart meshd", timeout=180)
+            g.sh("systemctl reload meshd")
+            wait_for(lambda: len(reloads(g, "SIGHUP")) >= reloads_before + i + 1, 10,
+                     what="the reload in the journal")
+        time.sleep(1)
+    finally:
+        g.sh("kill -TERM $(cat /run/mtload/pids)", check=False)
+        # these restarts count against systemd's start rate limit (5 in 10 s): the
+        # next tests start meshd themselves
+        g.sh("systemctl reset-failed meshd", check=False)
+
+    def accounted():
+        last = [(g.sh(f"cat /run/mtload/{m}.json").stdout.strip().splitlines() or [""])[-1]
+                for m in ("keepalive", "newconn", "stream")]
+        return all(x.startswith("{") for x in last) and [json.loads(x) for x in last]
+    results = wait_for(accounted, 20, what="the load's accounting")
+    for r in results:
+        assert r["failed"] == 0 and r["dropped"] == 0, results
+        assert r["sent"] == r["answered"] > 20 and r["bytes_verified"] == r["bytes_sent"], results
+    assert [r["connections"] for r in results if r["mode"] != "newconn"] == [1, 1], results
+    assert envoy_pid(g) == pid
+    assert outbound_connections(g) - before == sum(r["connections"] for r in results)
+    assert prop(g, "State") == "running"
 
 
 def test_rejected_config_is_in_the_journal_with_its_place(installed):

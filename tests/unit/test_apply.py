@@ -37,6 +37,9 @@ class FakeDatapath:
     def set_workload_ids(self, ids):
         self.maps["workload_ids"] = dict(ids)
 
+    def set_containers(self, netns):
+        self.maps["container_netns"] = dict(netns)
+
     def set_exclusions(self, ports, cidrs):
         self.maps["exclusions"] = (dict(ports), dict(cidrs))
 
@@ -90,3 +93,37 @@ def test_a_failed_attach_stops_before_the_maps(tmp_path):
     assert dp.maps == {}
     again = plan(cfg, world, ap.ids, failed=failed)
     assert ap.apply(again) == {} and dp.maps["workload_ids"] == {}
+
+
+def test_an_unwritable_state_dir_does_not_stop_the_maps_and_is_retried(tmp_path, monkeypatch, caplog):
+    """Read-only or full: the kernel side is applied at once, the error is logged once
+    with the file's path, and refresh_envoy() writes the files once it works again."""
+    from meshd import apply as apply_mod
+    cfg, world = setup(tmp_path)
+    dp = FakeDatapath()
+    ap = Applier(dp, str(tmp_path))
+    real = apply_mod.atomic_write
+    broken = [True]
+
+    def write(path, data, mode=0o644, **kw):
+        if broken[0]:
+            raise OSError(28, "No space left on device", path + ".tmp")
+        real(path, data, mode, **kw)
+    monkeypatch.setattr(apply_mod, "atomic_write", write)
+    monkeypatch.setattr(apply_mod.envoy_config.fsutil, "atomic_write", write)
+    caplog.set_level("INFO", logger="meshd")
+    assert ap.apply(plan(cfg, world, ap.ids, now=1.0)) == {}      # no exception
+    assert dp.maps["workload_ids"] == {3: 1}                        # the maps: applied
+    assert ap.ids == {"api": 1} and load_ids(str(tmp_path)) == {}
+    ids_path = os.path.join(tmp_path, statefiles.WORKLOAD_IDS)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(m.startswith(f"cannot write {ids_path}: No space left on device") for m in errors)
+    assert len(errors) == 2                                         # ids + Envoy's files
+    ap.refresh_envoy()
+    ap.refresh_envoy()
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 2   # logged once
+    broken[0] = False
+    ap.refresh_envoy()                                              # a status tick
+    assert load_ids(str(tmp_path)) == {"api": 1}
+    assert os.path.isfile(tmp_path / statefiles.ENVOY_CONFIG_DIR / "lds.json")
+    assert any("writable again" in r.getMessage() for r in caplog.records)

@@ -229,7 +229,7 @@ def test_static_equivalent_inlines_dynamic_files(tmp_path):
     assert [r["name"] for r in combined["static_resources"]["listeners"]] == [
         "meshd_outbound", "meshd_inbound"]
     assert "@type" not in combined["static_resources"]["listeners"][0]
-    assert len(combined["static_resources"]["clusters"]) == 3
+    assert len(combined["static_resources"]["clusters"]) == 4   # meshd_flows + CDS
 
 
 def test_inbound_listener(files):
@@ -244,7 +244,8 @@ def test_inbound_listener(files):
     assert miss["filters"][0]["typed_config"]["cluster"] == "meshd_blackhole"
     tcp = li["default_filter_chain"]["filters"][0]["typed_config"]
     assert tcp["stat_prefix"] == "inbound_tcp" and tcp["cluster"] == "meshd_inbound"
-    assert tcp["access_log"][0]["typed_config"]["path"] == "/run/meshd/envoy-run/access.log"
+    flows = tcp["access_log"][0]["typed_config"]
+    assert flows["cluster"] == "meshd_flows" and flows["record"]["chain"] == "%FILTER_CHAIN_NAME%"
 
 
 def test_inbound_protocols_per_workload_over_global():
@@ -290,3 +291,38 @@ def test_per_workload_chains():
     assert inbound["inbound_wl3_port8080"]["filter_chain_match"] == {"destination_port": 8080}
     assert not any(n.startswith("inbound_wl7") for n in inbound)   # no ports, no chains
 
+
+
+def test_container_listener_and_cluster_live_in_its_namespace():
+    files = ec.render(15001, 15006, STATE, ipv6=True, protocols={8080: "http"},
+                      workload_protocols={3: {9090: "http"}},
+                      containers=(("abcdef012345", "/run/netns/netns-1", 3),))
+    listener = _listener(files, "meshd_ctr_abcdef012345")
+    addr = listener["address"]["socket_address"]
+    assert addr == {"address": "127.0.0.1", "port_value": 15001,
+                    "network_namespace_filepath": "/run/netns/netns-1"}
+    chains = {c["name"]: c for c in listener["filter_chains"]}
+    assert set(chains) == {"outbound_miss", "outbound_port8080", "outbound_port9090"}
+    stat = chains["outbound_port8080"]["filters"][0]["typed_config"]["stat_prefix"]
+    assert stat == "outbound_http_3"          # counted as the workload's
+    assert listener["default_filter_chain"]["filters"][0]["typed_config"][
+        "stat_prefix"] == "outbound_tcp_3"
+    cluster = _clusters(files)["meshd_ctr_abcdef012345"]
+    assert cluster["type"] == "ORIGINAL_DST"
+    assert cluster["upstream_bind_config"]["source_address"] == {
+        "address": "0.0.0.0", "port_value": 0, "network_namespace_filepath": "/run/netns/netns-1"}
+    # the host's listeners are unchanged by a container
+    assert _listener(files)["address"] == ec.render(15001, 15006, STATE, True)["lds.json"][
+        "resources"][0]["address"]
+
+
+def test_flow_records_off_leaves_no_access_logger():
+    on = ec.render(15001, 15006, STATE, ipv6=True, workload_ports={3: [8080]},
+                   protocols={8080: "http"})
+    off = ec.render(15001, 15006, STATE, ipv6=True, workload_ports={3: [8080]},
+                    protocols={8080: "http"}, access_log=False)
+    assert json.dumps(on[ec.LDS]).count("envoy.access_loggers.fluentd") >= 6
+    assert "access_log" not in json.dumps(off[ec.LDS])
+    flows = on[ec.BOOTSTRAP]["static_resources"]["clusters"][0]
+    assert flows["name"] == "meshd_flows" and flows["load_assignment"]["endpoints"][0][
+        "lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"] == STATE + "/flows.sock"

@@ -25,6 +25,10 @@ DOCUMENTED = {
     ml.Route4Key: (8, {"prefixlen": 0, "addr": 4}),
     ml.Route6Key: (20, {"prefixlen": 0, "addr": 4}),
     ml.Route6Src: (16, {"addr": 0}),
+    ml.AccelKey: (48, {"netns": 0, "t": 8}),
+    ml.CtrNetns: (8, {"index": 0, "addr4": 4}),
+    ml.NetnsSlot: (16, {"netns": 0, "slot": 8, "pad": 12}),
+    ml.CtrPort: (8, {"addr4": 0, "port": 4, "pad": 6}),
 }
 
 
@@ -143,16 +147,20 @@ def test_structs_are_equal_and_hashed_by_their_bytes():
 
 def test_every_map_in_the_header_is_declared_as_the_layout_says():
     in_header = {}
-    for m in re.finditer(r"^(MESHD_MAP|MESHD_SOCKMAP)\((.*)\);$", HEADER, re.M):
+    for m in re.finditer(r"^(MESHD_MAP|MESHD_SOCKMAP|MESHD_SOCKHASH)\((.*)\);$", HEADER, re.M):
         args = [a.strip() for a in m.group(2).split(",")]
         if m.group(1) == "MESHD_SOCKMAP":   # (name, size)
             in_header[args[0]] = ("sockmap", args[1], "0")
+        elif m.group(1) == "MESHD_SOCKHASH":   # (name, key, value, size)
+            in_header[args[0]] = ("sockhash", args[3], "0")
         else:                               # ("type", key, value, name, size, flags)
             in_header[args[3]] = (args[0].strip('"'), args[4], args[5])
     assert "settings" in in_header and "envoy_listeners" in in_header
     assert set(in_header) == set(ml.MAPS)
     sizes = {"MESHD_MAX_WORKLOADS": ml.MAX_WORKLOADS,
-             "MESHD_MAX_WORKLOADS * MESHD_NR_COUNTERS": ml.MAX_WORKLOADS * ml.NR_COUNTERS}
+             "MESHD_MAX_WORKLOADS * MESHD_NR_COUNTERS": ml.MAX_WORKLOADS * ml.NR_COUNTERS,
+             "MESHD_MAX_ACCEL": ml.ACCEL_MAX_SOCKETS,
+             "MESHD_NR_ACCEL_COUNTERS": len(ml.ACCEL_COUNTERS)}
     flags = {"0": 0, "BPF_F_NO_PREALLOC": ml.BPF_F_NO_PREALLOC}
     for name, (kind, size, flag) in in_header.items():
         size = sizes.get(size, int(size) if size.isdigit() else size)

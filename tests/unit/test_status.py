@@ -12,8 +12,9 @@ from gi.repository import Gio, GLib
 
 from meshd import bus
 from meshd.config import ConfigError
-from meshd.status import (DatapathStatus, EnvoyStatus, MeshSettings, Status, WorkloadEnvoy,
-                          WorkloadStatus, format_text, read_file, status_path)
+from meshd.maplayout import ACCEL_COUNTERS
+from meshd.status import (AccelerationStatus, DatapathStatus, EnvoyStatus, MeshSettings, Status,
+                          WorkloadEnvoy, WorkloadStatus, format_text, read_file, status_path)
 
 NAMES = ("redirected", "excluded", "fail_open", "answered", "miss", "peername", "closed",
          "inbound", "inbound_excluded", "inbound_fail_open")
@@ -42,6 +43,10 @@ def sample(**kw) -> Status:
         datapath=DatapathStatus(pins="/sys/fs/bpf/meshd/v1", adopted=True,
                                 links=("envoy:getsockopt", "workload:web:connect4"),
                                 tracked_connections=3),
+        acceleration=AccelerationStatus(
+            mode="on", active=True, kernel="6.18.44", reason="kernel 6.18.44 is on the allowlist",
+            counters={**dict.fromkeys(ACCEL_COUNTERS, 0), "sockets": 4, "pairs": 2,
+                      "bytes_redirected": 3145728, "fallbacks": 1}),
         counters=counters(answered=7, miss=2),
         workloads=(
             WorkloadStatus(name="web", id=1, cgroup="/system.slice/web.service",
@@ -70,12 +75,16 @@ def test_status_json_keeps_its_field_names():
     d = json.loads(sample().to_json())
     assert set(d) == {"version", "pid", "state", "updated", "started", "config_dir",
                       "config_files", "config_errors", "mesh", "envoy", "datapath",
-                      "counters", "workloads"}
+                      "acceleration", "counters", "workloads", "containers"}
     assert set(d["mesh"]) == {"outbound_port", "inbound_port", "exclude_outbound_ports",
                               "exclude_outbound_cidrs", "bpffs_dir", "state_dir", "cgroup_root"}
     assert set(d["envoy"]) == {"state", "pid", "adopted", "restarts", "admin_socket",
                                "listeners", "user"}
     assert set(d["datapath"]) == {"pins", "adopted", "links", "tracked_connections"}
+    assert set(d["acceleration"]) == {"mode", "active", "kernel", "reason", "counters"}
+    assert set(d["acceleration"]["counters"]) == {
+        "sockets", "pairs", "closed", "messages_redirected", "bytes_redirected", "fallbacks",
+        "insert_failed"}
     assert d["config_errors"] == [{"file": "/etc/meshd/b.toml", "line": 3,
                                    "key": "mesh.outbound_port", "message": "expected integer"}]
     web, waiting = d["workloads"]
@@ -137,6 +146,10 @@ def test_text_shows_rejection_fail_open_workloads_and_misses():
             in lines)
     assert any(l.startswith("      redirected=5 excluded=0") for l in lines)
     assert "waiting for unit my-app.service to start -" in text
+    assert ("  accel:     active (mode on; kernel 6.18.44 is on the allowlist)" in lines)
+    assert any(l.split() == ["sockets=4", "pairs=2", "closed=0", "messages_redirected=0",
+                             "bytes_redirected=3145728", "fallbacks=1", "insert_failed=0"]
+               for l in lines)
     assert "2 connections reached Envoy without an original destination" in text
 
 
@@ -144,10 +157,12 @@ def test_text_of_a_healthy_quiet_mesh_shows_no_alarm():
     up = dataclasses.replace(sample().envoy, listeners=dict.fromkeys(
         ("ipv4", "ipv6", "inbound_ipv4", "inbound_ipv6"), True))
     st = sample(config_errors=(), counters=counters(), envoy=up,
+                acceleration=AccelerationStatus(reason="acceleration = false"),
                 workloads=(WorkloadStatus(name="web", id=1, cgroup="/w", enrolled_since=1.0,
                                           counters=counters()),))
     text = format_text(st, True, "status file /run/meshd/status.json")
     assert "source:    status file /run/meshd/status.json" in text
+    assert "  accel:     inactive (mode off; acceleration = false)" in text.splitlines()
     for alarm in ("REJECTED", "FAIL OPEN", "not in the data path", "misses",
                   "envoy: connections=", "redirected=", "not meshd's"):
         assert alarm not in text, alarm
