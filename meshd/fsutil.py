@@ -5,11 +5,11 @@ import os
 import tempfile
 
 
-def atomic_write(path: str, data: bytes | str, mode: int = 0o644, gid: int = -1) -> None:
+def atomic_write(path: str, data: bytes | str, mode: int = 0o644, gid: int | None = None) -> None:
     """Replace path with data: a temp file in the same directory (rename is only
     atomic within one filesystem), fsync'ed, renamed over path, then the
     directory fsync'ed so the rename itself survives a crash. gid: the file's
-    group (-1: the writer's), set before the file appears under its name."""
+    group, set (with mode) before the rename makes it visible."""
     if isinstance(data, str):
         data = data.encode()
     d = os.path.dirname(path) or "."
@@ -18,7 +18,7 @@ def atomic_write(path: str, data: bytes | str, mode: int = 0o644, gid: int = -1)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            if gid != -1:
+            if gid is not None:
                 os.fchown(f.fileno(), -1, gid)
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
