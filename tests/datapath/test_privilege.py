@@ -3,7 +3,9 @@
 - Envoy runs as meshd-envoy with exactly the capabilities meshd/envoy/identity.py
   grants (ambient, bounding, effective) and no_new_privs;
 - its configuration is readable by its group only, the directory it writes (admin
-  socket, logs) by it and root only;
+  socket, logs) by it and root only; every other file in the state directory has
+  the audience README "Security" gives it (anyone, root and Envoy, or root only),
+  and a workload or Envoy gets no further;
 - a workload process (an unprivileged user in an enrolled cgroup) cannot reach
   Envoy's admin API, and cannot get its TCP connections around Envoy: not through
   IPv4-mapped IPv6 addresses, TCP Fast Open or MPTCP, not by leaving its cgroup,
@@ -11,24 +13,55 @@
 """
 from __future__ import annotations
 
+import fnmatch
 import grp
 import json
 import os
 import pwd
+import shutil
 import stat
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import HTTP_PORT, REPO, VIA_ENVOY
+from conftest import HTTP_PORT, REPO, VIA_ENVOY, free_port, wait_for
+from helpers.common import netns_add, netns_del, netns_path
+from meshd import envoy_config as ec
 from meshd import statefiles
-from meshd.envoy import identity
+from meshd.envoy import admin, identity, process
 from meshd.envoy_config import admin_socket_path, bootstrap_path, config_dir
 
 pytestmark = pytest.mark.root
 PROBE = REPO / "tests" / "helpers" / "escape_probe.py"
 NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+AS_ENVOY = ("setpriv", f"--reuid={identity.ENVOY_USER}", f"--regid={identity.ENVOY_USER}",
+            "--clear-groups")
+
+# Every entry of the state directory (a relative path, fnmatch): mode, owner, group,
+# and who may read it besides root: "anyone", "envoy" (meshd-envoy) or "root" (no one
+# else). README "Security" is this table in prose; an entry it does not name fails.
+E = identity.ENVOY_USER
+STATE_FILES = {
+    "status.json": (0o644, "root", "root", "anyone"),     # = the public D-Bus properties
+    "meshd.pid": (0o644, "root", "root", "anyone"),
+    "workload-ids.json": (0o644, "root", "root", "anyone"),
+    "tcp_fwmark_accept.orig": (0o644, "root", "root", "anyone"),   # a sysctl's value
+    "envoy.pid": (0o600, "root", "root", "root"),
+    "envoy": (0o750, "root", E, "envoy"),                  # Envoy's configuration
+    "envoy/*": (0o640, "root", E, "envoy"),
+    "envoy-run": (0o750, E, "root", "envoy"),              # what Envoy writes
+    "envoy-run/admin.sock": (0o666, E, E, "envoy"),        # the directory is the gate
+    "envoy-run/envoy.log": (0o640, E, "root", "envoy"),
+    "flows.sock": (0o660, "root", E, "envoy"),             # Envoy sends flow records
+    "flows.log": (0o600, "root", "root", "root"),          # who talked to whom
+    "observe.sock": (0o600, "root", "root", "root"),
+    "hook.sock": (0o600, "root", "root", "root"),
+    "containers": (0o700, "root", "root", "root"),
+    "containers/*": (0o644, "root", "root", "root"),       # behind its 0700 directory
+}
 
 if os.geteuid() != 0:
     pytest.skip("needs root", allow_module_level=True)
@@ -40,7 +73,11 @@ except KeyError:
 
 def probe(mesh, *args, cgroup=None) -> dict:
     """escape_probe.py as nobody, in the enrolled workload's cgroup (by default)."""
-    r = mesh.run_in(*NOBODY, sys.executable, PROBE, *map(str, args), cgroup=cgroup)
+    return run_probe(mesh, NOBODY, *args, cgroup=cgroup)
+
+
+def run_probe(mesh, as_user, *args, cgroup=None) -> dict:
+    r = mesh.run_in(*as_user, sys.executable, PROBE, *map(str, args), cgroup=cgroup)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -90,6 +127,61 @@ def test_files_are_readable_only_by_whom_they_must_be(meshed):
         assert not r["ok"] and r["error"].startswith("EACCES"), (args, r)
 
 
+def state_entries(state_dir: str) -> dict[str, os.stat_result]:
+    out = {}
+    for top, dirs, files in os.walk(state_dir):
+        for name in dirs + files:
+            p = os.path.join(top, name)
+            out[os.path.relpath(p, state_dir)] = os.lstat(p)
+    return out
+
+
+def rule_for(rel: str):
+    rules = [k for k in STATE_FILES if fnmatch.fnmatchcase(rel, k) and
+             (k.count("/") == rel.count("/"))]
+    assert rules, f"{rel}: not in STATE_FILES: who may read it? (README \"Security\")"
+    return STATE_FILES[rules[0]]
+
+
+def test_every_state_file_has_its_audience_and_no_more(meshed):
+    """The whole state directory after traffic (flow log, Envoy's log, sockets): each
+    entry's mode and owner as declared, and a workload (nobody, in its cgroup) and Envoy's
+    user (outside the mesh) are refused whatever is not theirs."""
+    mesh, server = meshed
+    assert mesh.curl(f"http://{server.ip4}:{HTTP_PORT}/echo").returncode == 0
+    wait_for(lambda: os.path.exists(os.path.join(mesh.state_dir, "flows.log")),
+             what="the flow log")
+    st = os.stat(mesh.state_dir)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o755, 0)
+    entries = state_entries(mesh.state_dir)
+    for want in ("flows.log", "flows.sock", "observe.sock", "envoy-run/admin.sock",
+                 "envoy/bootstrap.json", "status.json"):
+        assert want in entries, sorted(entries)
+    uid = {"root": 0, E: ENVOY.pw_uid}
+    gid = {"root": 0, E: grp.getgrnam(E).gr_gid}
+    for rel, est in sorted(entries.items()):
+        if rel.startswith(".") or "/." in rel:
+            continue   # an atomic write's temporary file, there for a moment
+        mode, owner, group, who = rule_for(rel)
+        assert (stat.S_IMODE(est.st_mode), est.st_uid, est.st_gid) == (
+            mode, uid[owner], gid[group]), (rel, oct(est.st_mode), est.st_uid, est.st_gid)
+        path = os.path.join(mesh.state_dir, rel)
+        kind = "list" if stat.S_ISDIR(est.st_mode) else (
+            "unix" if stat.S_ISSOCK(est.st_mode) else "read")
+        denied = {"anyone": (), "envoy": ("workload",), "root": ("workload", "envoy")}[who]
+        for as_whom in ("workload", "envoy"):
+            if as_whom == "workload":
+                r = probe(mesh, kind, path)
+            else:
+                if kind == "unix" and who == "envoy":
+                    continue   # Envoy's own sockets: it uses them (test_observe, stats)
+                r = run_probe(mesh, AS_ENVOY, kind, path, cgroup=mesh.outside)
+            if as_whom in denied:
+                assert not r["ok"] and r["error"].startswith("EACCES"), (rel, as_whom, r)
+            elif kind != "unix":
+                assert r["ok"], (rel, as_whom, r)
+
+
 def test_a_workload_cannot_reach_envoys_admin_api(meshed):
     """Not through its socket (above), and not over TCP: Envoy's only TCP ports are its
     listeners, and a direct connection to one reaches no admin handler."""
@@ -128,6 +220,75 @@ def test_a_workload_cannot_leave_the_mesh(meshed, what):
 
 def test_status_and_bus_say_who_envoy_runs_as(meshed):
     mesh, server = meshed
-    from conftest import wait_for
     wait_for(lambda: mesh.status()["envoy"]["user"] == identity.ENVOY_USER, what="status user")
     assert f"user {identity.ENVOY_USER}" in mesh.cli("status").stdout
+
+
+# -- each capability Envoy keeps, and why (meshd/envoy/identity.py) --------------------
+
+NEEDS = {   # capability -> the listener of meshd's that Envoy cannot open without it
+    "CAP_NET_ADMIN": "meshd_inbound",     # transparent (IP_TRANSPARENT)
+    "CAP_SYS_ADMIN": "meshd_ctr_",         # inside a container's namespace (setns)
+    "CAP_NET_BIND_SERVICE": "meshd_outbound",   # on a port below 1024 (here 81)
+}
+
+
+def test_each_capability_envoy_keeps_is_needed(prefix, cgroups, netns):
+    """Envoy as meshd-envoy, on a bootstrap holding meshd's own listeners as static
+    ones (a static listener that fails stops Envoy at start-up, naming it): with the
+    capabilities identity.py grants it starts and opens them all; without any one of
+    them it fails on exactly the listener that capability is granted for."""
+    assert set(NEEDS) == set(identity.CAPABILITIES) | {"CAP_NET_BIND_SERVICE"}
+    assert identity.capabilities_for((81,)) == tuple(sorted(NEEDS))
+    ctr = netns_add(f"{prefix}c")   # a container's network namespace
+    tmp = tempfile.mkdtemp(prefix=f"{prefix}caps-")
+    try:
+        os.chmod(tmp, 0o755)
+        os.chown(tmp, ENVOY.pw_uid, ENVOY.pw_gid)
+        sock = os.path.join(tmp, "admin.sock")
+        ctr_listener, ctr_cluster = ec.render_container("c0ffee", netns_path(ctr), 1, free_port(),
+                                                        access_log=False)
+        listeners = [ec.render_inbound_listener(free_port(), False, access_log=False),
+                     ctr_listener, ec.render_listeners(81, False, access_log=False)[0]]
+        assert [li["name"][:len(n)] for li, n in zip(listeners, NEEDS.values())] == list(
+            NEEDS.values())
+        assert listeners[0]["transparent"] is True
+        bootstrap = os.path.join(tmp, "bootstrap.json")
+        with open(bootstrap, "w") as f:
+            json.dump({"node": {"id": "caps", "cluster": "caps"},
+                       "admin": {"address": {"pipe": {"path": sock}}},
+                       "static_resources": {"listeners": listeners,
+                                            "clusters": ec.render_clusters(False) + [ctr_cluster]}}, f)
+        os.chmod(bootstrap, 0o644)
+        run = cgroups.make("envoycaps")
+
+        def envoy(caps):
+            who = identity.EnvoyIdentity(identity.ENVOY_USER, ENVOY.pw_uid, ENVOY.pw_gid, caps)
+            return cgroups.popen(run, *who.setpriv(), process.find_envoy(""), "-c", bootstrap,
+                                 "--disable-hot-restart", "-l", "error", "--base-id",
+                                 str(os.getpid() % 10000),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        p = envoy(tuple(NEEDS))
+        try:
+            wait_for(lambda: p.poll() is not None or admin.is_ready(sock), what="Envoy ready")
+            assert p.poll() is None, p.stdout.read()
+            code, body = admin.get(sock, "/listeners?format=json")
+            names = [li["name"] for li in json.loads(body)["listener_statuses"]]
+            assert sorted(names) == sorted(li["name"] for li in listeners)
+        finally:
+            p.kill()
+            p.wait()
+        for cap, listener in NEEDS.items():
+            p = envoy(tuple(c for c in NEEDS if c != cap))
+            try:
+                out, _ = p.communicate(timeout=30)
+            finally:
+                p.kill()
+                p.wait()
+            assert p.returncode not in (0, None), (cap, out)
+            failed = [l for l in out.splitlines() if "failed to bind or apply" in l]
+            assert len(failed) == 1 and f"listener '{listener}" in failed[0], (cap, out[-2000:])
+    finally:
+        netns_del(ctr)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -5,6 +5,7 @@ unprivileged user inside an enrolled cgroup. Prints one JSON object:
     escape_probe.py http HOST PORT MODE   MODE: plain | v4mapped | fastopen | mptcp
     escape_probe.py unix PATH             connect to an AF_UNIX socket (Envoy's admin)
     escape_probe.py read PATH             read a file
+    escape_probe.py list PATH             list a directory
     escape_probe.py cgroup PATH           move itself into another cgroup (cgroup.procs)
     escape_probe.py somark                SO_MARK on a socket (meshd's routing mark)
     escape_probe.py bpf                   BPF_PROG_GET_NEXT_ID (any bpf(2) use at all)
@@ -67,6 +68,8 @@ def main(argv: list[str]) -> dict:
         if what == "read":
             with open(argv[1], "rb") as f:
                 return {"ok": True, "body": f.read(200).decode(errors="replace")}
+        if what == "list":
+            return {"ok": True, "body": " ".join(os.listdir(argv[1]))[:200]}
         if what == "cgroup":
             with open(os.path.join(argv[1], "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
