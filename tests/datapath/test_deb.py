@@ -196,7 +196,7 @@ def test_maintainer_scripts(unpacked):
     assert "daemon-reload" in postinst
     assert "ischroot" in postinst and "meshd check" in postinst
     # Envoy's user exists before meshd starts (meshd/envoy/identity.py)
-    assert postinst.index("systemd-sysusers") < postinst.index("meshd check")
+    assert postinst.index("systemd-sysusers") < postinst.index("/usr/bin/meshd check")
     assert (unpacked / "usr/lib/sysusers.d/meshd.conf").read_text().splitlines()[-1].split()[:2] == [
         "u", "meshd-envoy"]
     prerm = (ctl / "prerm").read_text()
