@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import subprocess
 from typing import Callable, Optional
 
@@ -72,10 +73,7 @@ class EnvoySupervisor(PidfdSupervisor):
             self.schedule_restart()
             return
         try:
-            logf = open(self.log_path, "ab")
-            if self.identity and not self.identity.is_root:   # Envoy reopens it (--log-path)
-                os.fchown(logf.fileno(), self.identity.uid, 0)
-                os.fchmod(logf.fileno(), 0o640)
+            logf = self._open_log()
         except OSError as e:
             log.error("cannot open %s: %s", self.log_path, e)
             self.schedule_restart()
@@ -135,6 +133,23 @@ class EnvoySupervisor(PidfdSupervisor):
                 f.write(f"{pid}\n")
         except OSError as e:
             log.error("cannot move Envoy (pid %d) into %s: %s", pid, self.cgroup_dir, e)
+
+    def _open_log(self):
+        """Envoy's log, in the directory Envoy's user may write: never through a link
+        it planted there (meshd would hand it the file the link names)."""
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o640)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise OSError(f"{self.log_path} is not a plain file")
+            if self.identity and not self.identity.is_root:   # Envoy reopens it (--log-path)
+                os.fchown(fd, self.identity.uid, 0)
+                os.fchmod(fd, 0o640)
+        except OSError:
+            os.close(fd)
+            raise
+        return os.fdopen(fd, "ab")
 
     def _preexec(self) -> None:
         # Runs in the child between fork and exec: move ourselves into Envoy's cgroup

@@ -94,11 +94,37 @@ def test_run_dir_is_envoys_and_files_left_by_root_are_handed_over(tmp_path):
     ident = identity.EnvoyIdentity("nobody", 65534, 65534, ("CAP_NET_ADMIN",))
     run = tmp_path / "envoy-run"
     run.mkdir()
-    (run / "access.log").write_text("old root-owned log\n")
+    (run / "envoy.log").write_text("old root-owned log\n")
     identity.prepare_run_dir(str(run), ident)
     st = run.stat()
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o750, 65534, 0)
-    assert (run / "access.log").stat().st_uid == 65534
+    assert (run / "envoy.log").stat().st_uid == 65534
     os.symlink("/etc/passwd", run / "link")
     identity.prepare_run_dir(str(run), ident)   # a symlink is never followed
     assert os.stat("/etc/passwd").st_uid == 0
+
+
+def test_a_child_envoys_log_is_never_opened_through_a_link(tmp_path):
+    """Envoy's user may write its run directory: a link it left there as envoy.log must
+    not make meshd open (and hand Envoy) the file the link names."""
+    from meshd import statefiles
+    from meshd.envoy.child import EnvoySupervisor
+    ident = identity.EnvoyIdentity("nobody", 65534, 65534, ("CAP_NET_ADMIN",))
+    (tmp_path / "envoy-run").mkdir()
+    sup = EnvoySupervisor("/bin/true", str(tmp_path), str(tmp_path), "info", lambda s: None,
+                          identity=ident)
+    assert sup.log_path == str(tmp_path / statefiles.ENVOY_LOG)
+    victim = tmp_path / "victim"
+    victim.write_text("root's\n")
+    victim.chmod(0o600)
+    for make in (os.symlink, os.link):
+        make(victim, sup.log_path)
+        with pytest.raises(OSError):
+            sup._open_log()
+        os.unlink(sup.log_path)
+        st = victim.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, 0)
+    with sup._open_log() as f:   # a plain file: Envoy's
+        f.write(b"x")
+    st = os.stat(sup.log_path)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o640, 65534)
