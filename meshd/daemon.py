@@ -155,8 +155,7 @@ class Daemon:
             log.warning("Envoy runs as root: %s", ident.why_root)
         else:
             log.info("Envoy runs as %s with %s only", ident.user, " ".join(ident.capabilities))
-        envoy_identity.prepare_run_dir(statefiles.path(mesh.state_dir, statefiles.ENVOY_RUN_DIR),
-                                       ident)
+        envoy_identity.prepare_run_dir(statefiles.path(mesh.state_dir, statefiles.ENVOY_RUN_DIR))
         cgroups.ensure(own_root)
         self.dp.attach(str(ENVOY_OWNER), own_root, ENVOY_HOOKS)
         self.envoy_cgroup = os.path.join(own_root, "envoy")

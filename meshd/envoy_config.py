@@ -544,8 +544,8 @@ def write_config(state_dir: str, files: dict[str, dict]) -> list[str]:
     gid = identity.envoy_group()   # Envoy reads them; no one else may
     identity.make_dir(cdir, 0, gid, 0o750)
     run = statefiles.path(state_dir, statefiles.ENVOY_RUN_DIR)
-    if not os.path.isdir(run):   # the daemon hands it to Envoy's user first
-        identity.make_dir(run, 0, 0, 0o750)
+    if not os.path.isdir(run):   # the daemon prepares it first (identity.prepare_run_dir)
+        identity.make_dir(run, 0, gid, 0o770)
     order = [n for n in _WRITE_ORDER if n in files] + sorted(set(files) - set(_WRITE_ORDER))
     changed = []
     for name in order:

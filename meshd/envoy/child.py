@@ -138,14 +138,15 @@ class EnvoySupervisor(PidfdSupervisor):
         """Envoy's log, in the directory Envoy's user may write: never through a link
         it planted there (meshd would hand it the file the link names)."""
         fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o640)
+                     | os.O_CLOEXEC, 0o600)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
                 raise OSError(f"{self.log_path} is not a plain file")
-            if self.identity and not self.identity.is_root:   # Envoy reopens it (--log-path)
-                os.fchown(fd, self.identity.uid, 0)
-                os.fchmod(fd, 0o640)
+            # Envoy reopens it (--log-path): its group may write it
+            if self.identity and not self.identity.is_root and st.st_uid == os.geteuid():
+                os.fchown(fd, -1, envoy_identity.envoy_group())
+                os.fchmod(fd, 0o660)
         except OSError:
             os.close(fd)
             raise

@@ -16,13 +16,17 @@ The files:
 - ``<state_dir>/envoy/`` (bootstrap, listeners, clusters; anything else Envoy must
   read, such as key files): root:meshd-envoy 0750, files 0640, written by meshd
   (:func:`envoy_group`). Envoy reads them; no other user can.
-- ``<state_dir>/envoy-run/`` (the admin socket, Envoy's log):
-  meshd-envoy:root 0750. Envoy writes there and nowhere else; the directory is the
-  gate: only Envoy and root's group may enter it, so the admin socket inside can be
-  mode 0666 and meshd (root without CAP_DAC_OVERRIDE under systemd) connects. No
-  set-group-id bit: meshd.service's RestrictSUIDSGID= refuses to set one.
+- ``<state_dir>/envoy-run/`` (the admin socket, Envoy's log as a child):
+  root:meshd-envoy 0770. Envoy writes there, through its group, and nowhere else; the
+  directory is the gate: only root and Envoy may enter it, so the admin socket inside
+  can be mode 0666 and meshd (root without CAP_DAC_OVERRIDE under systemd) connects.
+  No set-group-id bit: meshd.service's RestrictSUIDSGID= refuses to set one.
 - ``<state_dir>/flows.sock`` (meshd/flows.py, where Envoy sends its flow records):
   root:meshd-envoy 0660: Envoy may send, no other user may forge a record.
+
+meshd owns all of them and gives them Envoy's group, never its user: under systemd it
+does so as a member of that group (SupplementaryGroups= in meshd.service), without
+CAP_CHOWN.
 """
 from __future__ import annotations
 
@@ -182,12 +186,23 @@ def make_dir(path: str, uid: int, gid: int, mode: int) -> None:
         os.chown(path, uid, gid)
 
 
-def prepare_run_dir(path: str, ident: EnvoyIdentity) -> None:
-    """``<state_dir>/envoy-run``: Envoy's, files left by an Envoy that ran as another
-    user handed over (it must reopen its logs)."""
-    make_dir(path, ident.uid, 0, 0o750)
+def prepare_run_dir(path: str) -> None:
+    """``<state_dir>/envoy-run``, Envoy's through its group; a file a root Envoy left
+    there (its log, from before its user existed) is given that group too, so Envoy
+    can reopen it. Never through a link."""
+    gid = envoy_group()
+    make_dir(path, 0, gid, 0o770)
     for name in os.listdir(path):
-        p = os.path.join(path, name)
-        st = os.lstat(p)
-        if stat.S_ISREG(st.st_mode) and st.st_uid != ident.uid:
-            os.chown(p, ident.uid, 0, follow_symlinks=False)
+        try:
+            fd = os.open(os.path.join(path, name),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue   # a socket, a link: Envoy makes its own anew
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and (
+                    st.st_gid != gid or st.st_mode & 0o060 != 0o060):
+                os.fchown(fd, -1, gid)
+                os.fchmod(fd, (stat.S_IMODE(st.st_mode) | 0o060) & ~0o007)
+        finally:
+            os.close(fd)

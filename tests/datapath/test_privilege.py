@@ -52,9 +52,9 @@ STATE_FILES = {
     "envoy.pid": (0o600, "root", "root", "root"),
     "envoy": (0o750, "root", E, "envoy"),                  # Envoy's configuration
     "envoy/*": (0o640, "root", E, "envoy"),
-    "envoy-run": (0o750, E, "root", "envoy"),              # what Envoy writes
+    "envoy-run": (0o770, "root", E, "envoy"),              # what Envoy writes
     "envoy-run/admin.sock": (0o666, E, E, "envoy"),        # the directory is the gate
-    "envoy-run/envoy.log": (0o640, E, "root", "envoy"),
+    "envoy-run/envoy.log": (0o660, "root", E, "envoy"),
     "flows.sock": (0o660, "root", E, "envoy"),             # Envoy sends flow records
     "flows.log": (0o600, "root", "root", "root"),          # who talked to whom
     "observe.sock": (0o600, "root", "root", "root"),
@@ -116,7 +116,7 @@ def test_files_are_readable_only_by_whom_they_must_be(meshed):
     for name in os.listdir(cdir):
         assert mode_owner(os.path.join(cdir, name)) == (0o640, 0, gid), name
     run = statefiles.path(mesh.state_dir, statefiles.ENVOY_RUN_DIR)
-    assert mode_owner(run) == (0o750, ENVOY.pw_uid, 0)   # the gate to the admin socket
+    assert mode_owner(run) == (0o770, 0, gid)   # the gate to the admin socket
     assert mode_owner(admin_socket_path(mesh.state_dir))[:2] == (0o666, ENVOY.pw_uid)
     log = statefiles.path(mesh.state_dir, statefiles.ENVOY_LOG)
     assert mode_owner(log)[0] & 0o007 == 0

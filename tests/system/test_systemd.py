@@ -253,7 +253,7 @@ def test_envoy_runs_unprivileged_in_its_sandbox(installed):
     modes = g.sh("stat -c '%a %U %G' /run/meshd/envoy /run/meshd/envoy/bootstrap.json "
                  "/run/meshd/envoy-run /run/meshd/envoy-run/admin.sock").stdout.splitlines()
     assert modes == ["750 root meshd-envoy", "640 root meshd-envoy",
-                     "750 meshd-envoy root", "666 meshd-envoy meshd-envoy"], modes
+                     "770 root meshd-envoy", "666 meshd-envoy meshd-envoy"], modes
     # and it serves: the workload's requests go through it
     assert via_envoy(g)
 

@@ -90,18 +90,22 @@ def test_a_starter_that_cannot_switch_users_runs_it_as_root(tmp_path, user):
     assert ident.is_root and "CAP_SETUID" in ident.why_root
 
 
-def test_run_dir_is_envoys_and_files_left_by_root_are_handed_over(tmp_path):
-    ident = identity.EnvoyIdentity("nobody", 65534, 65534, ("CAP_NET_ADMIN",))
+def test_run_dir_is_envoys_groups_and_files_left_by_root_are_handed_over(tmp_path):
+    """Envoy writes it through its group: meshd needs no CAP_CHOWN, only that group."""
+    gid = identity.envoy_group()
     run = tmp_path / "envoy-run"
     run.mkdir()
     (run / "envoy.log").write_text("old root-owned log\n")
-    identity.prepare_run_dir(str(run), ident)
+    (run / "envoy.log").chmod(0o644)
+    identity.prepare_run_dir(str(run))
     st = run.stat()
-    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o750, 65534, 0)
-    assert (run / "envoy.log").stat().st_uid == 65534
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o770, 0, gid)
+    st = (run / "envoy.log").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o660, 0, gid)
     os.symlink("/etc/passwd", run / "link")
-    identity.prepare_run_dir(str(run), ident)   # a symlink is never followed
-    assert os.stat("/etc/passwd").st_uid == 0
+    identity.prepare_run_dir(str(run))   # a symlink is never followed
+    st = os.stat("/etc/passwd")
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0o644)
 
 
 def test_a_child_envoys_log_is_never_opened_through_a_link(tmp_path):
@@ -124,7 +128,7 @@ def test_a_child_envoys_log_is_never_opened_through_a_link(tmp_path):
         os.unlink(sup.log_path)
         st = victim.stat()
         assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, 0)
-    with sup._open_log() as f:   # a plain file: Envoy's
+    with sup._open_log() as f:   # a plain file: Envoy's group may write it
         f.write(b"x")
     st = os.stat(sup.log_path)
-    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o640, 65534)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o660, 0, identity.envoy_group())
