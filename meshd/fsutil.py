@@ -34,3 +34,16 @@ def atomic_write(path: str, data: bytes | str, mode: int = 0o644, gid: int | Non
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def write_if_changed(path: str, data: bytes, mode: int = 0o644, gid: int | None = None) -> bool:
+    """atomic_write, unless path already holds exactly data (a rename is an event
+    for whoever watches the directory: Envoy reloads). Returns True if written."""
+    try:
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return False
+    except FileNotFoundError:
+        pass
+    atomic_write(path, data, mode, gid)
+    return True

@@ -23,6 +23,8 @@ FLOWS_LOG_OLD = "flows.log.1"
 OBSERVE_SOCKET = "observe.sock"      # `meshd observe` reads recent and live records here
 CONTAINERS_DIR = "containers"        # one record per Podman container (written by the OCI hook)
 HOOK_SOCKET = "hook.sock"            # the OCI hook asks the daemon to enroll a container
+IDENTITY_DIR = "identity"            # workload certificates and keys as SDS files (0750)
+CATALOG = "catalog.json"             # the last catalog seen in etcd (served while it is down)
 # Where Envoy's files were before it had a user of its own: removed by cleanup too, and
 # an Envoy adopted across that upgrade still serves its admin API at the old place.
 LEGACY_ENVOY_ADMIN = "envoy-admin.sock"
@@ -31,8 +33,8 @@ LEGACY = ("envoy.log", "access.log", LEGACY_ENVOY_ADMIN)
 # What cleanup removes. FWMARK_SAVED is not here: routing.remove deletes it once it
 # has restored the value (and keeps it while another meshd serves the namespace).
 FILES = (STATUS, MESHD_PID, ENVOY_PID, WORKLOAD_IDS, ENVOY_LOG, ENVOY_ADMIN, FLOWS_SOCKET,
-         FLOWS_LOG, FLOWS_LOG_OLD, OBSERVE_SOCKET, HOOK_SOCKET) + LEGACY
-DIRS = (ENVOY_CONFIG_DIR, CONTAINERS_DIR, ENVOY_RUN_DIR)
+         FLOWS_LOG, FLOWS_LOG_OLD, OBSERVE_SOCKET, HOOK_SOCKET, CATALOG) + LEGACY
+DIRS = (ENVOY_CONFIG_DIR, CONTAINERS_DIR, IDENTITY_DIR, ENVOY_RUN_DIR)
 
 
 def path(state_dir: str, name: str) -> str:
