@@ -27,8 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HTTP_PORT, REPO, VIA_ENVOY, free_port, wait_for
+from conftest import HTTP_PORT, MESHD, REPO, VIA_ENVOY, free_port, wait_for
 from helpers.common import netns_add, netns_del, netns_path
+from meshd import certs
 from meshd import envoy_config as ec
 from meshd import statefiles
 from meshd.envoy import admin, identity, process
@@ -61,6 +62,9 @@ STATE_FILES = {
     "hook.sock": (0o600, "root", "root", "root"),
     "containers": (0o700, "root", "root", "root"),
     "containers/*": (0o644, "root", "root", "root"),       # behind its 0700 directory
+    "identity": (0o750, "root", E, "envoy"),               # workloads' keys (SDS files)
+    "identity/*": (0o640, "root", E, "envoy"),
+    "catalog.json": (0o644, "root", "root", "anyone"),     # the hosts etcd lists
 }
 
 if os.geteuid() != 0:
@@ -157,29 +161,67 @@ def test_every_state_file_has_its_audience_and_no_more(meshed):
     for want in ("flows.log", "flows.sock", "observe.sock", "envoy-run/admin.sock",
                  "envoy/bootstrap.json", "status.json"):
         assert want in entries, sorted(entries)
-    uid = {"root": 0, E: ENVOY.pw_uid}
-    gid = {"root": 0, E: grp.getgrnam(E).gr_gid}
-    for rel, est in sorted(entries.items()):
+    for rel in sorted(entries):
         if rel.startswith(".") or "/." in rel:
             continue   # an atomic write's temporary file, there for a moment
-        mode, owner, group, who = rule_for(rel)
-        assert (stat.S_IMODE(est.st_mode), est.st_uid, est.st_gid) == (
-            mode, uid[owner], gid[group]), (rel, oct(est.st_mode), est.st_uid, est.st_gid)
-        path = os.path.join(mesh.state_dir, rel)
-        kind = "list" if stat.S_ISDIR(est.st_mode) else (
-            "unix" if stat.S_ISSOCK(est.st_mode) else "read")
-        denied = {"anyone": (), "envoy": ("workload",), "root": ("workload", "envoy")}[who]
-        for as_whom in ("workload", "envoy"):
-            if as_whom == "workload":
-                r = probe(mesh, kind, path)
-            else:
-                if kind == "unix" and who == "envoy":
-                    continue   # Envoy's own sockets: it uses them (test_observe, stats)
-                r = run_probe(mesh, AS_ENVOY, kind, path, cgroup=mesh.outside)
-            if as_whom in denied:
-                assert not r["ok"] and r["error"].startswith("EACCES"), (rel, as_whom, r)
-            elif kind != "unix":
-                assert r["ok"], (rel, as_whom, r)
+        check_audience(mesh, rel)
+
+
+def check_audience(mesh, rel: str) -> None:
+    """One state-directory entry against STATE_FILES: its mode and owner, and what a
+    workload (nobody, in its cgroup) and Envoy's user (outside the mesh) get."""
+    mode, owner, group, who = rule_for(rel)
+    path = os.path.join(mesh.state_dir, rel)
+    st = os.lstat(path)
+    uid = {"root": 0, E: ENVOY.pw_uid}
+    gid = {"root": 0, E: grp.getgrnam(E).gr_gid}
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (
+        mode, uid[owner], gid[group]), (rel, oct(st.st_mode), st.st_uid, st.st_gid)
+    kind = "list" if stat.S_ISDIR(st.st_mode) else (
+        "unix" if stat.S_ISSOCK(st.st_mode) else "read")
+    denied = {"anyone": (), "envoy": ("workload",), "root": ("workload", "envoy")}[who]
+    for as_whom in ("workload", "envoy"):
+        if as_whom == "workload":
+            r = probe(mesh, kind, path)
+        elif kind == "unix" and who == "envoy":
+            continue   # Envoy's own sockets: it uses them (test_observe, the stats)
+        else:
+            r = run_probe(mesh, AS_ENVOY, kind, path, cgroup=mesh.outside)
+        if as_whom in denied:
+            assert not r["ok"] and r["error"].startswith("EACCES"), (rel, as_whom, r)
+        elif kind != "unix":
+            assert r["ok"], (rel, as_whom, r)
+
+
+def test_workload_keys_are_for_meshd_and_envoy_only(mesh, server):
+    """With identities (trust_domain), each workload's private key lives in its SDS file
+    in <state_dir>/identity: root:meshd-envoy 0640 in a 0750 directory of that group.
+    Envoy's user reads it, and serves the certificate; a workload cannot read it, and
+    neither can read the host CA's key (root's alone)."""
+    td = "privilege.test"
+    root, host = os.path.join(mesh.tmp, "ca-root"), os.path.join(mesh.tmp, "ca-host")
+    for args in (("init", "--trust-domain", td, "--dir", root),
+                 ("issue-intermediate", "--dir", root, "--host", "h", "--out", host)):
+        r = subprocess.run(MESHD + ["ca", *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    mesh.configure(trust_domain=td, identity_dir=host, mtls_port=free_port())
+    mesh.echo_server("--http", free_port())   # a port to serve over mTLS: Envoy needs the key
+    mesh.start()
+    key = os.path.join(mesh.state_dir, "identity", "wl_wl.json")
+    wait_for(lambda: os.path.exists(key), what="the workload's SDS file")
+    for rel in ("identity", "identity/wl_wl.json", "identity/trust.json"):
+        check_audience(mesh, rel)
+    leaf, err = certs.read_leaf(key)
+    assert leaf is not None and b"PRIVATE KEY" in leaf.key_pem, err   # the key is in that file
+    # Envoy (as meshd-envoy) loaded it: its certificate is among Envoy's
+    def served():
+        code, body = admin.get(admin_socket_path(mesh.state_dir), "/certs")
+        return code == 200 and f"spiffe://{td}/workload/wl" in body.decode()
+    wait_for(served, what="the workload's certificate in Envoy")
+    ca_key = os.path.join(host, "intermediate.key")
+    for who in (NOBODY, AS_ENVOY):
+        r = run_probe(mesh, who, "read", ca_key, cgroup=mesh.outside)
+        assert not r["ok"] and r["error"].startswith("EACCES"), (who, r)
 
 
 def test_a_workload_cannot_reach_envoys_admin_api(meshed):
