@@ -267,18 +267,18 @@ def test_envoy_runs_unprivileged_in_its_sandbox(installed):
 def security_score(g, unit: str) -> float:
     r = g.sh(f"systemd-analyze security --no-pager {unit}", check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+    print(r.stdout)   # every exposure left, as systemd rates it (README "Security")
     (line,) = [l for l in r.stdout.splitlines() if "Overall exposure level" in l]
-    print(line)
     return float(line.split(f"{unit}:")[1].split()[0])
 
 
 def test_systemd_analyze_security(installed):
     """The scores are printed (-s shows them). Envoy's unit, unprivileged and
-    sandboxed, rates better than the 6.9 it had as root without a sandbox (the
-    target is journald's 4.3); meshd's is reported."""
+    sandboxed, rates at or below journald's 4.3 (it had 6.9 as root without a
+    sandbox); meshd's is reported."""
     g = installed
     security_score(g, "meshd.service")
-    assert security_score(g, ENVOY_UNIT) < 6.9
+    assert security_score(g, ENVOY_UNIT) <= 4.3
 
 
 def test_watchdog_is_fed_from_the_main_loop(installed):
