@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import Cgroups, cgroup2_root, wait_for
+from helpers.podman import remove_v1_cgroups
 from test_podman import (CX, configure, containers, ctr_links, ctr_listeners, echo,
                          envoy_listeners, http_get)
 
@@ -116,8 +117,6 @@ def test_container_run_by_a_unit_is_selected_by_unit(mesh, server, podman, prefi
     gets its own; or --cgroups=split, the container's cgroup below the unit's.
     Without systemd as PID 1 here, the unit's cgroup is made by hand where
     systemd puts one (a .service below a .slice)."""
-    from conftest import Cgroups, cgroup2_root
-    from helpers.podman import remove_v1_cgroups
     unit = f"{prefix}-web.service"
     slice_cg = Cgroups.__new__(Cgroups)   # /<prefix>.slice: where find_unit looks
     slice_cg.root, slice_cg.base, slice_cg.netns = cgroup2_root(), f"/{prefix}.slice", mesh.netns
