@@ -25,6 +25,7 @@ CONTAINERS_CONF = """\
 [containers]
 default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
 pids_limit = 0
+keyring = false
 [engine]
 runtime = "runc"
 cgroup_manager = "systemd"
@@ -129,7 +130,7 @@ def test_meshd_stopped_container_starts_direct_then_is_enrolled(podman):
         assert outbound_connections(g) == before              # direct: nobody enrolled it
     finally:
         g.sh("systemctl start meshd", timeout=180)
-    wait_for(lambda: [c["state"] for c in status_containers(g)] == ["enrolled"],
+    wait_for(lambda: [c["enrolled_since"] > 0 for c in status_containers(g)] == [True],
              what="the container enrolled by the restarted meshd")
     (ctr,) = status_containers(g)
     assert ctr["workload"] == "web" and ctr["cgroup"].startswith("/machine.slice/libpod-"), ctr
@@ -142,7 +143,7 @@ def test_removed_containers_leave_nothing(podman):
     names = [f"mtc{i}" for i in range(4)]
     g.sh(" & ".join(f"podman run -d --name {n} --annotation {ANNOTATION}=web {IMAGE} sleep 300 "
                     ">/dev/null" for n in names) + " & wait", timeout=180)
-    wait_for(lambda: len([c for c in status_containers(g) if c["state"] == "enrolled"]) == 5,
+    wait_for(lambda: sum(c["enrolled_since"] > 0 for c in status_containers(g)) == 5,
              what="5 containers enrolled")
     assert len(leftovers(g)["links"]) > 0
     g.sh(f"podman rm -f -t 0 mtlate {' '.join(names)}", timeout=120)
