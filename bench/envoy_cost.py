@@ -15,14 +15,21 @@ cgroup CPU µs per request (Envoy alone: other people's load does not enter it),
 Variants:
   plain            bench/plain_envoy.py (HCM + router, ORIGINAL_DST cluster, defaults)
   meshd            meshd/envoy_config.py's render() for one workload, port 80 "http"
-  meshd+accesslog  meshd with its inbound JSON access log on the outbound HTTP chain too
-                   (the cost of one access-log line per request)
+  meshd-nolog      meshd with flow records off (`flow_logs = "off"`): the cost of one
+                   record per request streamed to meshd
+  meshd+dynstats   meshd with the router's dynamic cluster statistics back on (Envoy's
+                   default; meshd's config before they were cut): their cost per request
   meshd-casefmt    meshd without the preserve_case header formatter (header names and
                    the reason phrase as written: a transparency feature)
   meshd-sharedpool meshd with Envoy's shared upstream pool instead of one per client
                    connection (a transparency feature: the cost of it)
   meshd-1worker    meshd with --concurrency 1
   plain-1worker    plain with --concurrency 1
+
+--perf VARIANT[,VARIANT]: after the measurements, `perf record` of that variant's Envoy
+over one more wrk c=16 run; the top entries (by DSO and symbol; Envoy's binary is
+stripped, so its own code shows as one DSO, the kernel's and the allocator's by name)
+are printed and stored in the JSON.
 """
 from __future__ import annotations
 
@@ -31,7 +38,12 @@ import copy
 import datetime
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -44,8 +56,8 @@ from meshd import envoy_config as ec  # noqa: E402
 from meshd.envoy.admin import stats as envoy_stats, total  # noqa: E402
 from plain_envoy import PlainEnvoy  # noqa: E402
 
-VARIANTS = ("plain", "meshd", "meshd+accesslog", "meshd-casefmt", "meshd-sharedpool",
-            "meshd-1worker", "plain-1worker")
+VARIANTS = ("plain", "meshd", "meshd-nolog", "meshd+dynstats", "meshd-casefmt",
+            "meshd-sharedpool", "meshd-1worker", "plain-1worker")
 
 
 def _hcms(lds: dict):
@@ -60,13 +72,13 @@ def meshd_files(state_dir: str, port: int, variant: str) -> dict:
     """meshd's rendered config (one workload, port 80 declared http), changed as the
     variant says."""
     files = ec.render(port, free_port(), state_dir, ipv6=False, workload_ports={1: []},
-                      protocols={80: "http"})
+                      protocols={80: "http"}, access_log=variant != "meshd-nolog")
     files = copy.deepcopy(files)
     lds, cds = files[ec.LDS], files[ec.CDS]
-    if variant == "meshd+accesslog":
+    if variant == "meshd+dynstats":
         for hcm in _hcms(lds):
-            if hcm["stat_prefix"].startswith("outbound"):
-                hcm["access_log"] = ec._access_log(os.path.join(state_dir, "access.log"))
+            for f in hcm["http_filters"]:
+                f["typed_config"].pop("dynamic_stats", None)
     if variant == "meshd-sharedpool":
         for c in cds["resources"]:
             c.pop("connection_pool_per_downstream_connection", None)
@@ -92,7 +104,7 @@ class EnvoyCost(BenchBase):
         self.spawn_server(server_cg, self.ns_s, "nginx", "-e", f"{self.tmp}/nginx-error.log",
                           "-p", self.tmp, "-c", conf)
         self.server_cg = server_cg
-        self.envoys = {}
+        self.envoys, self.flow_sockets = {}, []
         binary = find_envoy()
         for v in self.args.variants.split(","):
             workers = ["--concurrency", "1"] if v.endswith("-1worker") else []
@@ -108,12 +120,12 @@ class EnvoyCost(BenchBase):
             ec.write_config(state, files)
             cg = self.cg_make(f"m{len(self.envoys)}envoy")
             logf = open(os.path.join(state, "envoy.log"), "a")
-            import subprocess
             proc = subprocess.Popen([binary, "-c", ec.bootstrap_path(state), "-l", "warning",
                                      "--disable-hot-restart", *workers], stdout=logf,
                                     stderr=logf, preexec_fn=self.preexec(cg, netns=self.ns_c))
             self.servers.append(proc)
             admin = ec.admin_socket_path(state)
+            self.drain_flows(ec.flows_socket_path(state))
             self.envoys[v] = dict(port=port, cgroup=cg, pid=lambda proc=proc: proc.pid,
                                   stats=lambda admin=admin: envoy_stats(admin),
                                   stat="http.outbound_http.downstream_rq_total")
@@ -126,6 +138,54 @@ class EnvoyCost(BenchBase):
                          what=f"a request through Envoy variant {v}", interval=0.3)
             finally:
                 self.off(v)
+
+    def drain_flows(self, path: str) -> None:
+        """Read and drop the flow records Envoy streams to meshd's socket, as meshd would
+        (without a reader Envoy would only buffer them, and sending would not be counted)."""
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(16)
+        self.flow_sockets.append(srv)
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                threading.Thread(target=lambda c=conn: [None for _ in iter(
+                    lambda: c.recv(65536), b"")], daemon=True).start()
+        threading.Thread(target=serve, daemon=True).start()
+
+    def perf(self, v: str, seconds: float, out_dir: str) -> dict:
+        """`perf record` of variant v's Envoy over one wrk c=16 run: the top entries by
+        DSO and by symbol (share of Envoy's samples)."""
+        data = os.path.join(out_dir, f"perf-{v}.data")
+        self.on(v)
+        try:
+            rec = subprocess.Popen(["perf", "record", "-q", "-F", "2999", "-o", data, "-p",
+                                    str(self.envoys[v]["pid"]())],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+            w = self.wrk(self.the_client, 16, 2, seconds)
+            rec.send_signal(signal.SIGINT)
+            rec.wait(timeout=60)
+        finally:
+            self.off(v)
+
+        def top(sort: str, limit: int) -> list[tuple[float, str]]:
+            r = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
+                                "--sort", sort, "--percent-limit", "0.5"],
+                               capture_output=True, text=True)
+            rows = []
+            for line in r.stdout.splitlines():
+                line = line.strip()
+                if line and not line.startswith("#") and line.split()[0].endswith("%"):
+                    pct, rest = line.split(None, 1)
+                    rows.append((float(pct.rstrip("%")), " ".join(rest.split())))
+            return rows[:limit]
+        return {"variant": v, "requests": w["requests"], "by_dso": top("dso", 8),
+                "by_symbol": top("dso,sym", 25)}
 
     def client(self, _variant) -> Client:
         return self.the_client
@@ -144,10 +204,18 @@ class EnvoyCost(BenchBase):
            *self._rule(v), check=False)
         self.rule = None
         drop_nat_table(self.ns_c)
+        # Every variant is reached at the same address and port, so a conntrack entry
+        # left by one variant's connection (its NAT binding to that variant's Envoy)
+        # could carry a later connection with the same ports to the wrong Envoy (seen as
+        # failed path checks): forget them all.
+        sh("ip", "netns", "exec", self.ns_c, sys.executable, "-c",
+           "from pyroute2 import Conntrack; list(Conntrack().flush())")
 
     def extra_cleanup(self, step):
         if getattr(self, "rule", None):
             step("iptables", lambda: self.off(self.rule))
+        for srv in getattr(self, "flow_sockets", []):
+            step("flow record socket", srv.close)
 
     def measure_variant(self, v, rep) -> dict:
         e = self.envoys[v]
@@ -178,6 +246,7 @@ class EnvoyCost(BenchBase):
                 "newconn_rps": wnc["requests"] / (wnc["duration_us"] / 1e6),
                 "envoy_cpu_us_per_conn": (c1 - c0) / wnc["requests"] if wnc["requests"] else None,
                 "envoy_rss_mb": rss_mb(e["pid"]()), "through_envoy_ok": s1 - s0 >= reqs,
+                "envoy_rq_delta": s1 - s0,
                 "errors": w16["errors"] + w1["errors"] + wnc["errors"]}
 
 
@@ -226,6 +295,7 @@ def main() -> int:
     ap.add_argument("--idle-threshold", type=float, default=0.15)
     ap.add_argument("--settle", type=float, default=0.2)
     ap.add_argument("--keep-tmp", action="store_true")
+    ap.add_argument("--perf", default="", help="variants to profile with perf record after the measurements")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     a = ap.parse_args()
     a.reps = a.reps or (1 if a.quick else 5)
@@ -234,11 +304,13 @@ def main() -> int:
         return 1
     started = datetime.datetime.now()
     b = EnvoyCost(a)
-    results = []
+    results, profiles = [], []
     try:
         b.setup()
         variants = list(b.envoys)
         results = b.interleaved(variants, a.reps, b.on, b.off, b.measure_variant, progress)
+        os.makedirs(a.out, exist_ok=True)
+        profiles = [b.perf(v, max(a.duration, 3), b.tmp) for v in a.perf.split(",") if v]
     finally:
         b.cleanup()
     md = table(results, variants)
@@ -246,8 +318,14 @@ def main() -> int:
     out = Path(a.out, f"envoy_cost-{started:%Y%m%d-%H%M%S}.json")
     out.write_text(json.dumps({"started": started.isoformat(timespec="seconds"),
                                "reps": a.reps, "duration_s": a.duration, "cpus": os.cpu_count(),
-                               "results": results, "table": md}, indent=1) + "\n")
+                               "results": results, "table": md, "perf": profiles}, indent=1) + "\n")
     print(md)
+    for prof in profiles:
+        print(f"\nperf: {prof['variant']}'s Envoy, {prof['requests']:,} requests (share of its samples)")
+        for title, key in (("DSO", "by_dso"), ("DSO and symbol", "by_symbol")):
+            print(f"\n| % | {title} |\n|---:|---|")
+            for pct, what in prof[key]:
+                print(f"| {pct:.1f} | `{what}` |")
     print(f"\nresults: {out}")
     return 0 if all(r["through_envoy_ok"] for r in results) else 1
 

@@ -55,9 +55,9 @@ def table(rows: list[dict]) -> str:
 def curve(longrun: dict) -> str:
     out = [f"{longrun['reloads']} SIGHUP reloads, then {longrun['churns']} workload cgroup "
            "churns (removed and re-created):", "",
-           "| after | count | open fds | RSS (MiB) |", "|---|---:|---:|---:|"]
-    for phase, n, fds, rss in longrun["curve"]:
-        out.append(f"| {phase} | {n} | {fds} | {rss / 1024:.1f} |")
+           "| after | count | open fds | RSS (MiB) | s since start |", "|---|---:|---:|---:|---:|"]
+    for phase, n, fds, rss, *t in longrun["curve"]:
+        out.append(f"| {phase} | {n:,} | {fds} | {rss / 1024:.1f} | {t[0] if t else '-'} |")
     return "\n".join(out)
 
 

@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +59,7 @@ PATHS = ("egress", "ingress", "same-host", "two-host")
 MESHED, DIRECT_PORTS, ANCHOR_PORTS = (80, 5201), (8080, 5202), (8081, 5203)
 HTTP_PORTS = (80, 8080, 8081)
 ACCEL_FILE = "20-acceleration.toml"
+STATUS_REFRESH_S = 1.2   # meshd rewrites status.json every second
 # The counters of the path check: name -> (owner, stat)
 RQ, TCP = "http.{}_http.downstream_rq_total", "tcp.{}_tcp.downstream_cx_total"
 RESULTS_BEGIN, RESULTS_END = "<!-- RESULTS BEGIN (bench/run.py) -->", "<!-- RESULTS END -->"
@@ -243,7 +245,8 @@ class Suite(BenchBase):
         for m in u.accel:
             m.write_conf(ACCEL_FILE, "[mesh]\nacceleration = \"force\"\n")
         for m in u.accel:
-            m.wait_config(ACCEL_FILE, True)
+            m.wait_config(ACCEL_FILE, True,
+                          until=lambda st: st.get("acceleration", {}).get("active"))
 
     def unit_off(self, u: Unit):
         for rule in list(self.rules_on):
@@ -297,14 +300,29 @@ class Suite(BenchBase):
         finally:
             self.unit_off(u)
 
+    @staticmethod
+    def accel_counters(meshds) -> dict:
+        return {m.name: dict((m.status() or {}).get("acceleration", {}).get("counters", {}))
+                for m in meshds}
+
     def measure_unit(self, u: Unit, rep: int) -> dict:
         self.unit_on(u)
         try:
+            a0 = self.accel_counters(u.accel)
             m, d = self.measure(self.client(u), self.own_cgroups(u), self.path)
+            if u.accel:
+                time.sleep(STATUS_REFRESH_S)   # status.json's counters are a second old
+            a1 = self.accel_counters(u.accel)
         finally:
             self.unit_off(u)
         m.update(rep=rep, path=u.path, mode=u.mode, stat_deltas=d)
         m["through_envoy_ok"] = self.check_path(u, d, m)
+        if u.accel:
+            # the accelerated legs carried bytes: what status shows for acceleration
+            m["accel_deltas"] = {n: {k: a1[n].get(k, 0) - v for k, v in a0[n].items()}
+                                 for n in a0}
+            m["accel_ok"] = all(x.get("bytes_redirected", 0) > 0
+                                for x in m["accel_deltas"].values())
         return m
 
     # ---------------------------------------------------------------- memory
@@ -337,8 +355,30 @@ def progress(u: Unit, rep: int, m: dict) -> str:
     line = (f"rep {rep + 1} {u.key:22s} {m['rps']:7.0f} req/s {m['cpu_us_per_req']:6.1f} µs "
             f"CPU/req  p50 {m['p50_us']} p99 {m['p99_us']} µs  {m['newconn_rps'] or 0:6.0f} "
             f"conn/s  {m['iperf_gbps'] or 0:.2f} Gbit/s  foreign {m['foreign_cpu_cores']:.2f}  ")
+    if "accel_deltas" in m:
+        line += "accel " + ", ".join(
+            f"{n}: +{x.get('pairs', 0)} pairs +{x.get('bytes_redirected', 0) / 1e6:.0f} MB "
+            f"+{x.get('fallbacks', 0)} fallbacks" for n, x in m["accel_deltas"].items()) + "  "
     return line + ("ok" if m["through_envoy_ok"] else
                    f"PATH CHECK FAILED, counter deltas: {m['stat_deltas']}")
+
+
+def accel_lines(results: list[dict]) -> list[str]:
+    """Per path: in how many meshd-accel measurements every accelerated meshd redirected
+    bytes, and the median pairs / MB redirected / fallbacks per measurement."""
+    out = []
+    for path in PATHS:
+        rs = [r for r in results if r["path"] == path and "accel_deltas" in r]
+        if not rs:
+            continue
+        per = [{k: sum(x.get(k, 0) for x in r["accel_deltas"].values())
+                for k in ("pairs", "bytes_redirected", "fallbacks")} for r in rs]
+        med = {k: report.median([p[k] for p in per]) for k in per[0]}
+        out.append(f"- {path}: bytes redirected in {sum(r['accel_ok'] for r in rs)} of "
+                   f"{len(rs)} measurements; per measurement (median) {med['pairs']:,.0f} "
+                   f"pairs, {med['bytes_redirected'] / 1e6:,.0f} MB redirected, "
+                   f"{med['fallbacks']:,.0f} fallbacks")
+    return out
 
 
 def render_markdown(doc: dict) -> str:
@@ -352,6 +392,10 @@ def render_markdown(doc: dict) -> str:
     if not c.get("acceleration_available"):
         parts += [f"`meshd-accel`: **not available** — this meshd rejects "
                   f"`[mesh] acceleration = \"force\"` (`{c.get('acceleration_error', '')}`).", ""]
+    accel = accel_lines(doc.get("results", []))
+    if accel:
+        parts += ["Acceleration in the `meshd-accel` measurements (meshd's counters, "
+                  "status.json before and after each):", ""] + accel + [""]
     for path, modes in doc["modes"].items():
         parts += [f"#### {path}", "", report.path_table(doc["summary"][path], modes), ""]
     if doc.get("connect"):

@@ -113,7 +113,7 @@ class Applier:
                                     e.client_mark, wl_ports, e.protocols,
                                     e.workload_protocols, e.forwarded_for,
                                     access_log=e.access_log and self.flows_ok,
-                                    containers=e.containers)
+                                    containers=e.containers, mtls=e.mtls)
         try:
             changed = envoy_config.write_config(e.state_dir, files)
         except OSError as err:

@@ -218,6 +218,14 @@ AccelerationCounters  a{st}    acceleration.counters        -              -    
 Counters              a{st}    -                            -              host_counters  -
 UnattributedCounters  a{st}    counters                     -              -              -
 Containers  a(sssssasaqtsa{st})    containers                   CONTAINERS     -              -
+# identity and catalog (docs/identity.md)
+TrustDomain           s        identity.trust_domain        -              -              -
+IdentityError         s        identity.error               -              -              -
+CatalogState          s        identity.catalog             -              -              -
+CatalogEndpoint       s        identity.catalog_endpoint    -              -              -
+CatalogError          s        identity.catalog_error       -              -              -
+CatalogUpdated        t        identity.catalog_updated     USEC           -              -
+CatalogHosts          as       identity.catalog_hosts       -              -              -
 """)
 WORKLOAD_PROPERTIES = _properties("""
 Name                  s        name                         -              -              const
@@ -234,6 +242,10 @@ Connections           t        envoy.connections            -              -    
 Requests              t        envoy.requests               -              -              -
 BytesSent             t        envoy.bytes_sent             -              -              -
 BytesReceived         t        envoy.bytes_received         -              -              -
+# identity: SPIFFE ID and certificate validity (µs since the epoch; 0: none)
+SpiffeId              s        spiffe_id                    -              -              -
+CertificateNotAfter   t        cert_not_after               USEC           -              -
+CertificateRenewAt    t        cert_renew_at                USEC           -              -
 """)
 PROPERTIES = {MANAGER_IFACE: {p.name: p for p in MANAGER_PROPERTIES},
               WORKLOAD_IFACE: {p.name: p for p in WORKLOAD_PROPERTIES}}

@@ -100,6 +100,15 @@ def find_unit(root: str, unit: str, max_depth: int = 4) -> str | None:
     system.slice); search the slices breadth-first rather than asking systemd,
     so this works the same with or without systemd as PID 1.
     """
+    for e in walk(root, max_depth, lambda e: e.name.endswith(".slice")):
+        if e.name == unit:
+            return "/" + os.path.relpath(e.path, root)
+    return None
+
+
+def walk(root: str, max_depth: int, descend):
+    """The cgroup directories below root, breadth-first, in name order within
+    a directory, entering only those descend(entry) accepts."""
     level = [root]
     for _ in range(max_depth):
         nxt = []
@@ -109,12 +118,10 @@ def find_unit(root: str, unit: str, max_depth: int = 4) -> str | None:
             except OSError:
                 continue
             for e in sorted(entries, key=lambda e: e.name):
-                if e.name == unit:
-                    return "/" + os.path.relpath(e.path, root)
-                if e.name.endswith(".slice"):
+                yield e
+                if descend(e):
                     nxt.append(e.path)
         level = nxt
-    return None
 
 
 def nearest_existing(root: str, rel: str) -> str:

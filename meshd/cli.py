@@ -154,7 +154,39 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(hook)
     hook.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                       help="give up waiting for meshd after this long (default: 5)")
+    ca = sub.add_parser(
+        "ca", formatter_class=fmt, help="a trust domain's root CA and per-host intermediates",
+        description=textwrap.dedent("""\
+            Certificates for workload identities (docs/identity.md).
+              meshd ca init --trust-domain TD --dir ROOTDIR
+                  a new root for trust domain TD (keep ROOTDIR offline)
+              meshd ca issue-intermediate --dir ROOTDIR --host NAME --out DIR
+                  a host's CA (DIR becomes that host's mesh.identity_dir:
+                  intermediate.crt, intermediate.key, bundle.crt)"""))
+    ca_sub = ca.add_subparsers(dest="ca_command", metavar="CA_COMMAND", required=True)
+    init = ca_sub.add_parser("init", help="create a trust domain's root")
+    init.add_argument("--trust-domain", required=True)
+    init.add_argument("--dir", required=True, help="where root.crt and root.key go")
+    init.add_argument("--days", type=int, default=3650)
+    inter = ca_sub.add_parser("issue-intermediate", help="issue a host's intermediate CA")
+    inter.add_argument("--dir", required=True, help="the root's directory")
+    inter.add_argument("--host", required=True, help="the host's name (in the subject)")
+    inter.add_argument("--out", required=True, help="the host's identity directory")
+    inter.add_argument("--days", type=int, default=365)
     return p
+
+
+def cmd_ca(args) -> int:
+    from . import ca
+    try:
+        if args.ca_command == "init":
+            print(ca.init_root(args.dir, args.trust_domain, args.days))
+        else:
+            print(ca.issue_intermediate(args.dir, args.out, args.host, args.days))
+    except (ca.CAError, ValueError, OSError) as e:
+        print(f"meshd ca: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _setup_logging(level: str) -> None:
@@ -334,7 +366,7 @@ def _oci_hook(args) -> int:
 
 
 COMMANDS = {"check": cmd_check, "status": cmd_status, "cleanup": cmd_cleanup, "run": _run,
-            "oci-hook": _oci_hook, "observe": cmd_observe}
+            "oci-hook": _oci_hook, "observe": cmd_observe, "ca": cmd_ca}
 
 
 def main(argv=None) -> int:

@@ -63,6 +63,12 @@ class MeshConfig:
     protocols: tuple[tuple[int, str], ...] = ()
     # inbound HTTP: append the client's address to X-Forwarded-For
     http_forwarded_for: bool = False
+    # identity (docs/identity.md): "" = no identities, no mTLS (plain as before)
+    trust_domain: str = ""
+    identity_dir: str = "/etc/meshd/identity"   # intermediate.crt/.key, bundle.crt
+    cert_lifetime: int = 86400                   # workload certificates, seconds
+    mtls_port: int = 15008                       # Envoy's mTLS listener (other hosts call it)
+    inbound_mode: str = "permissive"             # or "strict": no plaintext from other hosts
     # map sizes (maplayout.MapSizes; take effect at restart, the maps keep their contents)
     max_connections: int = 65536   # steered connections open at once; beyond: direct, counted
     max_exclusions: int = 16384    # entries of each exclusion map (ports, IPv4 CIDRs, ...)
@@ -90,6 +96,25 @@ class Workload:
     inbound_ports: tuple[int, ...] | None = None
     # protocols of the ports this workload serves, over [mesh] protocols
     protocols: tuple[tuple[int, str], ...] = ()
+    # identity: "" = [mesh] inbound_mode; allow_from: SPIFFE IDs (names resolved), None = all
+    inbound_mode: str = ""
+    allow_from: tuple[str, ...] | None = None
+    # Podman containers selected by name (shell patterns) or by labels (all must
+    # match), enrolled when discovery sees them (meshd/podmanselect.py)
+    container_names: tuple[str, ...] = ()
+    container_labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    """[catalog]: the etcd cluster where hosts find each other (docs/identity.md)."""
+    endpoints: tuple[str, ...]
+    prefix: str = "/meshd/v1/"
+    lease_ttl: int = 10            # seconds: a vanished host leaves the catalog this late
+    ca_file: str = ""              # TLS to etcd: CA bundle, client certificate and key
+    cert_file: str = ""
+    key_file: str = ""
+    host_name: str = ""            # "" = the machine's host name
 
 
 @dataclass(frozen=True)
@@ -97,6 +122,7 @@ class Config:
     mesh: MeshConfig
     workloads: tuple[Workload, ...]  # sorted by name
     files: tuple[str, ...]  # the *.toml files read, sorted
+    catalog: CatalogConfig | None = None   # None: single host, no etcd
 
 
 # ---------------------------------------------------------------- converters
@@ -192,6 +218,38 @@ def _list_of(convert: Callable[[Any], Any], what: str, sort_key: Callable | None
 
 _ports = _list_of(_port, "integers")
 
+_CONTAINER_NAME = re.compile(r"[A-Za-z0-9*?\[][A-Za-z0-9_.*?\[\]!-]{0,252}")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,252}")
+
+
+def _container_name(v: Any) -> str:
+    """A Podman container name, or a shell-style pattern of names (web-*)."""
+    _expect(v, str, "a string")
+    if not _CONTAINER_NAME.fullmatch(v):
+        raise ValueError(f"expected a container name or pattern ([a-zA-Z0-9][a-zA-Z0-9_.-]*, "
+                         f"with * ? [] wildcards), got {v!r}")
+    return v
+
+
+_container_names = _list_of(_container_name, "container names")
+
+
+def _container_labels(v: Any) -> tuple[tuple[str, str], ...]:
+    """A table of label = "value"; a container must carry all of them."""
+    bad, good = [], {}
+    for key, value in _expect(v, dict, 'table of label = "value"').items():
+        if not _LABEL.fullmatch(key):
+            bad.append(f"label {key!r}: expected [A-Za-z0-9][A-Za-z0-9_./-]*")
+        elif not isinstance(value, str) or "\0" in value or len(value) > 4096:
+            bad.append(f"label {key}: expected a string value, got {_describe(value)}")
+        else:
+            good[key] = value
+    if bad:
+        raise ValueError("; ".join(bad))
+    if not good:
+        raise ValueError("expected at least one label = \"value\"")
+    return tuple(sorted(good.items()))
+
 # What Envoy does with a port's connections. "tcp" forwards bytes untouched, with
 # TCP's own semantics (half-close, resets, no timeouts); the HTTP family runs
 # Envoy's HTTP connection manager (per-request numbers; Envoy's HTTP handling
@@ -229,6 +287,68 @@ def _acceleration(v: Any) -> str:
 
 _cidrs = _list_of(_cidr, "CIDR strings", sort_key=lambda n: (n.version, n.network_address, n.prefixlen))
 
+# ---------------------------------------------------------------- identity and catalog keys
+INBOUND_MODES = ("permissive", "strict")
+
+
+def _trust_domain(v: Any) -> str:
+    from .identity import check_trust_domain
+    return check_trust_domain(_string(v)) if v != "" else ""
+
+
+def _inbound_mode(v: Any) -> str:
+    if _string(v) not in INBOUND_MODES:
+        raise ValueError(f"expected one of {', '.join(INBOUND_MODES)}, got {v!r}")
+    return v
+
+
+def _seconds(v: Any) -> int:
+    if _expect(v, int, "integer (seconds)") < 1:
+        raise ValueError(f"must be at least 1 second, got {v}")
+    return v
+
+
+def _caller(v: Any) -> str:
+    """allow_from entry: a workload name or a SPIFFE ID."""
+    if _string(v).startswith("spiffe://"):
+        from .identity import parse_spiffe_id
+        parse_spiffe_id(v)
+        return v
+    if not _NAME_RE.match(v):
+        raise ValueError(f"expected a workload name or a spiffe:// ID, got {v!r}")
+    return v
+
+
+def _endpoint(v: Any) -> str:
+    if not re.match(r"^https?://[^/\s]+$", _string(v)):
+        raise ValueError(f"expected http://HOST:PORT or https://HOST:PORT, got {v!r}")
+    return v
+
+
+def _host_name(v: Any) -> str:
+    if _string(v) and not _NAME_RE.match(v):
+        raise ValueError(f"invalid host name {v!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+    return v
+
+
+def _nonempty(conv):
+    def c(v: Any):
+        out = conv(v)
+        if not out:
+            raise ValueError("must not be empty")
+        return out
+    return c
+
+
+_CATALOG_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
+    "endpoints": (_nonempty(_list_of(_endpoint, "endpoint URLs")), None),
+    "prefix": (_abs_path, "/meshd/v1/"),
+    "lease_ttl": (_seconds, 10),
+    "ca_file": (lambda v: _abs_path(v, allow_empty=True), ""),
+    "cert_file": (lambda v: _abs_path(v, allow_empty=True), ""),
+    "key_file": (lambda v: _abs_path(v, allow_empty=True), ""),
+    "host_name": (_host_name, ""),
+}
 
 def _metrics_address(v: Any) -> str:
     if _string(v):
@@ -274,6 +394,11 @@ _MESH_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "preserve_client_address": (_bool, True),
     "protocols": (_protocols, ()),
     "http_forwarded_for": (_bool, False),
+    "trust_domain": (_trust_domain, ""),
+    "identity_dir": (_abs_path, "/etc/meshd/identity"),
+    "cert_lifetime": (_seconds, 86400),
+    "mtls_port": (_port, 15008),
+    "inbound_mode": (_inbound_mode, "permissive"),
     "max_connections": (_map_size(64, 16_777_216), 65536),
     "max_exclusions": (_map_size(16, 1_048_576), 16384),
     "max_inbound_ports": (_map_size(16, 65_535), 16384),
@@ -290,6 +415,10 @@ _WORKLOAD_SCHEMA: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "exclude_inbound_ports": (_ports, ()),
     "inbound_ports": (_ports, None),
     "protocols": (_protocols, ()),
+    "inbound_mode": (_inbound_mode, ""),
+    "allow_from": (_list_of(_caller, "workload names or SPIFFE IDs"), None),
+    "container_names": (_container_names, ()),
+    "container_labels": (_container_labels, ()),
 }
 # The dataclass defaults document the API; the schema must agree with them.
 assert {k: d for k, (_, d) in _MESH_SCHEMA.items()} == vars(MeshConfig())
@@ -403,6 +532,8 @@ class _Parser:
         self.workload_at: dict[str, _At] = {}  # every workload declared, valid or not
         self.locators: dict[str, _Locator] = {}
         self.file = ""  # the file being added
+        self.catalog: CatalogConfig | None = None
+        self.catalog_at: _At | None = None
 
     def at(self, *path: str, file: str = "") -> _At:
         file = file or self.file
@@ -426,9 +557,12 @@ class _Parser:
             return
         self.file, self.locators[path] = path, locator
         for key, value in doc.items():
-            if key not in ("mesh", "workload"):
-                hint = _unknown("table/key", key, ("mesh", "workload"))
-                self.err(self.at(key), f"{hint}; allowed are [mesh] and [workload.NAME]")
+            if key not in ("mesh", "workload", "catalog"):
+                hint = _unknown("table/key", key, ("mesh", "workload", "catalog"))
+                self.err(self.at(key), f"{hint}; allowed are [mesh], [catalog] and [workload.NAME]")
+            elif key == "catalog":
+                if self.table(self.at(key), value):
+                    self.add_catalog(value)
             elif self.table(self.at(key), value):
                 for name, item in value.items():
                     (self.add_mesh_key if key == "mesh" else self.add_workload)(name, item)
@@ -444,6 +578,27 @@ class _Parser:
             self.mesh[key] = _MESH_SCHEMA[key][0](raw)
         except ValueError as e:
             self.err(at, str(e))
+
+    def add_catalog(self, table: dict) -> None:
+        at = self.at("catalog")
+        if self.catalog_at:
+            return self.err(at, f"[catalog] already set at {self.catalog_at}; set it in one file")
+        self.catalog_at = at
+        values = {}
+        for key, raw in table.items():
+            if key not in _CATALOG_SCHEMA:
+                self.err(self.at("catalog", key), _unknown("key", key, _CATALOG_SCHEMA))
+                continue
+            try:
+                values[key] = _CATALOG_SCHEMA[key][0](raw)
+            except ValueError as e:
+                self.err(self.at("catalog", key), str(e))
+        if "endpoints" not in table:
+            self.err(at, "needs 'endpoints' (etcd client URLs, e.g. [\"http://10.0.0.1:2379\"])")
+        elif bool(values.get("cert_file")) != bool(values.get("key_file")):
+            self.err(at, "cert_file and key_file go together (an etcd client certificate and its key)")
+        elif "endpoints" in values:
+            self.catalog = CatalogConfig(**values)
 
     def add_workload(self, name: str, table: Any) -> None:
         at, errors_before = self.at("workload", name), len(self.errors)
@@ -482,6 +637,7 @@ class _Parser:
         if mesh.outbound_port == mesh.inbound_port:
             self.err(self.mesh_key_at("inbound_port", "outbound_port"),
                      f"outbound_port and inbound_port are both {mesh.inbound_port}")
+        self.check_identity(mesh, envoy)
         for key in ("exclude_outbound_ports", "exclude_inbound_ports"):
             if envoy & set(getattr(mesh, key)):
                 self.err(self.mesh_key_at(key, "outbound_port", "inbound_port"),
@@ -503,7 +659,32 @@ class _Parser:
                 if first is not w:
                     self.err(at(selector), f"{selector} {value} is already selected by workload "
                                            f"{first.name!r} at {first.source}")
+            for pattern in w.container_names:
+                first = selected.setdefault(("container_names", pattern), w)
+                if first is not w:
+                    self.err(at("container_names"), f"container name {pattern!r} is already "
+                                                    f"selected by workload {first.name!r} at "
+                                                    f"{first.source}")
 
+
+    def check_identity(self, mesh: MeshConfig, envoy: set[int]) -> None:
+        """mTLS needs a trust domain; its port is Envoy's too."""
+        if mesh.trust_domain and mesh.mtls_port in envoy:
+            self.err(self.mesh_key_at("mtls_port"),
+                     f"mtls_port {mesh.mtls_port} is already outbound_port or inbound_port")
+        if mesh.trust_domain:
+            envoy.add(mesh.mtls_port)
+        needs = [(self.mesh_at.get("inbound_mode"), "mesh.inbound_mode")] if mesh.inbound_mode != "permissive" else []
+        if self.catalog_at:
+            needs.append((self.catalog_at, "[catalog]"))
+        for w in self.workloads.values():
+            if w.inbound_mode or w.allow_from is not None:
+                needs.append((self.at("workload", w.name, file=self.workload_at[w.name].file),
+                              f"workload.{w.name}: inbound_mode/allow_from"))
+        if not mesh.trust_domain:
+            for at, what in needs:
+                self.err(at or self.mesh_key_at("trust_domain"),
+                         f"{what} needs mesh.trust_domain (workload identities)")
 
     def check_limits(self, mesh: MeshConfig) -> None:
         """What the data path's maps can hold: workload ids, exclusions, inbound ports."""
@@ -572,7 +753,7 @@ def _parse(files: dict[str, str]) -> tuple[Config | None, list[ConfigError]]:
     mesh = MeshConfig(**p.mesh)
     p.check(mesh)
     workloads = tuple(p.workloads[n] for n in sorted(p.workloads))
-    return (None if p.errors else Config(mesh, workloads, tuple(sorted(files)))), p.errors
+    return (None if p.errors else Config(mesh, workloads, tuple(sorted(files)), p.catalog)), p.errors
 
 
 def _raise(errors: list[ConfigError]) -> None:

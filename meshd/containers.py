@@ -88,6 +88,7 @@ class Record:
     pid: int
     name: str = ""
     created: float = 0.0
+    selected_by: str = ""   # "" = its annotation (the hook); "name", "label" or "unit"
 
     @property
     def short_id(self) -> str:

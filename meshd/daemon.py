@@ -31,6 +31,8 @@ from .plan import EMPTY, ENVOY_OWNER, Plan, PlanError, plan
 from .status import (AccelerationStatus, ContainerStatus, DatapathStatus, EnvoyStatus,
                      MeshSettings, Status,
                      WorkloadEnvoy, WorkloadStatus, status_path)
+from .ca import CAError
+from .meshidentity import IdentityService
 
 log = logging.getLogger("meshd")
 
@@ -40,6 +42,7 @@ RESTART_ONLY = ("bpffs_dir", "state_dir", "cgroup_root", "netns", "envoy_binary"
                 "metrics_address", "max_connections", "max_exclusions", "max_inbound_ports")
 STATUS_INTERVAL_MS = 1000
 RESCAN_INTERVAL_MS = 5000
+SELECT_INTERVAL_MS = 1000   # containers selected by name, label or unit: seen within a second
 HOOK_WAIT_MS = 4000      # the hook fails open after this (its own timeout is longer)
 HOOK_POLL_MS = 5
 
@@ -85,6 +88,7 @@ class Daemon:
         self._status_error = ""
         self.hooks = None  # meshd.hookserver.HookServer once the main loop runs
         self._enroll_waiting: list = []   # (container id, reply) from the hook
+        self.selector = None  # meshd.podmanselect.Selector, made at the first reconcile
         # observability (meshd/flows.py, flowlog.py, observe.py, metrics.py)
         self.reloads = {"ok": 0, "rejected": 0}
         self.flow_receiver = self.flowlog = self.observer = self.metrics = None
@@ -92,6 +96,7 @@ class Daemon:
         self._last_stats: dict[str, int] = {}
         self._snapshot = None
         self._restarts_without_flows = 0
+        self.identity: IdentityService | None = None   # mesh.trust_domain set
         self._table_full = 0   # the table_full counter when last logged
 
     # -- start-up -------------------------------------------------------------
@@ -146,6 +151,17 @@ class Daemon:
                                "(needs Linux >= 5.9 with CONFIG_BPF_SYSCALL)") from None
         self.applier = Applier(self.dp, mesh.state_dir)
         envoy_knows_flows = envoy_config.bootstrap_has_flows(mesh.state_dir)
+        if mesh.trust_domain:
+            # GLib's first import happens here, before the catalog thread can
+            # race it: a concurrent first import in two threads leaves one of
+            # them a GLib without its overrides (no GLib.IO_IN, seen at start).
+            from gi.repository import GLib  # noqa: F401
+            self.identity = IdentityService(self.config, self._on_catalog_change)
+            try:
+                self.identity.start()
+            except CAError as e:
+                raise StartupError(f"mesh.trust_domain is set but {e} "
+                                   "(docs/identity.md: meshd ca issue-intermediate)") from None
         try:
             self.apply()
         except routing.RoutingError as e:
@@ -203,13 +219,17 @@ class Daemon:
         """discover -> plan -> apply: make links, workload ids, exclusions,
         inbound ports and Envoy's files match config + existing cgroups."""
         cfg, previous = self.config, self.plan
+        self._select_containers(cfg)
         self.records = containers.load_all(cfg.mesh.state_dir)
         world = self.discovery.scan(
             cfg.workloads, lambda name, cgid: not previous.enrolled_on(name, cgid),
             self.records.values())
         now, failed = time.time(), {}
+        remotes = self.identity.remotes() if self.identity else ()
         for _ in range(len(cfg.workloads) + 1):   # each round drops >= 1 failed workload
-            p = plan(cfg, world, self.applier.ids, previous, now, failed)
+            p = plan(cfg, world, self.applier.ids, previous, now, failed, remotes)
+            if self.identity:   # the certificates exist before Envoy's files name them
+                self.identity.sync_certificates(_enrolled(p))
             more = self.applier.apply(p)
             if not more:
                 break
@@ -258,6 +278,33 @@ class Daemon:
                 log.info("container %s stopped: un-enrolled from workload %s", cid[:12],
                          rec.workload, extra={"CONTAINER_ID": cid, "CONTAINER_NAME": rec.name,
                                               "WORKLOAD": rec.workload})
+
+    # -- containers selected by name, label or unit (meshd/podmanselect.py) ----
+    def _select_containers(self, cfg) -> bool:
+        """Write the records of containers the workloads select; True if any changed."""
+        if self.selector is None:
+            from .podmanselect import Selector
+            self.selector = Selector(self.discovery, cfg.mesh.state_dir, self._looked_up)
+        units = {w.name: f.rel for w in cfg.workloads if w.unit
+                 for f in (self.discovery.find(w),) if f is not None}
+        try:
+            return self.selector.scan(cfg, containers.load_all(cfg.mesh.state_dir), units)
+        except OSError as e:
+            log.warning("Podman container discovery: %s", e)
+            return False
+
+    def _looked_up(self) -> None:
+        """A label lookup ended (worker thread): reconcile on the main loop."""
+        from gi.repository import GLib
+        GLib.idle_add(lambda: self._debounce("reconcile", 10, self._reconcile_logged) or False)
+
+    def _select_tick(self) -> bool:
+        """Discovery's safety net for selected containers: within a second."""
+        cfg = self.config
+        if any(w.container_names or w.container_labels or w.unit for w in cfg.workloads):
+            if self._select_containers(cfg):
+                self._debounce("reconcile", 10, self._reconcile_logged)
+        return True
 
     # -- the OCI hook -----------------------------------------------------------
     def enroll_container(self, cid: str, reply) -> None:
@@ -319,10 +366,32 @@ class Daemon:
         self.reloads["ok"] += 1
         if (cfg.mesh.flow_logs, cfg.mesh.flow_log_sample) != (old.flow_logs, old.flow_log_sample):
             self._open_flowlog()
+        self._reload_identity(cfg)
         log.info("configuration reloaded (%s): %d workload(s)", why, len(cfg.workloads))
         self.apply()
         self.write_status()
         return True
+
+    def _reload_identity(self, cfg: Config) -> None:
+        """Identities follow the config; the catalog's endpoints and a trust
+        domain switched on or off take effect at restart (as said in the log)."""
+        if self.identity is None:
+            if cfg.mesh.trust_domain:
+                log.warning("mesh.trust_domain set; identities start when meshd restarts")
+            return
+        if cfg.catalog != self.identity.config.catalog or not cfg.mesh.trust_domain:
+            log.warning("[catalog] or mesh.trust_domain changed; this takes effect when meshd "
+                        "restarts (keeping the running ones)")
+            cfg = dataclasses.replace(
+                cfg, catalog=self.identity.config.catalog,
+                mesh=dataclasses.replace(cfg.mesh, trust_domain=self.identity.config.mesh.trust_domain))
+            self.config = cfg
+        self.identity.reload(cfg)
+
+    def _on_catalog_change(self) -> None:
+        """From the catalog's thread: re-plan on the main loop."""
+        from gi.repository import GLib
+        GLib.idle_add(lambda: self._debounce("catalog", 50, self._reconcile_logged) and False)
 
     # -- main loop ------------------------------------------------------------
     def run(self) -> int:
@@ -338,6 +407,7 @@ class Daemon:
         GLib.unix_signal_add(GLib.PRIORITY_HIGH, signal.SIGHUP, self._on_hup)
         GLib.timeout_add(STATUS_INTERVAL_MS, self._tick)
         GLib.timeout_add(RESCAN_INTERVAL_MS, self._rescan)
+        GLib.timeout_add(SELECT_INTERVAL_MS, self._select_tick)
         wd_ms = notify.watchdog_interval_ms()
         if wd_ms:
             GLib.timeout_add(wd_ms, lambda: notify.send("WATCHDOG=1") or True)
@@ -432,7 +502,8 @@ class Daemon:
         """Watch where each configured cgroup is (or will appear), then rescan:
         a cgroup created between the scan and the watch is not missed."""
         want = (self.discovery.watch_dirs(self.config.workloads)
-                | self.discovery.container_watch_dirs(getattr(self, "records", {}).values()))
+                | self.discovery.container_watch_dirs(getattr(self, "records", {}).values())
+                | (self.selector.parents if self.selector is not None else set()))
         added = False
         for d in set(self._cgroup_watches) - want:
             self.inotify.unwatch(self._cgroup_watches.pop(d))
@@ -451,6 +522,11 @@ class Daemon:
 
     def _tick(self) -> bool:
         self.applier.refresh_envoy()   # workloads opened or closed listeners
+        if self.identity:
+            try:
+                self.identity.tick(_enrolled(self.plan), self.dp.inbound_ports())
+            except Exception:
+                log.exception("identity: renewal/registration failed; retried next second")
         self._update_route_sources()
         self._check_ready()
         self.write_status()
@@ -465,12 +541,16 @@ class Daemon:
         log.info("stopping; the data path and Envoy stay up for the next meshd")
         notify.send("STOPPING=1")
         self.envoy.detach()
+        if self.identity:
+            self.identity.stop()
         self.state = "stopped"
         self.write_status()
         if self.bus is not None:
             self.bus.close()
         if self.hooks is not None:
             self.hooks.close()
+        if self.selector is not None:
+            self.selector.close()
         self._stop_observability()
         self.dp.close()
         self.loop.quit()
@@ -546,14 +626,21 @@ class Daemon:
                 other_programs={h: tuple(ids) for h, ids in
                                 self.applier.foreign.get(w.name, {}).items()} if w.enrolled else {},
                 counters=row(w.id), inbound_ports=tuple(inbound.get(w.id, ())),
-                envoy=workload_envoy_stats(stats, w.id)) for w in self.plan.workloads),
+                envoy=workload_envoy_stats(stats, w.id),
+                **(self.identity.workload_fields(w.name) if self.identity else {}))
+                for w in self.plan.workloads),
             containers=tuple(ContainerStatus(
                 id=c.id, name=c.name, workload=c.workload, cgroup=c.cgroup,
                 network="host" if not c.netns else c.netns, addresses=(c.ipv4,) if c.ipv4 else (),
                 inbound_ports=tuple(ctr_ports.get(c.ipv4, ())) if c.enrolled else (),
                 enrolled_since=c.enrolled_since, error=c.error,
-                counters=row(c.workload_id) if c.workload_id else {})
-                for c in self.plan.containers))
+                counters=row(c.workload_id) if c.workload_id else {},
+                selected_by=c.selected_by or "annotation")
+                for c in self.plan.containers) + tuple(ContainerStatus(
+                    id=r.id, name=r.name, workload=r.workload, network="rootless",
+                    error=r.error)
+                    for r in (self.selector.rootless.values() if self.selector else ())),
+            **({"identity": self.identity.status()} if self.identity else {}))
 
     def _envoy_stats(self) -> dict[str, int]:
         if self.envoy.state != ENVOY_RUNNING:
@@ -603,6 +690,8 @@ def _ctr_fields(c) -> dict:
     """Journal fields of a log line about a container."""
     return {"CONTAINER_ID": c.id, "CONTAINER_NAME": c.name, "WORKLOAD": c.workload,
             "CGROUP": c.cgroup}
+def _enrolled(p: Plan) -> dict[str, int]:
+    return {w.name: w.id for w in p.workloads if w.enrolled}
 
 
 def run(config_dir: str) -> int:

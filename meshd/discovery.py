@@ -3,7 +3,9 @@ cgroup id, the TCP ports it already listens on, and the directories inotify
 must watch so a cgroup that appears or goes away is seen.
 
 Read-only: it looks at the cgroup2 tree and /proc and returns plain data; the
-plan (meshd/plan.py) decides what to do with it. Podman containers join here.
+plan (meshd/plan.py) decides what to do with it. Podman containers join here:
+the recorded ones, and every Podman container cgroup (for selection by name,
+label or unit, meshd/podmanselect.py).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from . import cgroups
 from .config import Workload
 from .containers import NetnsFacts, Record, netns_facts
+from .podmanlookup import container_id_of
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,24 @@ class Discovery:
                 want.add(self.cg_root)
                 want.add(cgroups.path_of(self.cg_root, "system.slice"))
         return {d for d in want if os.path.isdir(d)}
+
+    def podman_cgroups(self, max_depth: int = 6) -> tuple[dict[str, str], set[str]]:
+        """Every Podman container cgroup (container id -> path relative to the
+        cgroup2 root), wherever it is: libpod-<id> below /libpod_parent or a
+        --cgroup-parent, libpod-<id>.scope below /machine.slice or a pod's
+        machine-libpod_pod_<pod>.slice, libpod-payload-<id> below a unit's
+        cgroup (--cgroups=split); and the directories to watch for more."""
+        found, parents = {}, set()
+        # not below a container's cgroup: its own sub-cgroups
+        for e in cgroups.walk(self.cg_root, max_depth, lambda e: not container_id_of(e.name)):
+            cid = container_id_of(e.name)
+            if cid:
+                found[cid] = "/" + os.path.relpath(e.path, self.cg_root)
+                parents.add(os.path.dirname(e.path))
+            elif e.name in ("libpod_parent", "machine.slice") or e.name.startswith(
+                    "machine-libpod_pod_"):
+                parents.add(e.path)   # where containers will appear
+        return found, parents
 
     def container_watch_dirs(self, records: Iterable[Record]) -> set[str]:
         """The parents of recorded containers' cgroups: their removal is the

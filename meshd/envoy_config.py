@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 
-from . import fsutil, maplayout, statefiles
+from . import envoy_mtls, fsutil, maplayout, statefiles
 
 # v3 type URLs ----------------------------------------------------------------------------
 _T = "type.googleapis.com/"
@@ -142,7 +142,12 @@ FLOW_RECORD = {"t": "%START_TIME(%s.%3f)%", "chain": "%FILTER_CHAIN_NAME%",
                "upstream": "%UPSTREAM_HOST%", "proto": "%PROTOCOL%",
                "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH):256%",
                "code": "%RESPONSE_CODE%", "flags": "%RESPONSE_FLAGS%",
-               "rx": "%BYTES_RECEIVED%", "tx": "%BYTES_SENT%", "ms": "%DURATION%"}
+               "rx": "%BYTES_RECEIVED%", "tx": "%BYTES_SENT%", "ms": "%DURATION%",
+               # identity (docs/identity.md): the caller's verified SPIFFE ID ("-" for
+               # plaintext), and why Envoy refused a request/connection (RBAC)
+               "peer_id": "%DOWNSTREAM_PEER_URI_SAN%", "details": "%RESPONSE_CODE_DETAILS%",
+               "termination": "%CONNECTION_TERMINATION_DETAILS%",
+               "tls_failure": "%DOWNSTREAM_TRANSPORT_FAILURE_REASON%"}
 
 
 def _access_log() -> list[dict]:
@@ -210,6 +215,14 @@ def _http_connection_manager(stat_prefix: str, cluster: str, access_log: bool = 
         "upgrade_configs": [{"upgrade_type": "websocket"}, {"upgrade_type": "CONNECT"}],
         "route_config": {
             "name": f"meshd_{stat_prefix}",
+            # An inline route config names its clusters, and Envoy checks them
+            # when the listener arrives: a chain to a cluster added in the same
+            # update (an mTLS cluster still waiting for its SDS certificate, or
+            # simply read after lds.json) made Envoy reject the whole listener,
+            # and file-based LDS is not read again until lds.json changes. The
+            # chains then kept sending plaintext to a host that refuses it.
+            # Unchecked, a request meets the cluster as soon as it is warm.
+            "validate_clusters": False,
             # What use_remote_address adds besides X-Forwarded-For.
             "request_headers_to_remove": (["x-envoy-external-address", "x-envoy-internal"]
                                           if forwarded_for else []),
@@ -225,8 +238,14 @@ def _http_connection_manager(stat_prefix: str, cluster: str, access_log: bool = 
                 ],
             }],
         },
+        # dynamic_stats off: the router's per-cluster stats by response code and its
+        # upstream_rq_time histogram are looked up and charged on every request, and nothing
+        # reads them (meshd exports only the http.*/tcp.* stats of its chains); Envoy's
+        # cluster counters (upstream_rq_total, upstream_cx_*) stay. Measured with
+        # bench/envoy_cost.py (variant meshd+dynstats).
         "http_filters": [{"name": "envoy.filters.http.router",
-                          "typed_config": {"@type": T_ROUTER, "suppress_envoy_headers": True}}],
+                          "typed_config": {"@type": T_ROUTER, "suppress_envoy_headers": True,
+                                           "dynamic_stats": False}}],
     }
     if access_log:
         hcm["access_log"] = _access_log()
@@ -264,7 +283,8 @@ def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: bool = Tr
                             workload_ports: dict[int, list[int]] | None = None,
                             protocols: dict[int, str] | None = None,
                             workload_protocols: dict[int, dict[int, str]] | None = None,
-                            forwarded_for: bool = False) -> dict:
+                            forwarded_for: bool = False,
+                            mtls: envoy_mtls.MtlsInput | None = None) -> dict:
     """sk_lookup hands connections for workload ports to this listener's socket;
     they keep their real addresses, so the local address is the destination.
 
@@ -281,6 +301,9 @@ def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: bool = Tr
         "filter_chain_match": {"destination_port": inbound_port},
         "filters": [_tcp_proxy("inbound_miss", CLUSTER_BLACKHOLE, access_log)],
     }]
+    if mtls:   # plaintext from other hosts refused (strict, allow_from)
+        chains += envoy_mtls.refused_chains(
+            mtls, workload_ports or {}, lambda stat: _tcp_proxy(stat, CLUSTER_BLACKHOLE, access_log))
     served = set()
     for wid, ports in sorted((workload_ports or {}).items()):
         for port in sorted(set(ports) - {inbound_port} - served):
@@ -303,18 +326,49 @@ def render_inbound_listener(inbound_port: int, ipv6: bool, access_log: bool = Tr
         "default_filter_chain": _chain("inbound_tcp", {}, "tcp", "inbound", CLUSTER_INBOUND,
                                        access_log),
     }
-    if client_mark:
-        listener["listener_filters"].append(
-            {"name": "envoy.filters.listener.original_src",
-             "typed_config": {"@type": T_ORIGINAL_SRC, "mark": client_mark}})
+    listener["listener_filters"] += _original_src(client_mark)
     if ipv6:
         listener["additional_addresses"] = [{"address": _addr("::1", inbound_port)}]
     return listener
 
 
+def _original_src(client_mark: int) -> list[dict]:
+    if not client_mark:
+        return []
+    return [{"name": "envoy.filters.listener.original_src",
+             "typed_config": {"@type": T_ORIGINAL_SRC, "mark": client_mark}}]
+
+
+def render_mtls_listener(mtls: envoy_mtls.MtlsInput, ipv6: bool, access_log: bool,
+                         client_mark: int, workload_ports: dict[int, list[int]],
+                         protocols: dict[int, str], workload_protocols: dict[int, dict[int, str]],
+                         forwarded_for: bool = False) -> dict:
+    """The listener other meshd hosts call with mTLS (meshd/envoy_mtls.py); it
+    forwards to the workload as the inbound listener does."""
+    def proxy(port: int, stat: str, allow) -> dict:
+        wid = int(stat.rpartition("_")[2])
+        proto = workload_protocols.get(wid, {}).get(port, protocols.get(port, "tcp"))
+        if not is_http(proto):
+            return _tcp_proxy(f"inbound_tcp_{wid}", CLUSTER_INBOUND, access_log)
+        hcm = _http_connection_manager(f"inbound_http_{wid}", CLUSTER_INBOUND, access_log,
+                                       forwarded_for)
+        tc = hcm["typed_config"]
+        # The caller's verified identity for the application: x-forwarded-client-cert
+        # "By=<this workload's ID>;Hash=<cert sha256>;URI=<the caller's SPIFFE ID>"
+        # (a client's own header is replaced, never trusted).
+        tc["forward_client_cert_details"] = "SANITIZE_SET"
+        tc["set_current_client_cert_details"] = {"uri": True}
+        if allow is not None:
+            tc["http_filters"].insert(0, envoy_mtls.http_rbac(allow))
+        return hcm
+    return envoy_mtls.mtls_listener(mtls, workload_ports, ipv6, _original_src(client_mark),
+                                    proxy)
+
+
 def render_listeners(outbound_port: int, ipv6: bool, workload_ids=(),
                      protocols: dict[int, str] | None = None,
-                     access_log: bool = True) -> list[dict]:
+                     access_log: bool = True,
+                     mtls: envoy_mtls.MtlsInput | None = None) -> list[dict]:
     """The outbound listener. A connection's chain is chosen by its original
     destination port (protocols) and its workload (source 127.77.0.<id>).
     Envoy matches the destination port before the source, so each workload
@@ -334,6 +388,11 @@ def render_listeners(outbound_port: int, ipv6: bool, workload_ids=(),
                                  proto, f"outbound_{wid}", CLUSTER_ORIGINAL_DST, access_log))
         chains.append(_chain(f"outbound_wl{wid}", src, "tcp", f"outbound_{wid}",
                              CLUSTER_ORIGINAL_DST, access_log))
+    if mtls:   # to meshed workloads on other hosts: mTLS with the caller's identity
+        chains += envoy_mtls.outbound_chains(
+            mtls, maplayout.workload_source4,
+            lambda name, match, port, stat, cluster: _chain(
+                name, match, (protocols or {}).get(port, "tcp"), stat, cluster, access_log))
     for port, proto in declared:   # connections no workload address tells apart (IPv6)
         chains.append(_chain(f"outbound_port{port}", {"destination_port": port}, proto,
                              "outbound", CLUSTER_ORIGINAL_DST, access_log))
@@ -394,7 +453,8 @@ def _original_dst_cluster(name: str) -> dict:
     }
 
 
-def render_clusters(ipv6: bool = True, client_mark: int = 0) -> list[dict]:
+def render_clusters(ipv6: bool = True, client_mark: int = 0,
+                    mtls: envoy_mtls.MtlsInput | None = None) -> list[dict]:
     inbound = _original_dst_cluster(CLUSTER_INBOUND)
     if not client_mark:   # else original_src binds the client's address
         bind = {"source_address": {"address": INBOUND_SOURCE_V4, "port_value": 0}}
@@ -411,7 +471,7 @@ def render_clusters(ipv6: bool = True, client_mark: int = 0) -> list[dict]:
             "connect_timeout": "1s",
             "load_assignment": {"cluster_name": CLUSTER_BLACKHOLE, "endpoints": []},
         },
-    ]
+    ] + (envoy_mtls.clusters(mtls, _original_dst_cluster) if mtls else [])
 
 
 CONTAINER_PREFIX = "meshd_ctr_"
@@ -492,12 +552,14 @@ def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
            protocols: dict[int, str] | None = None,
            workload_protocols: dict[int, dict[int, str]] | None = None,
            forwarded_for: bool = False, access_log: bool = True,
-           containers: tuple[tuple[str, str, int], ...] = ()) -> dict[str, dict]:
+           containers: tuple[tuple[str, str, int], ...] = (),
+           mtls: envoy_mtls.MtlsInput | None = None) -> dict[str, dict]:
     """Return {"bootstrap.json": ..., "lds.json": ..., "cds.json": ...}.
 
     workload_ports: enrolled workload id -> its meshed inbound ports; each
     workload gets its own filter chains, so Envoy counts it separately.
-    protocols / workload_protocols: see render_inbound_listener."""
+    protocols / workload_protocols: see render_inbound_listener.
+    mtls: identities are on (mesh.trust_domain): see meshd/envoy_mtls.py."""
     for name, port in (("outbound_port", outbound_port), ("inbound_port", inbound_port)):
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError(f"{name}: invalid port {port!r}")
@@ -507,15 +569,18 @@ def render(outbound_port: int, inbound_port: int, state_dir: str, ipv6: bool,
         ctr.append(render_container(cid, netns, wid, outbound_port, protos, access_log))
         ctr.append(render_container_inbound(cid, netns, wid, inbound_port, client_mark, protos,
                                             access_log, forwarded_for))
+    listeners = render_listeners(outbound_port, ipv6, (workload_ports or {}).keys(), protocols,
+                                 access_log, mtls) + [
+        render_inbound_listener(inbound_port, ipv6, access_log, client_mark, workload_ports,
+                                protocols, workload_protocols, forwarded_for, mtls)]
+    if mtls:
+        listeners.append(render_mtls_listener(mtls, ipv6, access_log, client_mark,
+                                              workload_ports or {}, protocols or {},
+                                              workload_protocols or {}, forwarded_for))
     return {
         BOOTSTRAP: render_bootstrap(state_dir),
-        LDS: _discovery_response(T_LISTENER, render_listeners(
-            outbound_port, ipv6, (workload_ports or {}).keys(), protocols, access_log) + [
-                render_inbound_listener(inbound_port, ipv6, access_log,
-                                        client_mark, workload_ports, protocols,
-                                        workload_protocols, forwarded_for)]
-            + [listener for listener, _ in ctr]),
-        CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6, client_mark)
+        LDS: _discovery_response(T_LISTENER, listeners + [listener for listener, _ in ctr]),
+        CDS: _discovery_response(T_CLUSTER, render_clusters(ipv6, client_mark, mtls)
                                  + [cluster for _, cluster in ctr]),
     }
 
@@ -539,13 +604,6 @@ def write_config(state_dir: str, files: dict[str, dict]) -> list[str]:
         if os.sep in name or name.startswith("."):
             raise ValueError(f"bad config file name: {name!r}")
         path = os.path.join(cdir, name)
-        data = dumps(files[name])
-        try:
-            with open(path, "rb") as f:
-                if f.read() == data:
-                    continue
-        except FileNotFoundError:
-            pass
-        fsutil.atomic_write(path, data)
-        changed.append(name)
+        if fsutil.write_if_changed(path, dumps(files[name])):
+            changed.append(name)
     return changed

@@ -19,7 +19,10 @@ log = logging.getLogger("meshd")
 
 # envoy_config names the chains: <direction>_wl<id>[_port<p>], <direction>_port<p>,
 # <direction>_tcp (the default chains), <direction>_miss.
-_CHAIN = re.compile(r"^(outbound|inbound)_(?:wl(\d+)(?:_port\d+)?|port\d+|tcp|(miss))$")
+# mtls_*: the listener other meshd hosts call with mTLS (inbound); outbound_wl<id>_mtls_*:
+# a workload's calls to a meshed workload on another host (meshd/envoy_mtls.py).
+_CHAIN = re.compile(r"^(outbound|inbound|mtls)_(?:wl(\d+)(?:_port\d+(?:_v6)?|_mtls_[0-9a-fA-F.:]+_\d+)?"
+                    r"|port\d+|tcp|(miss))$")
 _MAX_BUFFER = 8 << 20   # one batch is far smaller (Envoy flushes at 256 KiB)
 
 
@@ -46,6 +49,7 @@ def record(raw: dict, workload_name: Callable[[int], Optional[str]]) -> Optional
     if not m:
         return None
     direction, wid, miss = m.group(1), m.group(2), m.group(3)
+    direction = "inbound" if direction == "mtls" else direction
     name = ""
     if wid is not None:
         name = workload_name(int(wid))
@@ -75,6 +79,8 @@ def record(raw: dict, workload_name: Callable[[int], Optional[str]]) -> Optional
         "status": status, "flags": flags,
         "bytes_sent": rx if outbound else tx, "bytes_received": tx if outbound else rx,
         "duration_ms": _int(raw.get("ms")),
+        # the caller's verified SPIFFE ID on an mTLS connection (docs/identity.md)
+        "peer_id": "" if _str(raw.get("peer_id")) == "-" else _str(raw.get("peer_id")),
     }
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from . import maplayout, routing
 from .config import Config
+from .envoy_mtls import LocalPolicy, MtlsInput, Remote
+from .identity import spiffe_id
 from .datapath import WORKLOAD_HOOKS
 from .discovery import World
 
@@ -81,6 +83,7 @@ class ContainerPlan:
     enrolled: bool = False
     enrolled_since: float = 0.0
     error: str = ""
+    selected_by: str = ""           # "" = its annotation (the hook); "name", "label", "unit"
 
     @property
     def short_id(self) -> str:
@@ -112,6 +115,7 @@ class EnvoyInput:
     # containers with their own namespace: (short id, namespace path, workload id)
     containers: tuple[tuple[str, str, int], ...] = ()
     access_log: bool = True   # Envoy streams flow records to meshd (off: flow_logs = "off")
+    mtls: MtlsInput | None = None    # identities on (mesh.trust_domain)
 
 
 @dataclass(frozen=True)
@@ -165,10 +169,12 @@ def _lowest_free(ids: dict[str, int]) -> int | None:
 
 
 def plan(config: Config, world: World, ids: dict[str, int], previous: Plan = EMPTY,
-         now: float = 0.0, failed: dict[str, str] | None = None) -> Plan:
+         now: float = 0.0, failed: dict[str, str] | None = None,
+         remotes: tuple[Remote, ...] = ()) -> Plan:
     """What to apply. `previous` is the plan applied last (enrolment times, and
     which workloads are newly enrolled); `failed` maps a workload to why its
-    links could not be attached (it then waits, like one without a cgroup)."""
+    links could not be attached (it then waits, like one without a cgroup);
+    `remotes`: meshed workloads on other hosts (the catalog), called with mTLS."""
     failed = failed or {}
     mesh = config.mesh
     ids = allocate_ids([w.name for w in config.workloads], ids)
@@ -214,7 +220,7 @@ def plan(config: Config, world: World, ids: dict[str, int], previous: Plan = EMP
             {ids[w.name]: dict(w.protocols) for w in config.workloads},
             mesh.http_forwarded_for,
             tuple((c.short_id, c.netns, c.workload_id) for c in ctrs if c.enrolled and c.netns),
-            mesh.flow_logs != "off"),
+            mesh.flow_logs != "off", _mtls(config, workloads, remotes)),
         containers=ctrs,
         container_netns={c.netns_cookie: (c.index, c.ipv4) for c in ctrs
                          if c.enrolled and c.netns})
@@ -237,6 +243,7 @@ def _containers(config: Config, world: World, ids: dict[str, int], previous: Pla
             index = next((i for i in range(1, MAX_CONTAINER_INDEX + 1) if i not in used), 0)
             used.add(index)
         base = dict(id=cid, workload=rec.workload, name=rec.name, cgroup=cf.cgroup.rel,
+                    selected_by=rec.selected_by,
                     cgroup_path=cf.cgroup.path, cgroup_id=cf.cgroup.id, index=index,
                     netns=rec.netns if cf.netns else "",
                     netns_cookie=cf.netns.cookie if cf.netns else 0,
@@ -257,13 +264,36 @@ def _containers(config: Config, world: World, ids: dict[str, int], previous: Pla
     return tuple(out)
 
 
+def _mtls(config: Config, workloads: list[WorkloadPlan],
+          remotes: tuple[Remote, ...]) -> MtlsInput | None:
+    """Identities for the enrolled workloads, their inbound policies (allow_from
+    names resolved to SPIFFE IDs) and the remote destinations to call with mTLS."""
+    mesh = config.mesh
+    if not mesh.trust_domain:
+        return None
+    td = mesh.trust_domain
+    enrolled = {p.name: p.id for p in workloads if p.enrolled}
+    policies = {}
+    for w in config.workloads:
+        if w.name not in enrolled:
+            continue
+        allow = None if w.allow_from is None else tuple(sorted(
+            {a if a.startswith("spiffe://") else spiffe_id(td, a) for a in w.allow_from}))
+        policies[enrolled[w.name]] = LocalPolicy(
+            (w.inbound_mode or mesh.inbound_mode) == "strict", allow)
+    return MtlsInput(td, mesh.mtls_port, mesh.state_dir,
+                     {wid: name for name, wid in enrolled.items()}, policies,
+                     tuple(sorted(set(remotes), key=lambda r: (r.ip, r.port))))
+
+
 def _inbound(config: Config, world: World, by_name: dict[str, WorkloadPlan],
              previous: Plan) -> Inbound:
     mesh = config.mesh
     explicit, auto, discovered = {}, set(), {}
     # Envoy's own ports are never steered inbound.
     excluded = {0: frozenset(mesh.exclude_inbound_ports)
-                | {mesh.outbound_port, mesh.inbound_port}}
+                | {mesh.outbound_port, mesh.inbound_port}
+                | ({mesh.mtls_port} if mesh.trust_domain else set())}
     for w in config.workloads:
         p = by_name[w.name]
         if not p.enrolled:

@@ -79,3 +79,14 @@ def route_sources(ipr: IPRoute | None = None) -> dict:
     finally:
         if own:
             ipr.close()
+
+
+def host_addresses(ipr: IPRoute) -> list[str]:
+    """This namespace's addresses other hosts can reach (no loopback, no link-local):
+    what the catalog publishes for this host and its workloads."""
+    out = []
+    for cands in _interface_addresses(ipr).values():
+        for c in cands:
+            if not (c.ip.is_loopback or c.ip.is_link_local):
+                out.append(str(c.ip))
+    return sorted(set(out), key=lambda a: (ipaddress.ip_address(a).version, a))

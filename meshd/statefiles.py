@@ -21,12 +21,14 @@ FWMARK_SAVED = "tcp_fwmark_accept.orig"   # the sysctl's value before meshd set 
 ENVOY_CONFIG_DIR = "envoy"           # bootstrap and filesystem-xDS files (a directory)
 CONTAINERS_DIR = "containers"        # one record per Podman container (written by the OCI hook)
 HOOK_SOCKET = "hook.sock"            # the OCI hook asks the daemon to enroll a container
+IDENTITY_DIR = "identity"            # workload certificates and keys as SDS files (0750)
+CATALOG = "catalog.json"             # the last catalog seen in etcd (served while it is down)
 
 # What cleanup removes. FWMARK_SAVED is not here: routing.remove deletes it once it
 # has restored the value (and keeps it while another meshd serves the namespace).
 FILES = (STATUS, MESHD_PID, ENVOY_PID, WORKLOAD_IDS, ENVOY_LOG, ENVOY_ADMIN, FLOWS_SOCKET,
-         FLOWS_LOG, FLOWS_LOG_OLD, OBSERVE_SOCKET, HOOK_SOCKET)
-DIRS = (ENVOY_CONFIG_DIR, CONTAINERS_DIR)
+         FLOWS_LOG, FLOWS_LOG_OLD, OBSERVE_SOCKET, HOOK_SOCKET, CATALOG)
+DIRS = (ENVOY_CONFIG_DIR, CONTAINERS_DIR, IDENTITY_DIR)
 
 
 def path(state_dir: str, name: str) -> str:

@@ -89,6 +89,10 @@ class WorkloadStatus:
     counters: Counters = field(default_factory=dict)
     inbound_ports: Tuple[int, ...] = ()
     envoy: WorkloadEnvoy = WorkloadEnvoy()
+    # identity (mesh.trust_domain): its SPIFFE ID and its certificate's validity
+    spiffe_id: str = ""
+    cert_not_after: float = 0.0          # epoch seconds; 0: no certificate
+    cert_renew_at: float = 0.0
 
     @property
     def state(self) -> str:
@@ -109,10 +113,25 @@ class ContainerStatus:
     enrolled_since: float = 0.0          # 0: not meshed
     error: str = ""                      # why not meshed
     counters: Counters = field(default_factory=dict)
+    selected_by: str = "annotation"      # or "name", "label", "unit" (found by discovery)
 
     @property
     def state(self) -> str:
         return "enrolled" if self.enrolled_since else (self.error or "waiting")
+
+
+@dataclass(frozen=True)
+class IdentityStatus:
+    """Identities and the catalog (docs/identity.md); empty when trust_domain is unset."""
+    trust_domain: str = ""
+    error: str = ""                      # e.g. the host CA cannot be read
+    ca_not_after: float = 0.0            # the host's intermediate
+    catalog: str = ""                    # "", "connected", "unreachable"
+    catalog_endpoint: str = ""
+    catalog_error: str = ""
+    catalog_updated: float = 0.0         # when the catalog in use was read from etcd
+    catalog_hosts: Tuple[str, ...] = ()  # every host in it, this one included
+    remote_destinations: int = 0         # meshed ip:port on other hosts, called with mTLS
 
 
 @dataclass(frozen=True)
@@ -132,6 +151,7 @@ class Status:
     counters: Counters = field(default_factory=dict)   # unattributed (slot 0)
     workloads: Tuple[WorkloadStatus, ...] = ()
     containers: Tuple[ContainerStatus, ...] = ()
+    identity: IdentityStatus = IdentityStatus()
 
     def host_counters(self) -> Counters:
         """The whole host: unattributed plus every configured workload's."""
@@ -192,6 +212,31 @@ def read_file(state_dir: str) -> Optional[Status]:
 
 
 # -- text (`meshd status`) ----------------------------------------------------------
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def _identity_lines(i: IdentityStatus) -> list:
+    if not i.trust_domain:
+        return []
+    out = [f"  identity:  trust domain {i.trust_domain}" +
+           (f", host CA expires {_utc(i.ca_not_after)}" if i.ca_not_after else "")]
+    if i.error:
+        out.append(f"             ERROR: {i.error}")
+    if i.catalog == "connected":
+        out.append(f"  catalog:   etcd {i.catalog_endpoint}: {len(i.catalog_hosts)} host(s) "
+                   f"{list(i.catalog_hosts)}, {i.remote_destinations} remote destination(s) via mTLS")
+    elif i.catalog:
+        age = f"read {_utc(i.catalog_updated)}" if i.catalog_updated else "none yet"
+        out.append(f"  catalog:   etcd UNREACHABLE ({i.catalog_error}); serving the last "
+                   f"catalog ({age}): {len(i.catalog_hosts)} host(s), "
+                   f"{i.remote_destinations} remote destination(s)")
+    else:
+        out.append("  catalog:   none (single host)")
+    return out
+
+
+
 def format_text(st: Status, running: bool, source: str) -> str:
     """What `meshd status` prints. source: where st was read (D-Bus or the file)."""
     out = []
@@ -223,6 +268,7 @@ def format_text(st: Status, running: bool, source: str) -> str:
         out.append("             " + " ".join(f"{k}={v}" for k, v in ac.counters.items()))
     out.append(f"  excluded:  ports {list(mesh.exclude_outbound_ports)} "
                f"cidrs {list(mesh.exclude_outbound_cidrs)}")
+    out += _identity_lines(st.identity)
     out.append(f"  workloads: {len(st.workloads)}")
     for w in st.workloads:
         out.append(f"    {w.name:<16} {w.state:<10} {w.cgroup or '-'}")
@@ -236,15 +282,22 @@ def format_text(st: Status, running: bool, source: str) -> str:
                        f"bytes_sent={e.bytes_sent} bytes_received={e.bytes_received}")
         if any(w.counters.values()):
             out.append("      " + " ".join(f"{k}={v}" for k, v in w.counters.items()))
+        if w.spiffe_id:
+            out.append(f"      identity: {w.spiffe_id}, certificate " + (
+                f"expires {_utc(w.cert_not_after)} (in {w.cert_not_after - time.time():.0f}s), "
+                f"renewed at {_utc(w.cert_renew_at)}" if w.cert_not_after else "NONE"))
     if st.containers:
         out.append(f"  containers: {len(st.containers)}")
     for c in st.containers:
         out.append(f"    {c.id[:12]} {c.name or '-':<16} workload {c.workload:<12} "
                    f"{'enrolled' if c.enrolled_since else 'NOT MESHED: ' + c.error}")
-        out.append(f"      cgroup {c.cgroup}; network {c.network}; addresses "
-                   f"{', '.join(c.addresses) or '-'}")
+        out.append(f"      cgroup {c.cgroup or '-'}; network {c.network}; addresses "
+                   f"{', '.join(c.addresses) or '-'}; selected by {c.selected_by}")
         if c.inbound_ports:
             out.append(f"      inbound ports via Envoy: {list(c.inbound_ports)}")
+        if any(c.counters.values()):
+            out.append(f"      workload {c.workload} counters: " +
+                       " ".join(f"{k}={v}" for k, v in c.counters.items() if v))
     if st.counters.get("miss"):
         out.append(f"  misses:    {st.counters['miss']} connections reached Envoy without an "
                    "original destination (failed, not forwarded)")

@@ -510,18 +510,18 @@ def test_fds_flat_across_reloads_and_workload_churn(mesh, server):
         reload(i)
     for i in range(1, 4):
         recreate(i)
-    base = footprint(pid)
-    curve = [("start", 0, *base)]
+    base, t0 = footprint(pid), time.monotonic()
+    curve = [("start", 0, *base, 0.0)]   # (phase, count, fds, RSS KiB, s since start)
     for i in range(1, reloads + 1):
         reload(20 + i)
         if i % every == 0:
-            curve.append(("reloads", i, *footprint(pid)))
+            curve.append(("reloads", i, *footprint(pid), round(time.monotonic() - t0, 1)))
     for i in range(1, churns + 1):
         recreate(3 + i)
         if i % max(1, every // 10) == 0:
-            curve.append(("churns", i, *footprint(pid)))
+            curve.append(("churns", i, *footprint(pid), round(time.monotonic() - t0, 1)))
     end = footprint(pid)
-    curve.append(("end", reloads + churns, *end))
+    curve.append(("end", reloads + churns, *end, round(time.monotonic() - t0, 1)))
     assert mesh.proc.poll() is None
     assert "Traceback" not in mesh.log_text()
     path = os.environ.get("MESHD_FAULTS_REPORT")

@@ -253,8 +253,11 @@ def test_connections_beyond_max_connections_go_direct_counted_none_lost(mesh, se
         reports = [json.loads(h.stdout.readline()) for h in holders]
         assert all(r == {"connected": 1000, "failed": 0, "ok": 1000, "peer": 1000}
                    for r in reports), reports
+        # the status file may be a tick old (written mid-burst): wait until it has
+        # counted every connection, tracked or not
         st = wait_for(lambda: (s := mesh.status()) and s["workloads"][0]["counters"][
-            "table_full"] > 0 and s, what="table_full in status")
+            "table_full"] + s["datapath"]["tracked_connections"] >= 5000 and s,
+            what="every connection counted in status")
         via_envoy = mesh.stat("tcp.outbound_tcp.downstream_cx_total")   # none closed yet
         tracked = st["datapath"]["tracked_connections"]
         counters = st["workloads"][0]["counters"]

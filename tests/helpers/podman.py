@@ -11,11 +11,13 @@ config directory.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from helpers.common import netns_path
@@ -129,3 +131,72 @@ class Podman:
     def cleanup(self) -> None:
         for i in range(0, len(self.names), 50):
             self.cmd("rm", "-f", "-t", "0", "--ignore", *self.names[i:i + 50], timeout=120)
+        remove_v1_cgroups(f"/{self.prefix}")
+
+
+def remove_v1_cgroups(rel: str) -> None:
+    """On a hybrid host Podman's cgroupfs manager also makes a container's cgroup
+    parents in every v1 controller hierarchy (/sys/fs/cgroup/<controller>/...):
+    remove the test's own (empty once its containers are gone), deepest first."""
+    from meshd.cgroups import remove_tree
+    for hierarchy in glob.glob("/sys/fs/cgroup/*/"):
+        if hierarchy.rstrip("/").endswith("/unified"):
+            continue
+        for _ in range(50):   # a conmon may still be exiting (EBUSY) for a moment
+            try:
+                remove_tree(os.path.join(hierarchy, rel.lstrip("/")))
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+class RootlessPodman:
+    """Podman run by an unprivileged user (nobody: one uid mapped, no subuids,
+    vfs storage, --network none), with the test's hooks dir; its files live
+    in a prefixed temporary directory and its pause process is killed at the end."""
+
+    UID = 65534
+
+    def __init__(self, prefix: str, hooks_dir: str):
+        self.prefix = prefix
+        self.dir = tempfile.mkdtemp(prefix=f"{prefix}-rootless-")
+        for d in ("home", "run"):
+            os.mkdir(os.path.join(self.dir, d), 0o700)
+        # the test's hook file, where the user can read it (as /usr/share/containers/oci/hooks.d)
+        self.hooks_dir = os.path.join(self.dir, "hooks.d")
+        shutil.copytree(hooks_dir, self.hooks_dir)
+        Path(self.dir, "containers.conf").write_text(CONTAINERS_CONF)
+        Path(self.dir, "storage.conf").write_text('[storage]\ndriver = "vfs"\n')
+        rootfs = Path(self.dir, "rootfs")
+        (rootfs / "bin").mkdir(parents=True)
+        shutil.copy("/bin/busybox", rootfs / "bin" / "busybox")
+        for app in ("sh", "sleep", "echo"):
+            (rootfs / "bin" / app).symlink_to("busybox")
+        subprocess.run(["tar", "-C", str(rootfs), "-cf", os.path.join(self.dir, "rootfs.tar"),
+                        "."], check=True)
+        subprocess.run(["chown", "-R", f"{self.UID}:{self.UID}", self.dir], check=True)
+        os.chmod(self.dir, 0o755)
+        self.cmd("import", os.path.join(self.dir, "rootfs.tar"), "localhost/rootless/bb",
+                 check=True, timeout=120)
+
+    def cmd(self, *args, check=False, timeout=60) -> subprocess.CompletedProcess:
+        d = self.dir
+        r = subprocess.run(
+            ["setpriv", "--reuid", str(self.UID), "--regid", str(self.UID), "--clear-groups",
+             "env", f"HOME={d}/home", f"XDG_RUNTIME_DIR={d}/run",
+             f"CONTAINERS_CONF={d}/containers.conf", f"CONTAINERS_STORAGE_CONF={d}/storage.conf",
+             "podman", "--hooks-dir", self.hooks_dir, *map(str, args)],
+            capture_output=True, timeout=timeout, cwd="/")
+        if check and r.returncode != 0:
+            raise AssertionError(f"rootless podman {' '.join(map(str, args))}: "
+                                 f"{r.returncode}\n{r.stderr.decode(errors='replace')}")
+        return r
+
+    def cleanup(self) -> None:
+        self.cmd("rm", "-af", "-t", "0", timeout=120)
+        pause = Path(self.dir, "run", "libpod", "tmp", "pause.pid")
+        try:
+            os.kill(int(pause.read_text()), 9)
+        except (OSError, ValueError):
+            pass
+        subprocess.run(["rm", "-rf", self.dir])

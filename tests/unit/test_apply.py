@@ -105,10 +105,10 @@ def test_an_unwritable_state_dir_does_not_stop_the_maps_and_is_retried(tmp_path,
     real = apply_mod.atomic_write
     broken = [True]
 
-    def write(path, data, mode=0o644):
+    def write(path, data, mode=0o644, gid=None):
         if broken[0]:
             raise OSError(28, "No space left on device", path + ".tmp")
-        real(path, data, mode)
+        real(path, data, mode, gid)
     monkeypatch.setattr(apply_mod, "atomic_write", write)
     monkeypatch.setattr(apply_mod.envoy_config.fsutil, "atomic_write", write)
     caplog.set_level("INFO", logger="meshd")

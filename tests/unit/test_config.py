@@ -67,9 +67,11 @@ def test_shipped_config_examples_are_valid_when_uncommented():
     uncommented = "\n".join(l[2:] for l in body.splitlines() if toml_line.match(l))
     config = parse_files({"x.toml": "[mesh]\n" + uncommented})
     assert config.mesh == MeshConfig()
-    assert [w.name for w in config.workloads] == ["api", "db-client", "shop", "web", "web2"]
-    assert config.workloads[4].inbound_ports == (8080, 8443)
-    assert (config.workloads[2].cgroup, config.workloads[2].unit) == (None, None)   # bare
+    assert [w.name for w in config.workloads] == ["api", "db-client", "front", "shop", "web",
+                                                  "web2"]
+    assert config.workloads[5].inbound_ports == (8080, 8443)
+    assert (config.workloads[3].cgroup, config.workloads[3].unit) == (None, None)   # bare
+    assert config.workloads[2].container_labels == (("app", "shop"), ("tier", "front"))
 
 
 def test_full_config_across_two_files(tmp_path):

@@ -28,8 +28,15 @@ def test_outbound_http_record():
                  "source": "127.77.0.3:40000", "destination": "10.0.0.5:80",
                  "peer": "10.0.0.5:80", "protocol": "http", "method": "GET", "path": "/a",
                  "status": "503", "flags": "", "bytes_sent": 10, "bytes_received": 200,
-                 "duration_ms": 7}
+                 "duration_ms": 7, "peer_id": ""}
     assert flows.status_class(r["status"]) == "5xx"
+
+
+def test_mtls_records_name_the_verified_caller():
+    r = flows.record(raw(chain="mtls_wl4_port8080", peer_id="spiffe://td/workload/client"), NAMES)
+    assert r["direction"] == "inbound" and r["peer_id"] == "spiffe://td/workload/client"
+    r = flows.record(raw(chain="outbound_wl3_mtls_10.0.0.2_8080", peer_id="-"), NAMES)
+    assert r["direction"] == "outbound" and r["workload"] == "web" and r["peer_id"] == ""
 
 
 def test_inbound_tcp_record_peer_is_the_client_and_bytes_from_the_workload():

@@ -75,7 +75,7 @@ def test_status_json_keeps_its_field_names():
     d = json.loads(sample().to_json())
     assert set(d) == {"version", "pid", "state", "updated", "started", "config_dir",
                       "config_files", "config_errors", "mesh", "envoy", "datapath",
-                      "acceleration", "counters", "workloads", "containers"}
+                      "acceleration", "counters", "workloads", "containers", "identity"}
     assert set(d["mesh"]) == {"outbound_port", "inbound_port", "exclude_outbound_ports",
                               "exclude_outbound_cidrs", "bpffs_dir", "state_dir", "cgroup_root"}
     assert set(d["envoy"]) == {"state", "pid", "adopted", "restarts", "admin_socket",
@@ -89,7 +89,8 @@ def test_status_json_keeps_its_field_names():
                                    "key": "mesh.outbound_port", "message": "expected integer"}]
     web, waiting = d["workloads"]
     assert set(web) == {"name", "id", "cgroup", "cgroup_id", "enrolled_since", "error",
-                        "other_programs", "counters", "inbound_ports", "envoy"}
+                        "other_programs", "counters", "inbound_ports", "envoy",
+                        "spiffe_id", "cert_not_after", "cert_renew_at"}
     assert web["counters"]["redirected"] == 5 and web["inbound_ports"] == [8080, 8443]
     assert web["other_programs"] == {"connect4": [77, 78]}
     assert web["envoy"] == {"connections": 5, "requests": 12, "bytes_sent": 4096,

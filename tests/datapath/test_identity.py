@@ -1,0 +1,330 @@
+"""Identities between hosts (docs/identity.md), with real etcd and real TLS.
+
+The fleet (tests/datapath/fleet.py): a LAN namespace with a 3-member etcd
+cluster, and meshd hosts in their own namespaces with certificates from one
+test root. Host A's workload "client" calls host B's workload "server"."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ECHO_SERVER, free_port, wait_for
+from fleet import TRUST_DOMAIN, Capture, Fleet, envoy_clusters
+
+PAYLOAD_PATH = "/payload"
+CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/workload/client"
+SERVER_ID = f"spiffe://{TRUST_DOMAIN}/workload/server"
+
+
+def payload():
+    import random
+    return random.Random(20261126).randbytes(256 * 1024)
+
+
+@pytest.fixture
+def fleet(prefix, cgroups):
+    f = Fleet(prefix, cgroups, names=("a", "b"))
+    try:
+        yield f.start()
+    finally:
+        if os.environ.get("MESHD_TEST_SHOW_LOG"):
+            for m in f.hosts.values():
+                print(m.log_text())
+        f.stop()
+
+
+def two_hosts(fleet, server_extra="", **mesh_extra):
+    """A's "client" and B's "server" (an HTTP echo server on a fresh port),
+    registered in etcd; returns (a, b, port)."""
+    port = free_port()
+    a = fleet.configure("a", "client", http_ports=[port], **mesh_extra)
+    b = fleet.configure("b", "server", server_extra, http_ports=[port], **mesh_extra)
+    a.start()
+    b.start()
+    fleet.server("b", "--http", port)
+    fleet.wait_mtls("a", "b", port)
+    return a, b, port
+
+
+def echo(a, url, **kw):
+    r = a.curl(url, **kw)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_a_calls_b_with_mtls(fleet):
+    """The server sees A's verified SPIFFE ID; the bytes between the hosts are
+    TLS; the response is byte-exact."""
+    a, b, port = two_hosts(fleet)
+    url = f"http://{fleet.ip['b']}:{port}"
+    with Capture(fleet.lan, fleet.veth_on_lan("b")) as cap:
+        r = a.curl(url + PAYLOAD_PATH)
+        got = echo(a, url + "/echo")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == payload()
+    xfcc = got["headers"].get("x-forwarded-client-cert", "")
+    assert f"URI={CLIENT_ID}" in xfcc and f"By={SERVER_ID}" in xfcc, got["headers"]
+    assert got["client"] == fleet.ip["a"]                  # the app still sees host A
+    # on the wire: only B's mTLS port, TLS records, not one byte of the payload
+    wire = cap.tcp_payloads(b.mtls_port)
+    assert port not in cap.ports()
+    assert len(wire) > len(payload())
+    assert wire[:1] == b"\x16"                             # a TLS handshake record
+    assert payload()[:4096] not in wire and b"GET /payload" not in wire
+    # B's status: the certificate and its expiry; the catalog has both hosts
+    st = wait_for(lambda: (s := b.status())["identity"]["catalog_hosts"] == ["a", "b"] and s,
+                  what="B's catalog: both hosts")
+    w = st["workloads"][0]
+    assert w["spiffe_id"] == SERVER_ID and w["cert_not_after"] > time.time()
+    assert st["identity"]["catalog"] == "connected"
+    # the flow log names the caller (a file here: meshd is not under systemd)
+    wait_for(lambda: CLIENT_ID in _flow_log(b), what="the caller's ID in B's flow log")
+
+
+def _flow_log(host) -> str:
+    try:
+        return open(os.path.join(host.state_dir, "flows.log")).read()
+    except FileNotFoundError:   # written with the first record
+        return ""
+
+
+TCP_HELLO = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"ping\\n")
+data = b""
+try:
+    while len(data) < 6 + len(sys.argv[1]) + 5:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+except OSError as e:
+    print("error", e)
+print(repr(data))
+"""
+
+
+def tcp_hello(m, ip, port, cgroup=None) -> str:
+    """What a raw TCP client in `m` reads from the echo server (hello + echo)."""
+    r = m.run_in(sys.executable, "-c", TCP_HELLO, ip, port, cgroup=cgroup)
+    return r.stdout.decode() + r.stderr.decode()
+
+
+def test_permissive_then_strict(fleet):
+    """permissive: a client outside the mesh is served in plaintext; strict
+    (a live reload): it is refused, while the meshed caller still gets in."""
+    a, b, port = two_hosts(fleet)
+    url = f"http://{fleet.ip['b']}:{port}/echo"
+    plain = echo(a, url, cgroup=a.outside)                    # not enrolled on A: plaintext
+    assert "x-forwarded-client-cert" not in plain["headers"]
+    assert plain["client"] == fleet.ip["a"]
+    b.configure_mesh([port], trust_domain=b.trust_domain, identity_dir=b.identity_dir,
+                     mtls_port=b.mtls_port, cert_lifetime=fleet.cert_lifetime,
+                     inbound_mode="strict")
+    wait_for(lambda: a.curl(url, cgroup=a.outside).returncode != 0, what="plaintext refused")
+    refused = a.curl(url, cgroup=a.outside)
+    assert refused.returncode != 0 and refused.stdout == b""
+    got = echo(a, url)                                         # mTLS from A's workload
+    assert f"URI={CLIENT_ID}" in got["headers"]["x-forwarded-client-cert"]
+    assert b.stat("tcp.inbound_refused_1.downstream_cx_total") >= 1
+
+
+def test_allow_from(fleet):
+    """A caller not in allow_from: HTTP 403, TCP closed; counted and logged with
+    its identity. Then allowed by name."""
+    port, tcp_port = free_port(), free_port()
+    a = fleet.configure("a", "client", http_ports=[port])
+    b = fleet.configure("b", "server", 'allow_from = ["someone-else"]\n', http_ports=[port])
+    a.start()
+    b.start()
+    fleet.server("b", "--http", port, "--tcp", tcp_port)
+    fleet.wait_mtls("a", "b", port)
+    fleet.wait_mtls("a", "b", tcp_port)
+    r = a.curl(f"http://{fleet.ip['b']}:{port}/echo", "-o", "/dev/null", "-w", "%{http_code}")
+    assert r.stdout == b"403"
+    assert b.stat("http.inbound_http_1.rbac.denied") == 1
+    records = wait_for(lambda: [r for r in map(json.loads, _flow_log(b).splitlines())
+                                if r["peer_id"] == CLIENT_ID and r["status"] == "403"],
+                       what="the denied request in B's flow log")
+    assert records[0]["workload"] == "server"
+    # TCP: refused in the TLS handshake, before the server's first byte could leave
+    assert "hello" not in tcp_hello(a, fleet.ip["b"], tcp_port)
+    stats = b.stats()
+    assert sum(v for k, v in stats.items() if k.endswith("ssl.fail_verify_san")) >= 1, \
+        {k: v for k, v in stats.items() if "ssl" in k}
+    # allowed by name (a live reload)
+    b.write("10-workloads.toml", f'[workload.server]\ncgroup = "{b.workload}"\n'
+                                 'allow_from = ["client"]\n')
+    wait_for(lambda: a.curl(f"http://{fleet.ip['b']}:{port}/echo").returncode == 0 and
+             b"x-forwarded-client-cert" in a.curl(f"http://{fleet.ip['b']}:{port}/echo").stdout,
+             what="allowed after reload")
+    assert f"hello {fleet.ip['a']}" in tcp_hello(a, fleet.ip["b"], tcp_port)
+
+
+TLS_CLIENT = """
+import json, socket, ssl, sys
+ip, port, mtls_port, cert, key, ca = sys.argv[1:7]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.load_verify_locations(ca)
+ctx.load_cert_chain(cert, key)
+try:
+    with socket.create_connection((ip, int(mtls_port)), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=f"{port}.mtls.meshd") as s:
+            s.sendall(b"GET /echo HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    print(json.dumps({"ok": True, "response": data.decode(errors="replace")}))
+except (OSError, ssl.SSLError) as e:
+    print(json.dumps({"ok": False, "error": str(e)}))
+"""
+
+
+def _leaf_files(tmp, intermediate_dir, spiffe):
+    """A workload certificate issued from a host CA directory, as PEM files."""
+    from meshd import ca, identity
+    host = ca.load_host_ca(intermediate_dir, identity.parse_spiffe_id(spiffe)[0])
+    leaf = identity.issue_leaf(host.key, host.chain, spiffe, 600)
+    paths = [os.path.join(tmp, n) for n in ("leaf.crt", "leaf.key")]
+    for p, data in zip(paths, (leaf.chain_pem, leaf.key_pem)):
+        with open(p, "wb") as f:
+            f.write(data)
+    return paths
+
+
+def test_foreign_trust_domain_refused(fleet, tmp_path):
+    """A client presenting a certificate from another trust domain's CA is
+    refused at the handshake; the same client with a certificate of this trust
+    domain is served (so the test can tell the two apart)."""
+    a, b, port = two_hosts(fleet)
+    from meshd import ca as meshca
+    other_root, other_host = str(tmp_path / "oroot"), str(tmp_path / "ohost")
+    meshca.init_root(other_root, "other.test")
+    meshca.issue_intermediate(other_root, other_host, "x")
+    bundle = os.path.join(b.identity_dir, "bundle.crt")
+    args = [fleet.ip["b"], port, b.mtls_port]
+
+    def call(cert, key):
+        r = a.run_in(sys.executable, "-c", TLS_CLIENT, *args, cert, key, bundle,
+                     cgroup=a.outside)
+        return json.loads(r.stdout)
+    foreign = call(*_leaf_files(str(tmp_path), other_host, "spiffe://other.test/workload/client"))
+    assert not foreign["ok"], foreign
+    os.makedirs(tmp_path / "own")
+    own = call(*_leaf_files(str(tmp_path / "own"), a.identity_dir, CLIENT_ID))
+    assert own["ok"] and f"URI={CLIENT_ID}" in own["response"], own
+
+
+LOAD_CLIENT = """
+import http.client, json, sys, time
+ip, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+ok = failed = 0
+errors = []
+kept = http.client.HTTPConnection(ip, port, timeout=10)   # one connection across renewals
+end = time.time() + seconds
+while time.time() < end:
+    for conn in (http.client.HTTPConnection(ip, port, timeout=10), kept):  # new + kept
+        try:
+            conn.request("GET", "/echo")
+            r = conn.getresponse()
+            body = r.read()
+            good = r.status == 200 and b"x-forwarded-client-cert" in body
+            ok, failed = ok + good, failed + (not good)
+        except Exception as e:
+            failed += 1
+            errors.append(repr(e))
+        if conn is not kept:
+            conn.close()
+    time.sleep(0.05)
+print(json.dumps({"ok": ok, "failed": failed, "errors": errors[:5]}))
+"""
+
+
+def test_short_lived_certificates_renew_under_load(fleet):
+    """20 s certificates, renewed at half-life, under steady load (new and
+    long-lived connections): zero failed requests, and the certificates did
+    change. Short form: across one renewal; MESHD_TEST_FULL=1: 4 lifetimes."""
+    fleet.cert_lifetime = 20
+    a, b, port = two_hosts(fleet)
+    seconds = 80 if os.environ.get("MESHD_TEST_FULL") == "1" else 14
+    before = {m: m.status()["workloads"][0]["cert_not_after"] for m in (a, b)}
+    r = a.run_in(sys.executable, "-c", LOAD_CLIENT, fleet.ip["b"], port, seconds,
+                 timeout=seconds + 60)
+    result = json.loads(r.stdout)
+    assert result["failed"] == 0 and result["ok"] > 20, result
+    for m in (a, b):   # renewed (a later expiry), while the load ran
+        assert m.status()["workloads"][0]["cert_not_after"] > before[m]
+    assert a.envoy_pid() and b.envoy_pid()
+    assert b.stat("http.inbound_http_1.downstream_rq_total") >= result["ok"]
+
+
+def test_etcd_failures(fleet):
+    """One member killed: nothing changes. All of etcd down: traffic keeps
+    flowing on the last catalog, status says so, and a meshd restarted during
+    the outage still serves it."""
+    a, b, port = two_hosts(fleet)
+    url = f"http://{fleet.ip['b']}:{port}/echo"
+    fleet.etcd.kill(0)
+    for _ in range(5):
+        assert f"URI={CLIENT_ID}" in echo(a, url)["headers"]["x-forwarded-client-cert"]
+    time.sleep(3)   # past a lease renewal (lease_ttl 3 s): both hosts stay registered
+    assert sorted(fleet.etcd.get_prefix("/meshd/v1/hosts/")) == [
+        "/meshd/v1/hosts/a", "/meshd/v1/hosts/b"]
+    assert a.status()["identity"]["catalog"] == "connected"
+
+    for i in (1, 2):
+        fleet.etcd.kill(i)
+    wait_for(lambda: a.status()["identity"]["catalog"] == "unreachable", timeout=20,
+             what="A says etcd is unreachable")
+    assert "UNREACHABLE" in a.cli("status").stdout
+    assert f"URI={CLIENT_ID}" in echo(a, url)["headers"]["x-forwarded-client-cert"]
+    # a restart during the outage serves the saved catalog
+    a.kill()
+    a.start()
+    st = a.status()
+    assert st["identity"]["catalog"] == "unreachable" and "b" in st["identity"]["catalog_hosts"]
+    fleet.wait_mtls("a", "b", port)
+    got = echo(a, url)
+    assert f"URI={CLIENT_ID}" in got["headers"]["x-forwarded-client-cert"]
+
+
+@pytest.fixture
+def fleet3(prefix, cgroups):
+    f = Fleet(prefix, cgroups, names=("a", "b", "c"))
+    try:
+        yield f.start()
+    finally:
+        f.stop()
+
+
+def test_host_killed_leaves_the_catalogs(fleet3):
+    """Three hosts; host B's meshd is killed: its entries leave A's and C's
+    catalogs when its lease expires (lease_ttl 3 s), and A stops using mTLS
+    towards it (its Envoy drops the cluster)."""
+    f = fleet3
+    port = free_port()
+    for name, wl in (("a", "client"), ("b", "server"), ("c", "third")):
+        f.configure(name, wl, http_ports=[port]).start()
+    f.server("b", "--http", port)
+    f.wait_mtls("a", "b", port)
+    f.wait_remote("c", "b", port)
+    for n in ("a", "c"):
+        wait_for(lambda: sorted(f.hosts[n].status()["identity"]["catalog_hosts"]) == ["a", "b", "c"],
+                 what=f"{n} sees three hosts")
+    f.hosts["b"].kill()
+    for n in ("a", "c"):
+        wait_for(lambda: "b" not in f.hosts[n].status()["identity"]["catalog_hosts"],
+                 timeout=20, what=f"b gone from {n}'s catalog")
+    assert "/meshd/v1/hosts/b" not in f.etcd.get_prefix("/meshd/v1/")
+    # (the config dump would still show the old listener while it drains: ask /clusters)
+    wait_for(lambda: f"_{f.ip['b']}_{port}::" not in envoy_clusters(f.hosts["a"]),
+             what="A's mTLS cluster to B gone")
