@@ -140,6 +140,16 @@ def drop_nat_table(netns: str) -> None:
         sh("ip", "netns", "exec", netns, "nft", "delete", "table", "ip", "nat", check=False)
 
 
+def flush_conntrack(netns: str) -> None:
+    """Forget every conntrack entry of one of our namespaces. An entry outlives its
+    connection (TIME_WAIT, 2 min) with its NAT binding, or with none; a later connection
+    that reuses its ports goes where the entry says, not where this mode's rules say
+    (seen as failed path checks: a direct mode's entries carried an iptables mode's
+    connections past its Envoy, and one variant's to another's Envoy)."""
+    sh("ip", "netns", "exec", netns, sys.executable, "-c",
+       "from pyroute2 import Conntrack; list(Conntrack().flush())")
+
+
 def nginx_conf(tmp: str, listens: list[tuple[str, int]]) -> str:
     return NGINX_CONF.format(tmp=tmp, listen="\n".join(f"        listen {ip}:{port};"
                                                         for ip, port in listens))

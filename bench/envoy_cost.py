@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import report  # noqa: E402
 from common import (take_charge, CLK_TCK, FILE_NAME, FILE_SIZE, REPO, BenchBase, Client,  # noqa: E402
-                    drop_nat_table, find_envoy, free_port, nginx_conf, proc_stat_busy,
+                    drop_nat_table, find_envoy, flush_conntrack, free_port, nginx_conf, proc_stat_busy,
                     rss_mb, sh, wait_for, write_www)
 from meshd import envoy_config as ec  # noqa: E402
 from meshd.envoy.admin import stats as envoy_stats, total  # noqa: E402
@@ -176,7 +176,7 @@ class EnvoyCost(BenchBase):
         def top(sort: str, limit: int) -> list[tuple[float, str]]:
             r = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
                                 "--sort", sort, "--percent-limit", "0.5"],
-                               capture_output=True, text=True)
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True)
             rows = []
             for line in r.stdout.splitlines():
                 line = line.strip()
@@ -204,12 +204,7 @@ class EnvoyCost(BenchBase):
            *self._rule(v), check=False)
         self.rule = None
         drop_nat_table(self.ns_c)
-        # Every variant is reached at the same address and port, so a conntrack entry
-        # left by one variant's connection (its NAT binding to that variant's Envoy)
-        # could carry a later connection with the same ports to the wrong Envoy (seen as
-        # failed path checks): forget them all.
-        sh("ip", "netns", "exec", self.ns_c, sys.executable, "-c",
-           "from pyroute2 import Conntrack; list(Conntrack().flush())")
+        flush_conntrack(self.ns_c)   # every variant is reached at the same address and port
 
     def extra_cleanup(self, step):
         if getattr(self, "rule", None):
@@ -310,7 +305,7 @@ def main() -> int:
         variants = list(b.envoys)
         results = b.interleaved(variants, a.reps, b.on, b.off, b.measure_variant, progress)
         os.makedirs(a.out, exist_ok=True)
-        profiles = [b.perf(v, max(a.duration, 3), b.tmp) for v in a.perf.split(",") if v]
+        profiles = [b.perf(v, max(a.duration, 3), a.out) for v in a.perf.split(",") if v]
     finally:
         b.cleanup()
     md = table(results, variants)

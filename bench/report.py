@@ -206,6 +206,7 @@ def conditions_text(c: dict) -> str:
             ("iperf_duration_s", "s per iperf3 run"), ("acceleration", "acceleration"),
             ("foreign_cpu_cores_median", "foreign CPU load (median cores)"),
             ("foreign_cpu_cores_max", "foreign CPU load (max cores)"),
+            ("load_average", "load average (1/5/15 min) at start / end"),
             ("elapsed_s", "run time s"),
             ("connect_cost_run", "connect cost measured in a later run started"))
     return "\n".join(f"- {title}: {c[k]}" for k, title in keys if c.get(k) is not None)

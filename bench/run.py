@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import report  # noqa: E402
 from common import (take_charge, FILE_NAME, FILE_SIZE, MESHD, MESHD_VERSION, REPO, BenchBase,  # noqa: E402
-                    Client, MeshdInstance, drop_nat_table, find_envoy, free_port,
+                    Client, MeshdInstance, drop_nat_table, find_envoy, flush_conntrack, free_port,
                     log, nginx_conf, rss_mb, sh, wait_for, write_www)
 from plain_envoy import PlainEnvoy  # noqa: E402
 import connect_cost  # noqa: E402
@@ -239,6 +239,8 @@ class Suite(BenchBase):
                 "-j", "REDIRECT", "--to-ports", str(p.inbound_port)]
 
     def unit_on(self, u: Unit):
+        for ns in (self.ns_a, self.ns_b):   # no entry of an earlier mode decides for this one
+            flush_conntrack(ns)
         for rule in u.rules:
             self._ipt(rule[0], "-A", rule[1], *self._rule_args(rule))
             self.rules_on.append(rule)
@@ -363,6 +365,13 @@ def progress(u: Unit, rep: int, m: dict) -> str:
                    f"PATH CHECK FAILED, counter deltas: {m['stat_deltas']}")
 
 
+def path_failures(doc: dict) -> str:
+    bad = [r for r in doc.get("results", []) if not r["through_envoy_ok"]]
+    return (f"**failed** in {len(bad)} of {len(doc.get('results', []))} measurements ("
+            + ", ".join(f"{r['path']}/{r['mode']} rep {r['rep'] + 1}" for r in bad)
+            + "), which are left out of the medians (n in the column heads)")
+
+
 def accel_lines(results: list[dict]) -> list[str]:
     """Per path: in how many meshd-accel measurements every accelerated meshd redirected
     bytes, and the median pairs / MB redirected / fallbacks per measurement."""
@@ -386,7 +395,7 @@ def render_markdown(doc: dict) -> str:
     parts = [f"Run {doc['started']} (`{doc['json']}`), "
              f"{'quick form' if c.get('quick') else 'full form'}; medians of {c['reps']} "
              f"interleaved repetitions (mode order rotated each rep). Path check "
-             f"{'passed in every measurement' if doc['path_ok'] else '**FAILED** in some measurement'}"
+             f"{'passed in every measurement' if doc['path_ok'] else path_failures(doc)}"
              f"; wrk errors: {doc['wrk_errors']}.", "", "Conditions:", "",
              report.conditions_text(c), ""]
     if not c.get("acceleration_available"):
@@ -442,6 +451,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--only-connect", action="store_true",
                     help="measure the connect cost only and replace that part of the "
                          "latest results (bench/run.json, README)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="measure nothing: summarize bench/run.json's raw results again and "
+                         "rewrite its tables (README) with this code")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="JSON directory")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
@@ -456,10 +468,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if args.render_only:
+        return render_only(args)
     if not take_charge("run.py"):
         return 1
 
-    started = datetime.datetime.now()
+    started, load_start = datetime.datetime.now(), os.getloadavg()
     suite = Suite(args)
     results, connect, notes = [], {}, []
     try:
@@ -480,7 +494,7 @@ def main() -> int:
     if args.only_connect:
         return replace_connect(args, started, connect, notes)
     rows, present = report_paths(results, set(args.paths.split(",")))
-    summary = report.summarize(rows, present)
+    summary = report.summarize(measured(rows), present)
     foreign = [r["foreign_cpu_cores"] for r in results]
     cond = dict(
         base_conditions(), quick=args.quick, reps=args.reps, duration_s=args.duration,
@@ -489,6 +503,9 @@ def main() -> int:
         acceleration="available" if suite.accel_available else "not available",
         foreign_cpu_cores_median=round(report.median(foreign), 2) if foreign else None,
         foreign_cpu_cores_max=round(max(foreign), 2) if foreign else None,
+        # the machine's load (1/5/15 min) at start and end: other people's tests share it
+        load_average=" / ".join(" ".join(f"{x:.2f}" for x in la)
+                                for la in (load_start, os.getloadavg())),
         elapsed_s=round((datetime.datetime.now() - started).total_seconds()),
         iptables_rules={k: suite._rule_args(r) for k, r in (
             ("OUTPUT (A, B)", ("a", "OUTPUT", "<client cgroup>")),
@@ -512,19 +529,42 @@ def main() -> int:
     return 0 if doc["path_ok"] else 1
 
 
-def replace_connect(args, started, connect, notes) -> int:
-    """--only-connect: the latest full results with this run's connect cost."""
-    path = REPO / "bench" / "run.json"
-    doc = json.loads(path.read_text())
-    doc.update(connect=connect, connect_notes=notes,
-               targets=report.targets(doc["summary"], connect))
-    doc["conditions"]["connect_cost_run"] = started.isoformat(timespec="seconds")
+def measured(rows: list[dict]) -> list[dict]:
+    """What the medians are of: a measurement whose path check failed did not measure its
+    mode (its requests went past the mode's proxy), so it is left out (and listed)."""
+    return [r for r in rows if r["through_envoy_ok"]]
+
+
+LATEST = REPO / "bench" / "run.json"
+
+
+def republish(args, doc: dict) -> int:
+    """The latest results, changed: rendered, and (unless --no-readme) written back to
+    bench/run.json and the README."""
     md = render_markdown(doc)
     print(md)
     if not args.no_readme:
-        path.write_text(json.dumps(doc, indent=1) + "\n")
+        LATEST.write_text(json.dumps(doc, indent=1) + "\n")
         write_readme(md)
     return 0
+
+
+def render_only(args) -> int:
+    """--render-only: bench/run.json summarized and rendered again."""
+    doc = json.loads(LATEST.read_text())
+    rows, present = report_paths(doc["results"], set(doc["modes"]))
+    doc["summary"] = report.summarize(measured(rows), present)
+    doc["targets"] = report.targets(doc["summary"], doc.get("connect", {}))
+    return republish(args, doc)
+
+
+def replace_connect(args, started, connect, notes) -> int:
+    """--only-connect: the latest full results with this run's connect cost."""
+    doc = json.loads(LATEST.read_text())
+    doc.update(connect=connect, connect_notes=notes,
+               targets=report.targets(doc["summary"], connect))
+    doc["conditions"]["connect_cost_run"] = started.isoformat(timespec="seconds")
+    return republish(args, doc)
 
 
 def base_conditions() -> dict:

@@ -171,6 +171,11 @@ class Catalog:
             host=url.hostname, port=url.port or 2379, protocol=url.scheme,
             ca_cert=self.cfg.ca_file or None, cert_cert=self.cfg.cert_file or None,
             cert_key=self.cfg.key_file or None, api_path=API_PATH)
+        # etcd is reached directly, with [catalog]'s CA: requests would otherwise
+        # take proxies from the environment, and REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE
+        # there win over the session's verify (ca_file ignored: "unable to get
+        # local issuer certificate" on hosts that set them).
+        client.session.trust_env = False
         # etcd3gw's timeout sets an attribute requests ignores: give every request
         # (the watch stream's too) a real one, so a silent member cannot hang us.
         client.session.request = functools.partial(client.session.request,
@@ -274,5 +279,6 @@ class Catalog:
 
 
 def _short(e: Exception) -> str:
-    text = str(e) or type(e).__name__
+    # etcd3gw's exceptions keep requests' message in detail_text, not in args
+    text = str(e) or str(getattr(e, "detail_text", "") or "") or type(e).__name__
     return text if len(text) < 160 else text[:157] + "..."

@@ -25,7 +25,8 @@ FIELDS = (("workload", "WORKLOAD"), ("direction", "DIRECTION"), ("peer", "PEER")
           ("destination", "DESTINATION"), ("source", "SOURCE"), ("protocol", "PROTOCOL"),
           ("status", "STATUS"), ("method", "HTTP_METHOD"), ("path", "HTTP_PATH"),
           ("flags", "ENVOY_FLAGS"), ("bytes_sent", "BYTES_SENT"),
-          ("bytes_received", "BYTES_RECEIVED"), ("duration_ms", "DURATION_MS"))
+          ("bytes_received", "BYTES_RECEIVED"), ("duration_ms", "DURATION_MS"),
+          ("peer_id", "PEER_ID"), ("denied", "DENIED"), ("tls_failure", "TLS_FAILURE"))
 
 
 def resolve(mode: str) -> str:
@@ -78,7 +79,7 @@ class FlowLog:
             log.debug("flow log: %s", e)
 
     def _journal(self, r: dict) -> None:
-        fields = {f: str(r[k]) for k, f in FIELDS if r[k] != ""}
+        fields = {f: str(r[k]) for k, f in FIELDS if r.get(k, "") != ""}
         if self.unit:
             fields["OBJECT_SYSTEMD_UNIT"] = self.unit
         self._send(message(r), SYSLOG_IDENTIFIER=IDENTIFIER, PRIORITY="6", **fields)

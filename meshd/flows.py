@@ -63,6 +63,8 @@ def record(raw: dict, workload_name: Callable[[int], Optional[str]]) -> Optional
         status = "miss"
     elif http:
         status = str(code) if code else (flags or "0")
+    elif _denied(raw) or _unset(raw.get("tls_failure")):
+        status = flags or "denied"   # refused by RBAC or in the mTLS handshake
     else:
         status = flags or "ok"
     client, local = _str(raw.get("client")), _str(raw.get("local"))
@@ -80,8 +82,26 @@ def record(raw: dict, workload_name: Callable[[int], Optional[str]]) -> Optional
         "bytes_sent": rx if outbound else tx, "bytes_received": tx if outbound else rx,
         "duration_ms": _int(raw.get("ms")),
         # the caller's verified SPIFFE ID on an mTLS connection (docs/identity.md)
-        "peer_id": "" if _str(raw.get("peer_id")) == "-" else _str(raw.get("peer_id")),
+        "peer_id": _unset(raw.get("peer_id")),
+        # why Envoy refused: its RBAC ("rbac_access_denied_matched_policy[none]"),
+        # or the mTLS handshake (a certificate not allowed, from another CA)
+        "denied": _denied(raw),
+        "tls_failure": _unset(raw.get("tls_failure")),
     }
+
+
+def _unset(v) -> str:
+    """Envoy writes "-" for a value it does not have."""
+    v = _str(v)
+    return "" if v == "-" else v
+
+
+def _denied(raw: dict) -> str:
+    for key in ("termination", "details"):
+        v = _unset(raw.get(key))
+        if v.startswith("rbac_"):
+            return v
+    return ""
 
 
 def status_class(status: str) -> str:

@@ -28,29 +28,65 @@ TRUST_DOMAIN = "fleet.test"
 CLIENT_PORT, PEER_PORT = 2379, 2380
 
 
-class Etcd:
-    """Three etcd members in the LAN namespace, one address each."""
+def etcd_certificates(d: str, ips: list[str]) -> dict[str, str]:
+    """A CA, a server certificate for the members' addresses and a client
+    certificate (openssl), as files in d: {"ca", "cert", "key", "client_cert",
+    "client_key"}."""
+    os.makedirs(d)
+    p = {k: os.path.join(d, f) for k, f in (
+        ("ca", "ca.crt"), ("ca_key", "ca.key"), ("cert", "server.crt"), ("key", "server.key"),
+        ("client_cert", "client.crt"), ("client_key", "client.key"))}
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    sh("openssl", "req", "-x509", *ec, "-keyout", p["ca_key"], "-out", p["ca"], "-days", "2",
+       "-subj", "/CN=meshd test etcd CA")
+    for cert, key, cn, ext in (
+            (p["cert"], p["key"], "etcd", "subjectAltName=" + ",".join(f"IP:{ip}" for ip in ips)
+             # clientAuth too: etcd's HTTP gateway calls its own gRPC server
+             # with the server certificate as its client certificate
+             + "\nextendedKeyUsage=serverAuth,clientAuth"),
+            (p["client_cert"], p["client_key"], "meshd", "extendedKeyUsage=clientAuth")):
+        csr, extfile = cert + ".csr", cert + ".ext"
+        with open(extfile, "w") as f:
+            f.write(ext + "\n")
+        sh("openssl", "req", *ec, "-keyout", key, "-out", csr, "-subj", f"/CN={cn}")
+        sh("openssl", "x509", "-req", "-in", csr, "-CA", p["ca"], "-CAkey", p["ca_key"],
+           "-CAcreateserial", "-out", cert, "-days", "2", "-extfile", extfile)
+    return p
 
-    def __init__(self, lan: str, ips: list[str], tmp: str, token: str):
+
+class Etcd:
+    """Three etcd members in the LAN namespace, one address each; tls: clients
+    speak TLS and must present a client certificate (etcd_certificates())."""
+
+    def __init__(self, lan: str, ips: list[str], tmp: str, token: str, tls: bool = False):
         self.lan, self.ips, self.tmp, self.token = lan, ips, tmp, token
         self.procs: dict[int, subprocess.Popen] = {}
         self.cluster = ",".join(f"m{i}=http://{ip}:{PEER_PORT}" for i, ip in enumerate(ips))
+        self.tls = etcd_certificates(os.path.join(tmp, "etcd-tls"), ips) if tls else None
 
     @property
     def endpoints(self) -> list[str]:
-        return [f"http://{ip}:{CLIENT_PORT}" for ip in self.ips]
+        scheme = "https" if self.tls else "http"
+        return [f"{scheme}://{ip}:{CLIENT_PORT}" for ip in self.ips]
+
+    def client_args(self) -> list[str]:
+        """curl's and etcdctl's (the same flags)."""
+        t = self.tls
+        return ["--cacert", t["ca"], "--cert", t["client_cert"], "--key", t["client_key"]] if t else []
 
     def start_member(self, i: int, state: str = "new") -> None:
         ip = self.ips[i]
         log = open(os.path.join(self.tmp, f"etcd{i}.log"), "a")
         self.procs[i] = subprocess.Popen(
             [ETCD, "--name", f"m{i}", "--data-dir", os.path.join(self.tmp, f"etcd{i}"),
-             "--listen-client-urls", f"http://{ip}:{CLIENT_PORT}",
-             "--advertise-client-urls", f"http://{ip}:{CLIENT_PORT}",
+             "--listen-client-urls", self.endpoints[i],
+             "--advertise-client-urls", self.endpoints[i],
              "--listen-peer-urls", f"http://{ip}:{PEER_PORT}",
              "--initial-advertise-peer-urls", f"http://{ip}:{PEER_PORT}",
              "--initial-cluster", self.cluster, "--initial-cluster-state", state,
-             "--initial-cluster-token", self.token, "--log-level", "warn"],
+             "--initial-cluster-token", self.token, "--log-level", "warn",
+             *(["--cert-file", self.tls["cert"], "--key-file", self.tls["key"],
+                "--client-cert-auth", "--trusted-ca-file", self.tls["ca"]] if self.tls else [])],
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec(netns=self.lan))
 
     def start(self) -> "Etcd":
@@ -61,7 +97,7 @@ class Etcd:
 
     def healthy(self, i: int | None = None) -> bool:
         for j in ([i] if i is not None else range(len(self.ips))):
-            r = run_in_netns(self.lan, "curl", "-sS", "--max-time", "2",
+            r = run_in_netns(self.lan, "curl", "-sS", "--max-time", "2", *self.client_args(),
                              f"{self.endpoints[j]}/health", timeout=10, check=False)
             if '"health":"true"' not in r.stdout:
                 return False
@@ -71,7 +107,8 @@ class Etcd:
         """The keys below prefix, read from any live member (etcdctl)."""
         live = [self.endpoints[i] for i, p in self.procs.items() if p.poll() is None]
         r = run_in_netns(self.lan, "env", "ETCDCTL_API=3", "etcdctl", "--endpoints",
-                         ",".join(live), "get", "--prefix", prefix, "-w", "json", timeout=20, check=False)
+                         ",".join(live), *self.client_args(), "get", "--prefix", prefix,
+                         "-w", "json", timeout=20, check=False)
         import base64
         doc = json.loads(r.stdout or "{}")
         return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")).decode()
@@ -89,10 +126,15 @@ class Etcd:
 
 
 class Fleet:
-    def __init__(self, prefix: str, cgroups, names=("a", "b", "c"), cert_lifetime: int = 3600):
+    def __init__(self, prefix: str, cgroups, names=("a", "b", "c"), cert_lifetime: int = 3600,
+                 ipv6: bool = False, etcd_tls: bool = False):
         self.prefix, self.cgroups, self.names = prefix, cgroups, names
+        self.etcd_tls = etcd_tls
         n = random.randint(1, 250)
         self.net = f"10.233.{n}"
+        # ipv6: every host also gets fd00:233:<n>::<index>/64 (in self.ip6)
+        self.net6 = f"fd00:233:{n:x}::" if ipv6 else ""
+        self.ip6: dict[str, str] = {}
         self.lan = f"{prefix}n"
         self.bridge = f"{prefix}br"
         self.tmp = tempfile.mkdtemp(prefix=f"{prefix}f-")
@@ -113,6 +155,9 @@ class Fleet:
            "netns", self.lan)
         sh("ip", "-n", self.lan, "link", "set", veth + "p", "master", self.bridge, "up")
         sh("ip", "-n", ns, "addr", "add", f"{self.ip[name]}/24", "dev", veth)
+        if self.net6:   # nodad: usable at once
+            self.ip6[name] = f"{self.net6}{index}"
+            sh("ip", "-n", ns, "addr", "add", f"{self.ip6[name]}/64", "dev", veth, "nodad")
         sh("ip", "-n", ns, "link", "set", veth, "up")
 
     def veth_on_lan(self, name: str) -> str:
@@ -126,7 +171,7 @@ class Fleet:
         for ip in etcd_ips:
             sh("ip", "-n", self.lan, "addr", "add", f"{ip}/24", "dev", self.bridge)
         sh("ip", "-n", self.lan, "link", "set", self.bridge, "up")
-        self.etcd = Etcd(self.lan, etcd_ips, self.tmp, self.prefix).start()
+        self.etcd = Etcd(self.lan, etcd_ips, self.tmp, self.prefix, tls=self.etcd_tls).start()
         trust_domains = trust_domains or {}
         for i, name in enumerate(self.names, 1):
             self._plug(name, i)
@@ -156,9 +201,15 @@ class Fleet:
             m.write("20-catalog.toml", self.catalog_toml(name))
         return m
 
-    def catalog_toml(self, name: str, lease_ttl: int = 3) -> str:
-        return ("[catalog]\n" + f"endpoints = {json.dumps(self.etcd.endpoints)}\n"
-                f'host_name = "{name}"\nlease_ttl = {lease_ttl}\n')
+    def catalog_toml(self, name: str, lease_ttl: int = 3, client_cert: bool = True) -> str:
+        out = ("[catalog]\n" + f"endpoints = {json.dumps(self.etcd.endpoints)}\n"
+               f'host_name = "{name}"\nlease_ttl = {lease_ttl}\n')
+        if self.etcd.tls:
+            out += f'ca_file = "{self.etcd.tls["ca"]}"\n'
+            if client_cert:
+                out += (f'cert_file = "{self.etcd.tls["client_cert"]}"\n'
+                        f'key_file = "{self.etcd.tls["client_key"]}"\n')
+        return out
 
     def server(self, name: str, *port_args) -> subprocess.Popen:
         """tests/helpers/echo_server.py as host `name`'s workload."""
@@ -233,6 +284,9 @@ def envoy_clusters(m: Mesh) -> str:
     return envoy_admin_text(m, "/clusters")
 
 
+SO_RCVBUFFORCE = 33   # <asm-generic/socket.h>; not in Python's socket module
+
+
 class Capture:
     """Every frame on one interface of a namespace (a raw AF_PACKET socket), while
     the `with` block runs."""
@@ -247,6 +301,9 @@ class Capture:
         with inside_netns(self.netns):
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
             self.sock.bind((self.ifname, 0))
+        # Room for a burst (a 256 KiB response arrives in a few ms): a full
+        # buffer drops frames, and a GSO frame may exceed 64 KiB
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
         self.sock.settimeout(0.1)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -255,7 +312,7 @@ class Capture:
     def _run(self):
         while not self._stop.is_set():
             try:
-                self.frames.append(self.sock.recv(65535))
+                self.frames.append(self.sock.recv(1 << 18))
             except socket.timeout:
                 continue
 
@@ -265,25 +322,28 @@ class Capture:
         self.thread.join()
         self.sock.close()
 
-    def tcp_payloads(self, port: int) -> bytes:
-        """The TCP payload bytes of IPv4 frames to or from `port`, concatenated."""
-        out = []
-        for f in self.frames:
-            if len(f) < 34 or f[12:14] != b"\x08\x00" or f[23] != 6:
-                continue
-            ihl = (f[14] & 0x0F) * 4
-            tcp = f[14 + ihl:]
-            sport, dport = int.from_bytes(tcp[0:2], "big"), int.from_bytes(tcp[2:4], "big")
-            if port in (sport, dport):
-                out.append(tcp[(tcp[12] >> 4) * 4:])
-        return b"".join(out)
-
-    def ports(self) -> set[int]:
-        """Every TCP port seen (either side)."""
-        out = set()
+    def _segments(self, family: int | None = None):
+        """(family, source port, destination port, payload) of each TCP frame
+        (IPv4, and IPv6 without extension headers)."""
         for f in self.frames:
             if len(f) >= 34 and f[12:14] == b"\x08\x00" and f[23] == 6:
-                ihl = (f[14] & 0x0F) * 4
-                tcp = f[14 + ihl:]
-                out |= {int.from_bytes(tcp[0:2], "big"), int.from_bytes(tcp[2:4], "big")}
+                fam, tcp = 4, f[14 + (f[14] & 0x0F) * 4:]
+            elif len(f) >= 74 and f[12:14] == b"\x86\xdd" and f[20] == 6:
+                fam, tcp = 6, f[54:]
+            else:
+                continue
+            if family in (None, fam):
+                yield (fam, int.from_bytes(tcp[0:2], "big"), int.from_bytes(tcp[2:4], "big"),
+                       tcp[(tcp[12] >> 4) * 4:])
+
+    def tcp_payloads(self, port: int, family: int | None = None) -> bytes:
+        """The TCP payload bytes of frames to or from `port`, concatenated."""
+        return b"".join(data for _, sport, dport, data in self._segments(family)
+                        if port in (sport, dport))
+
+    def ports(self, family: int | None = None) -> set[int]:
+        """Every TCP port seen (either side)."""
+        out = set()
+        for _, sport, dport, _ in self._segments(family):
+            out |= {sport, dport}
         return out

@@ -28,9 +28,8 @@ def payload():
     return random.Random(20261126).randbytes(256 * 1024)
 
 
-@pytest.fixture
-def fleet(prefix, cgroups):
-    f = Fleet(prefix, cgroups, names=("a", "b"))
+def _fleet(prefix, cgroups, names=("a", "b"), **kw):
+    f = Fleet(prefix, cgroups, names=names, **kw)
     try:
         yield f.start()
     finally:
@@ -38,6 +37,11 @@ def fleet(prefix, cgroups):
             for m in f.hosts.values():
                 print(m.log_text())
         f.stop()
+
+
+@pytest.fixture
+def fleet(prefix, cgroups):
+    yield from _fleet(prefix, cgroups)
 
 
 def two_hosts(fleet, server_extra="", **mesh_extra):
@@ -53,21 +57,28 @@ def two_hosts(fleet, server_extra="", **mesh_extra):
     return a, b, port
 
 
-def echo(a, url, **kw):
-    r = a.curl(url, **kw)
+def echo(a, url, *extra, **kw):
+    r = a.curl(url, *extra, **kw)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
 
 def test_a_calls_b_with_mtls(fleet):
     """The server sees A's verified SPIFFE ID; the bytes between the hosts are
-    TLS; the response is byte-exact."""
+    TLS; the response is byte-exact. A destination outside the mesh on the
+    same host stays plain."""
     a, b, port = two_hosts(fleet)
     url = f"http://{fleet.ip['b']}:{port}"
+    outside_port = free_port()       # a server on B outside the mesh: not in the catalog
+    fleet.apps.append(b.echo_server("--http", outside_port, cgroup=b.outside))
     with Capture(fleet.lan, fleet.veth_on_lan("b")) as cap:
         r = a.curl(url + PAYLOAD_PATH)
         got = echo(a, url + "/echo")
+        outside = echo(a, f"http://{fleet.ip['b']}:{outside_port}/echo")
     assert r.returncode == 0, r.stderr
+    # the destination outside the mesh: plain, straight to its port
+    assert "x-forwarded-client-cert" not in outside["headers"]
+    assert b"GET /echo" in cap.tcp_payloads(outside_port)
     assert r.stdout == payload()
     xfcc = got["headers"].get("x-forwarded-client-cert", "")
     assert f"URI={CLIENT_ID}" in xfcc and f"By={SERVER_ID}" in xfcc, got["headers"]
@@ -155,11 +166,18 @@ def test_allow_from(fleet):
                                 if r["peer_id"] == CLIENT_ID and r["status"] == "403"],
                        what="the denied request in B's flow log")
     assert records[0]["workload"] == "server"
+    assert records[0]["denied"] == "rbac_access_denied_matched_policy[none]"
     # TCP: refused in the TLS handshake, before the server's first byte could leave
     assert "hello" not in tcp_hello(a, fleet.ip["b"], tcp_port)
     stats = b.stats()
     assert sum(v for k, v in stats.items() if k.endswith("ssl.fail_verify_san")) >= 1, \
         {k: v for k, v in stats.items() if "ssl" in k}
+    # logged with the caller's identity (its certificate, refused) and why
+    refused = wait_for(lambda: [r for r in map(json.loads, _flow_log(b).splitlines())
+                                if r["protocol"] == "tcp"],
+                       what="the refused handshake in B's flow log")
+    assert refused[0]["peer_id"] == CLIENT_ID and refused[0]["status"] == "denied", refused
+    assert "CERTIFICATE_VERIFY_FAILED" in refused[0]["tls_failure"], refused
     # allowed by name (a live reload)
     b.write("10-workloads.toml", f'[workload.server]\ncgroup = "{b.workload}"\n'
                                  'allow_from = ["client"]\n')
@@ -299,11 +317,7 @@ def test_etcd_failures(fleet):
 
 @pytest.fixture
 def fleet3(prefix, cgroups):
-    f = Fleet(prefix, cgroups, names=("a", "b", "c"))
-    try:
-        yield f.start()
-    finally:
-        f.stop()
+    yield from _fleet(prefix, cgroups, names=("a", "b", "c"))
 
 
 def test_host_killed_leaves_the_catalogs(fleet3):
@@ -328,3 +342,202 @@ def test_host_killed_leaves_the_catalogs(fleet3):
     # (the config dump would still show the old listener while it drains: ask /clusters)
     wait_for(lambda: f"_{f.ip['b']}_{port}::" not in envoy_clusters(f.hosts["a"]),
              what="A's mTLS cluster to B gone")
+
+
+STREAMS_CLIENT = """
+import http.client, json, os, random, socket, sys, time
+ip, http_port, tcp_port, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+payload = random.Random(20261126).randbytes(256 * 1024)   # tests/helpers/echo_server.py's
+rnd = random.Random(7)
+out = {"tcp_bytes": 0, "http_requests": 0, "errors": [], "identities": set()}
+tcp = socket.create_connection((ip, tcp_port), timeout=10)
+hello = b""
+while not hello.endswith(b"\\n"):
+    hello += tcp.recv(1)
+out["hello"] = hello.decode()
+kept = http.client.HTTPConnection(ip, http_port, timeout=10)
+kept.connect()
+kept.auto_open = 0          # never reconnect behind our back: a closed connection is an error
+ports = (tcp.getsockname()[1], kept.sock.getsockname()[1])
+print("ready", flush=True)
+while not os.path.exists(stop) and len(out["errors"]) < 5:
+    try:
+        chunk = rnd.randbytes(rnd.randint(1, 65536))
+        tcp.sendall(chunk)
+        got = b""
+        while len(got) < len(chunk):
+            data = tcp.recv(len(chunk) - len(got))
+            if not data:
+                raise ConnectionError("TCP stream closed")
+            got += data
+        if got != chunk:
+            raise ValueError("TCP bytes differ")
+        out["tcp_bytes"] += len(chunk)
+        for path in ("/payload", "/echo"):
+            kept.request("GET", path)
+            r = kept.getresponse()
+            body = r.read()
+            if r.status != 200 or r.will_close:
+                raise ValueError(f"{path}: {r.status} will_close={r.will_close}")
+            if path == "/payload" and body != payload:
+                raise ValueError("HTTP body differs")
+            if path == "/echo":
+                xfcc = json.loads(body)["headers"].get("x-forwarded-client-cert", "")
+                out["identities"].add(xfcc.split("URI=")[-1])
+            out["http_requests"] += 1
+    except Exception as e:
+        out["errors"].append(repr(e))
+    time.sleep(0.05)
+out["same_sockets"] = ports == (tcp.getsockname()[1], kept.sock.getsockname()[1] if kept.sock else None)
+out["identities"] = sorted(out["identities"])
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_renewal_keeps_established_connections(fleet, tmp_path):
+    """Short-lived certificates (8 s, renewed at half-life) renewed at least
+    twice on both hosts while one TCP stream and one HTTP keep-alive connection
+    between them carry traffic: both connections live on, every byte echoed
+    exactly, zero errors; Envoy took every renewal (SDS) without restarting.
+    MESHD_TEST_FULL=1: five renewals."""
+    fleet.cert_lifetime = 8
+    port, tcp_port = free_port(), free_port()
+    a = fleet.configure("a", "client", http_ports=[port])
+    b = fleet.configure("b", "server", http_ports=[port])
+    a.start()
+    b.start()
+    fleet.server("b", "--http", port, "--tcp", tcp_port)
+    fleet.wait_mtls("a", "b", port)
+    fleet.wait_mtls("a", "b", tcp_port)
+    pids = {m: m.envoy_pid() for m in (a, b)}
+    sds = {m: m.stat(f"sds.meshd_wl_{w}.update_success") for m, w in ((a, "client"), (b, "server"))}
+    stop = str(tmp_path / "stop")
+    client = a.popen_in(sys.executable, "-c", STREAMS_CLIENT, fleet.ip["b"], port, tcp_port,
+                        stop, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        renewals = 5 if os.environ.get("MESHD_TEST_FULL") == "1" else 2
+        seen = {a: set(), b: set()}
+
+        def renewed():
+            for m in seen:
+                seen[m].add(m.status()["workloads"][0]["cert_not_after"])
+            # the first value is the certificate the connections began with
+            return all(len(v) > renewals for v in seen.values())
+        wait_for(renewed, timeout=20 * renewals, interval=0.5,
+                 what=f"{renewals} renewals on both hosts")
+        time.sleep(1)   # traffic after the last renewal, too
+    finally:
+        open(stop, "w").close()
+        out, _ = client.communicate(timeout=30)
+    result = json.loads(out)
+    assert result["errors"] == [] and result["same_sockets"], result
+    assert result["hello"] == f"hello {fleet.ip['a']}\n"
+    assert result["tcp_bytes"] > 0 and result["http_requests"] > 10, result
+    assert result["identities"] == [CLIENT_ID], result
+    # Envoy read each renewal through SDS, in the same process
+    for m, w in ((a, "client"), (b, "server")):
+        assert m.envoy_pid() == pids[m]
+        assert m.stat(f"sds.meshd_wl_{w}.update_success") >= sds[m] + renewals
+    # the two connections are still the first ones: one mTLS stream each way on B
+    assert b.stat("tcp.inbound_tcp_1.downstream_cx_total") == 1
+    assert b.stat("http.inbound_http_1.downstream_cx_total") == 1
+
+
+@pytest.fixture
+def fleet6(prefix, cgroups):
+    yield from _fleet(prefix, cgroups, ipv6=True)
+
+
+def test_ipv6_stays_plain(fleet6):
+    """IPv6 callers are not attributed to a workload (docs/identity.md), so a
+    call to a meshed workload's IPv6 address stays plain even though the
+    catalog lists that address: byte-exact, no identity, plaintext on the wire,
+    while the same caller's IPv4 call is mTLS. A strict host refuses it as any
+    plaintext from elsewhere."""
+    f = fleet6
+    a, b, port = two_hosts(f)
+    from meshd.catalog import load_saved
+    wait_for(lambda: f.ip6["b"] in load_saved(a.state_dir)[0]["b"]["workloads"]["server"]["addresses"],
+             what="B's IPv6 address in A's catalog")
+    url4, url6 = f"http://{f.ip['b']}:{port}", f"http://[{f.ip6['b']}]:{port}"
+    with Capture(f.lan, f.veth_on_lan("b")) as cap:
+        r = a.curl(url6 + PAYLOAD_PATH, "-g")
+        plain = echo(a, url6 + "/echo", "-g")
+        meshed = echo(a, url4 + "/echo")
+    assert r.returncode == 0 and r.stdout == payload(), r.stderr
+    assert "x-forwarded-client-cert" not in plain["headers"]
+    assert plain["client"] == f.ip6["a"]
+    assert f"URI={CLIENT_ID}" in meshed["headers"]["x-forwarded-client-cert"]
+    # on the wire: IPv6 to the workload's own port, the payload in clear; mTLS only over IPv4
+    assert payload()[:4096] in cap.tcp_payloads(port, family=6)
+    assert b.mtls_port not in cap.ports(family=6) and b.mtls_port in cap.ports(family=4)
+    assert port not in cap.ports(family=4)
+    b.configure_mesh([port], trust_domain=b.trust_domain, identity_dir=b.identity_dir,
+                     mtls_port=b.mtls_port, cert_lifetime=f.cert_lifetime, inbound_mode="strict")
+    wait_for(lambda: a.curl(url6 + "/echo", "-g").returncode != 0, what="IPv6 plaintext refused")
+    assert f"URI={CLIENT_ID}" in echo(a, url4 + "/echo")["headers"]["x-forwarded-client-cert"]
+
+
+@pytest.fixture
+def fleet_tls(prefix, cgroups):
+    yield from _fleet(prefix, cgroups, etcd_tls=True)
+
+
+def test_catalog_over_tls_with_client_certificates(fleet_tls):
+    """etcd speaking TLS and requiring client certificates: with [catalog]'s
+    ca_file/cert_file/key_file the hosts find each other and call with mTLS;
+    without the client certificate etcd turns meshd away (status says so) and
+    meshd serves the catalog it saved."""
+    f = fleet_tls
+    a, b, port = two_hosts(f)
+    url = f"http://{f.ip['b']}:{port}/echo"
+    assert f"URI={CLIENT_ID}" in echo(a, url)["headers"]["x-forwarded-client-cert"]
+    st = a.status()["identity"]
+    assert st["catalog"] == "connected" and st["catalog_endpoint"].startswith("https://")
+    a.kill()
+    a.write("20-catalog.toml", f.catalog_toml("a", client_cert=False))
+    a.start()
+    wait_for(lambda: (s := a.status()["identity"])["catalog"] == "unreachable"
+             and s["catalog_error"], what="A turned away without a client certificate")
+    assert "b" in a.status()["identity"]["catalog_hosts"]      # the saved catalog
+    f.wait_mtls("a", "b", port)
+    assert f"URI={CLIENT_ID}" in echo(a, url)["headers"]["x-forwarded-client-cert"]
+
+
+def test_certificate_expiry_in_status_and_on_the_bus(fleet, monkeypatch):
+    """`meshd status` and the D-Bus API (a private system bus with the shipped
+    policy) show each workload's SPIFFE ID and certificate expiry, and the
+    catalog's state."""
+    from helpers.dbus import PrivateBus
+    port = free_port()
+    a = fleet.configure("a", "client", http_ports=[port])
+    b = fleet.configure("b", "server", http_ports=[port])
+    a.start()
+    bus = PrivateBus().start()
+    try:
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)   # B's meshd only
+        b.start()
+        monkeypatch.delenv("DBUS_SYSTEM_BUS_ADDRESS")
+        wait_for(lambda: "io.meshd.Mesh1" in bus.busctl("list", "--acquired").stdout,
+                 what="B's meshd on the bus")
+        wait_for(lambda: b.status()["identity"]["catalog_hosts"] == ["a", "b"], what="catalog")
+        leaf = b.status()["workloads"][0]
+        manager = ("io.meshd.Mesh1", "/io/meshd/Mesh1", "io.meshd.Mesh1.Manager")
+        wl = ("io.meshd.Mesh1", "/io/meshd/Mesh1/workload/server", "io.meshd.Mesh1.Workload")
+
+        def prop(obj, name):
+            r = bus.busctl("get-property", *obj, name, "--json=short", user=65534)
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)["data"]
+        assert prop(wl, "SpiffeId") == SERVER_ID
+        assert prop(wl, "CertificateNotAfter") == int(leaf["cert_not_after"] * 1e6)
+        assert prop(wl, "CertificateRenewAt") == int(leaf["cert_renew_at"] * 1e6)
+        assert prop(manager, "TrustDomain") == TRUST_DOMAIN
+        assert prop(manager, "CatalogState") == "connected"
+        assert sorted(prop(manager, "CatalogHosts")) == ["a", "b"]
+        text = b.cli("status").stdout
+        assert f"identity: {SERVER_ID}, certificate expires " in text, text
+    finally:
+        b.kill()
+        bus.stop()

@@ -28,8 +28,8 @@ from helpers.common import cgroup2_root, kill_cgroup, reap, wait_for
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("systemd,systemd-sysv,dbus,python3,python3-bpfcc,python3-gi,python3-pydbus,"
             "python3-systemd,python3-pyroute2,libbpf1,iproute2,curl,procps,util-linux,"
-            "python3-cryptography,python3-cffi-backend,"   # identities (Depends; debootstrap
-            # does not resolve the virtual python3-cffi-backend-api-* cryptography needs)
+            "python3-cryptography,python3-cffi-backend,"   # identities (debootstrap does not
+            # resolve the virtual python3-cffi-backend-api-* dependency itself)
             "python3-prometheus-client,python3-msgpack,"   # meshd's Recommends: metrics, flows
             # Podman with the runtime the suite uses, the CNI bridge and its firewall
             # rules, and a static busybox for the test image

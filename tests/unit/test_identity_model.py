@@ -227,3 +227,22 @@ def test_mtls_config_passes_envoys_validator(tmp_path, host_ca):
     envoy_config.write_config(state, _render(state, _mtls(state, allow=())))
     ok, out = validate(binary, envoy_config.bootstrap_path(state))
     assert ok, out
+
+
+def test_inbound_mode_per_workload_over_the_mesh():
+    """The mesh's mode is every workload's default; a workload's own mode wins.
+    allow_from names become SPIFFE IDs of the trust domain; IDs stay as given."""
+    from types import SimpleNamespace as W
+    from meshd.plan import _mtls
+    cfg = parse_files({"a.toml": '[mesh]\ntrust_domain = "example.test"\ninbound_mode = "strict"\n'
+                                 '[workload.web]\nunit = "web.service"\ninbound_mode = "permissive"\n'
+                                 '[workload.db]\nunit = "db.service"\n'
+                                 'allow_from = ["web", "spiffe://x.test/workload/y"]\n'})
+    m = _mtls(cfg, [W(name="web", id=1, enrolled=True), W(name="db", id=2, enrolled=True)], ())
+    assert m.policies[1] == envoy_mtls.LocalPolicy(strict=False, allow_from=None)
+    assert m.policies[2] == envoy_mtls.LocalPolicy(
+        strict=True, allow_from=("spiffe://example.test/workload/web", "spiffe://x.test/workload/y"))
+    assert not m.strict_or_restricted(1) and m.strict_or_restricted(2)
+    cfg = parse_files({"a.toml": '[mesh]\ntrust_domain = "example.test"\n'
+                                 '[workload.web]\nunit = "web.service"\ninbound_mode = "strict"\n'})
+    assert _mtls(cfg, [W(name="web", id=1, enrolled=True)], ()).policies[1].strict

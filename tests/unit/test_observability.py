@@ -28,7 +28,7 @@ def test_outbound_http_record():
                  "source": "127.77.0.3:40000", "destination": "10.0.0.5:80",
                  "peer": "10.0.0.5:80", "protocol": "http", "method": "GET", "path": "/a",
                  "status": "503", "flags": "", "bytes_sent": 10, "bytes_received": 200,
-                 "duration_ms": 7, "peer_id": ""}
+                 "duration_ms": 7, "peer_id": "", "denied": "", "tls_failure": ""}
     assert flows.status_class(r["status"]) == "5xx"
 
 
@@ -37,6 +37,19 @@ def test_mtls_records_name_the_verified_caller():
     assert r["direction"] == "inbound" and r["peer_id"] == "spiffe://td/workload/client"
     r = flows.record(raw(chain="outbound_wl3_mtls_10.0.0.2_8080", peer_id="-"), NAMES)
     assert r["direction"] == "outbound" and r["workload"] == "web" and r["peer_id"] == ""
+    # refusals say why: Envoy's RBAC (HTTP: response code details; TCP: the
+    # connection's termination details), or the mTLS handshake
+    r = flows.record(raw(chain="mtls_wl4_port8080", peer_id="spiffe://td/workload/x",
+                         code=403, details="rbac_access_denied_matched_policy[none]"), NAMES)
+    assert r["denied"] == "rbac_access_denied_matched_policy[none]" and r["tls_failure"] == ""
+    r = flows.record(raw(chain="mtls_wl4_port9000", method="-", proto="-", code=0, details="via_upstream",
+                         termination="rbac_access_denied_matched_policy[none]"), NAMES)
+    assert r["denied"] == "rbac_access_denied_matched_policy[none]" and r["status"] == "denied"
+    r = flows.record(raw(chain="mtls_wl4_port9000", method="-", proto="-", code=0, details="-",
+                         tls_failure="TLS_error:|268435581:SSL routines:OPENSSL_internal:"
+                                     "CERTIFICATE_VERIFY_FAILED"), NAMES)
+    assert r["denied"] == "" and "CERTIFICATE_VERIFY_FAILED" in r["tls_failure"]
+    assert r["status"] == "denied"
 
 
 def test_inbound_tcp_record_peer_is_the_client_and_bytes_from_the_workload():
