@@ -96,6 +96,7 @@ def deb_b(tmp_path_factory) -> Path:
     """meshd's .deb of build B, built from a copy of the tree the way
     scripts/build-deb.sh builds any (--meshd-only: meshd-envoy stays build A's)."""
     tree = tmp_path_factory.mktemp("build-b") / "meshd"
+    tree.mkdir()
     for part in ("README.md", "pyproject.toml", "meshd", "bpf", "etc", "units", "packaging",
                  "scripts"):
         src = REPO / part

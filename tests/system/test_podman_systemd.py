@@ -36,8 +36,9 @@ driver = "vfs"
 runroot = "/run/containers/storage"
 graphroot = "/var/lib/containers/storage"
 """
-REQUEST = ("printf 'GET /echo HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n' "
-           f"| nc {SERVER} 8080")
+# busybox nc ends when its stdin does: stdin stays open a second, for the whole answer
+REQUEST = ("{ printf 'GET /echo HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n'; "
+           f"sleep 1; }} | nc {SERVER} 8080")
 
 
 @pytest.fixture(scope="module")
