@@ -30,8 +30,12 @@ PACKAGES = ("systemd,systemd-sysv,dbus,python3,python3-bpfcc,python3-gi,python3-
             "python3-systemd,python3-pyroute2,libbpf1,iproute2,curl,procps,util-linux,"
             "python3-cryptography,python3-cffi-backend,"   # identities (debootstrap does not
             # resolve the virtual python3-cffi-backend-api-* dependency itself)
-            "python3-prometheus-client,python3-msgpack")   # meshd's Recommends: metrics, flows
+            "python3-prometheus-client,python3-msgpack,"   # meshd's Recommends: metrics, flows
+            # Podman with the runtime the suite uses, the CNI bridge and its firewall
+            # rules, and a static busybox for the test image
+            "podman,runc,conmon,containernetworking-plugins,iptables,busybox-static")
 CACHE = Path("/var/cache/meshd-tests")
+SERVER = "10.240.1.2"    # Guest.add_server_host's address
 
 
 def debian_mirror() -> str:
@@ -79,6 +83,40 @@ def debs(tmp_path_factory) -> list[Path]:
     paths = [Path(p) for p in r.stdout.split()]
     assert [p.name.split("_")[0] for p in paths] == ["meshd", "meshd-envoy"], paths
     return paths
+
+
+# Build B of the upgrade test: the same tree, a newer version, BPF sources whose
+# text (so the build hash meshd compares with the pins) differs harmlessly.
+UPGRADE_VERSION_SUFFIX = "+mtupgrade"
+UPGRADE_DEFINE = "\n/* build B of the system tier's upgrade test */\n#define MESHD_TEST_BUILD_B 1\n"
+
+
+@pytest.fixture(scope="session")
+def deb_b(tmp_path_factory) -> Path:
+    """meshd's .deb of build B, built from a copy of the tree the way
+    scripts/build-deb.sh builds any (--meshd-only: meshd-envoy stays build A's)."""
+    tree = tmp_path_factory.mktemp("build-b") / "meshd"
+    tree.mkdir()
+    for part in ("README.md", "pyproject.toml", "meshd", "bpf", "etc", "units", "packaging",
+                 "scripts"):
+        src = REPO / part
+        if src.is_dir():
+            shutil.copytree(src, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, tree / part)
+    with open(tree / "bpf" / "meshd.h", "a") as f:
+        f.write(UPGRADE_DEFINE)
+    init = tree / "meshd" / "__init__.py"
+    text, n = re.subn(r'^__version__ = "(.*)"$', rf'__version__ = "\1{UPGRADE_VERSION_SUFFIX}"',
+                      init.read_text(), flags=re.M)
+    assert n == 1, init
+    init.write_text(text)
+    out = tmp_path_factory.mktemp("deb-b")
+    r = subprocess.run([str(tree / "scripts" / "build-deb.sh"), "--meshd-only", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (path,) = [Path(p) for p in r.stdout.split()]
+    return path
 
 
 class Guest:
@@ -143,6 +181,25 @@ class Guest:
         """Run a script as a process of a guest unit's cgroup (as that unit's workload)."""
         return self.sh(f"echo $$ > /sys/fs/cgroup/system.slice/{unit}/cgroup.procs && {script}",
                        check=check, timeout=timeout)
+
+    def add_server_host(self) -> None:
+        """A server host behind a veth (namespace srv, SERVER), answering HTTP on 8080
+        and 2222 (tests/helpers/echo_server.py as the unit mtsrv.service)."""
+        self.sh("ip netns add srv && ip link add mv0 type veth peer name mv1 && "
+                "ip link set mv1 netns srv && ip addr add 10.240.1.1/24 dev mv0 && "
+                f"ip link set mv0 up && ip -n srv addr add {SERVER}/24 dev mv1 && "
+                "ip -n srv link set mv1 up && ip -n srv link set lo up")
+        self.sh("systemd-run --unit=mtsrv.service ip netns exec srv "
+                "python3 /mnt/meshd/echo_server.py --http 8080 --http 2222")
+        wait_for(lambda: self.sh(f"curl -s -m 2 http://{SERVER}:8080/echo",
+                                 check=False).returncode == 0, what="test server")
+
+    def install_debs(self) -> str:
+        """The README's route: the two packages, with apt (--no-install-recommends:
+        the guest has no network for the other recommendations). Returns apt's output."""
+        return self.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y "
+                       "--no-install-recommends /mnt/meshd/meshd_*_all.deb "
+                       "/mnt/meshd/meshd-envoy_*.deb 2>&1", timeout=300).stdout
 
     def shutdown(self) -> None:
         if self.proc and self.proc.poll() is None:

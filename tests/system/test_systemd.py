@@ -3,19 +3,21 @@
 start -> use -> restart -> reload -> stop -> purge), as an operator would."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import SERVER
 from helpers.common import wait_for
 from meshd.envoy import total
 
 REPO = Path(__file__).resolve().parents[2]
-SERVER = "10.240.1.2"
 MANAGER = "io.meshd.Mesh1 /io/meshd/Mesh1 io.meshd.Mesh1.Manager"
 ENVOY_UNIT = "meshd-envoy.service"
 
@@ -47,27 +49,16 @@ print(json.dumps({"ok": ok, "bad": bad, "kept_ok": kept_ok}))
 @pytest.fixture(scope="module")
 def installed(guest):
     g = guest
-    # a server host behind a veth, inside the guest
-    g.sh("ip netns add srv && ip link add mv0 type veth peer name mv1 && "
-         "ip link set mv1 netns srv && ip addr add 10.240.1.1/24 dev mv0 && ip link set mv0 up && "
-         f"ip -n srv addr add {SERVER}/24 dev mv1 && ip -n srv link set mv1 up && "
-         "ip -n srv link set lo up")
-    g.sh("systemd-run --unit=mtsrv.service ip netns exec srv "
-         "python3 /mnt/meshd/echo_server.py --http 8080 --http 2222")
+    g.add_server_host()
     # the workload: a long-running unit, enrolled by its unit name (the admin's file,
     # there before the package: dpkg leaves it alone)
     g.sh("systemd-run --unit=webclient.service sleep infinity")
     g.sh("mkdir -p /etc/meshd && "
          "printf '[workload.client]\\nunit = \"webclient.service\"\\n' > /etc/meshd/10-test.toml")
-    wait_for(lambda: g.sh(f"curl -s -m 2 http://{SERVER}:8080/echo", check=False).returncode == 0,
-             what="test server")
     # A fresh Debian 12: no Envoy anywhere, no pip.
     assert g.sh("command -v envoy pip pip3", check=False).stdout == ""
-    # The README's route: the two packages, with apt. --no-install-recommends: the guest
-    # has no network for the other recommendations (its kernel headers are the host's).
-    r = g.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
-             "/mnt/meshd/meshd_*_all.deb /mnt/meshd/meshd-envoy_*.deb 2>&1", timeout=300)
-    assert "not starting meshd.service yet" not in r.stdout, r.stdout
+    out = g.install_debs()
+    assert "not starting meshd.service yet" not in out, out
     for pkg in ("meshd", "meshd-envoy"):
         assert g.sh(f"dpkg-query -W -f='${{Status}}' {pkg}").stdout == "install ok installed"
     assert g.sh("systemctl is-enabled meshd").stdout.strip() == "enabled"
@@ -363,20 +354,16 @@ def test_systemctl_reload_applies_config(installed):
 FULL = os.environ.get("MESHD_TEST_FULL") == "1"
 
 
-def test_restarts_and_reloads_under_mixed_load_lose_nothing(installed):
+@contextlib.contextmanager
+def mixed_load(g):
     """tests/helpers/load.py's mix (keep-alive, a connection per request, a long
-    stream) from the workload unit while meshd is restarted and reloaded by systemctl,
-    several times: no request failed, no connection dropped, every byte verified,
-    every connection through the same Envoy."""
-    g = installed
-    n = 10 if FULL else 2
+    stream) from the workload unit while the block runs; yields a list that holds
+    the three clients' accounting once the block is left."""
     g.sh("systemctl is-active mtload.service >/dev/null || systemd-run --unit=mtload.service "
          "ip netns exec srv python3 /mnt/meshd/load.py serve --http 8081 --tcp 9001")
     wait_for(lambda: g.sh(f"curl -sf -m 2 -o /dev/null http://{SERVER}:8081/n/1/1",
                           check=False).returncode
              == 0, what="load server")
-    pid, before = envoy_pid(g), outbound_connections(g)
-    reloads_before = len(reloads(g, "SIGHUP"))
     g.sh("rm -rf /run/mtload && mkdir /run/mtload")
     client = "python3 /mnt/meshd/load.py client --seconds 300 --rate 50 --host " + SERVER
     # { ...; }: only the clients go to the background, after the shell joined the unit
@@ -384,33 +371,121 @@ def test_restarts_and_reloads_under_mixed_load_lose_nothing(installed):
         f"{client} --mode {m} --port {port} > /run/mtload/{m}.json 2>&1 & "
         f"echo $! >> /run/mtload/pids;" for m, port in
         (("keepalive", 8081), ("newconn", 8081), ("stream", 9001))) + " }")
+    results: list[dict] = []
     try:
         wait_for(lambda: g.sh("grep -c ready /run/mtload/*.json", check=False).stdout.count(":1") == 3,
                  what="load clients running")
-        for i in range(n):
-            g.sh("systemctl restart meshd", timeout=180)
-            g.sh("systemctl reload meshd")
-            wait_for(lambda: len(reloads(g, "SIGHUP")) >= reloads_before + i + 1, 10,
-                     what="the reload in the journal")
+        yield results
         time.sleep(1)
     finally:
         g.sh("kill -TERM $(cat /run/mtload/pids)", check=False)
-        # these restarts count against systemd's start rate limit (5 in 10 s): the
-        # next tests start meshd themselves
+        # restarts count against systemd's start rate limit (5 in 120 s): the next
+        # tests start meshd themselves
         g.sh("systemctl reset-failed meshd", check=False)
 
     def accounted():
         last = [(g.sh(f"cat /run/mtload/{m}.json").stdout.strip().splitlines() or [""])[-1]
                 for m in ("keepalive", "newconn", "stream")]
         return all(x.startswith("{") for x in last) and [json.loads(x) for x in last]
-    results = wait_for(accounted, 20, what="the load's accounting")
+    results.extend(wait_for(accounted, 20, what="the load's accounting"))
+
+
+def assert_nothing_lost(results: list[dict]) -> None:
+    """No request failed, no connection dropped, every byte verified; the kept-alive
+    and the streaming client each used one connection throughout."""
     for r in results:
         assert r["failed"] == 0 and r["dropped"] == 0, results
         assert r["sent"] == r["answered"] > 20 and r["bytes_verified"] == r["bytes_sent"], results
     assert [r["connections"] for r in results if r["mode"] != "newconn"] == [1, 1], results
+
+
+def test_restarts_and_reloads_under_mixed_load_lose_nothing(installed):
+    """The mixed load while meshd is restarted and reloaded by systemctl, several
+    times: nothing lost, every connection through the same Envoy."""
+    g = installed
+    n = 10 if FULL else 2
+    pid, before = envoy_pid(g), outbound_connections(g)
+    reloads_before = len(reloads(g, "SIGHUP"))
+    with mixed_load(g) as results:
+        for i in range(n):
+            g.sh("systemctl restart meshd", timeout=180)
+            g.sh("systemctl reload meshd")
+            wait_for(lambda: len(reloads(g, "SIGHUP")) >= reloads_before + i + 1, 10,
+                     what="the reload in the journal")
+    assert_nothing_lost(results)
     assert envoy_pid(g) == pid
     assert outbound_connections(g) - before == sum(r["connections"] for r in results)
     assert prop(g, "State") == "running"
+
+
+# The pinned data path as the guest's kernel holds it, read with the installed
+# meshd's own modules: link pin -> (link id, program id), map -> id, the build hash.
+PINS = r"""
+import json, os
+from meshd import bpfsys, maplayout
+from meshd.bpfmap import Map
+root = "/sys/fs/bpf/meshd/v1"
+def ids(kind, info):
+    out = {}
+    for name in sorted(os.listdir(f"{root}/{kind}")):
+        fd = bpfsys.obj_get(f"{root}/{kind}/{name}")
+        try:
+            out[name] = info(fd)
+        finally:
+            os.close(fd)
+    return out
+links = ids("links", lambda fd: [bpfsys.link_info(fd).id, bpfsys.link_info(fd).prog_id])
+maps = ids("maps", lambda fd: bpfsys.map_info(fd).id)
+fd = bpfsys.obj_get(f"{root}/maps/meta")
+print(json.dumps({"links": links, "maps": maps,
+                  "hash": Map(fd, maplayout.MAPS["meta"]).get(0)}))
+"""
+# The hash of the sources the installed package ships (default map sizes).
+SHIPPED_HASH = ("from meshd.datapath import program_text, source_hash; "
+                "print(source_hash(program_text('/usr/share/meshd/bpf')))")
+
+
+def pins(g) -> dict:
+    return json.loads(g.sh(f"python3 -c '{PINS}'").stdout)
+
+
+def test_deb_upgrade_to_another_build_under_load_loses_nothing(installed, deb_b):
+    """`dpkg -i` of build B (other BPF sources, newer version) over build A while
+    the mixed load runs, as an operator upgrades: the package's scripts keep the
+    pins (prerm tears nothing down on upgrade) and try-restart meshd, which installs
+    B's programs under the same links (BPF_LINK_UPDATE) and keeps the maps and Envoy."""
+    g = installed
+    shutil.copy(deb_b, g.share / deb_b.name)
+    os.chmod(g.share / deb_b.name, 0o644)
+    version_b = deb_b.name.split("_")[1]
+    version_a = g.sh("dpkg-query -W -f='${Version}' meshd").stdout
+    assert version_a != version_b
+    g.sh("systemctl reset-failed meshd", check=False)   # the earlier tests' restarts
+    main_pid = g.sh("systemctl show -p MainPID --value meshd").stdout.strip()
+    a = pins(g)
+    assert a["links"] and int(g.sh(f"python3 -c \"{SHIPPED_HASH}\"").stdout) == a["hash"]
+    pid, before = envoy_pid(g), outbound_connections(g)
+    with mixed_load(g) as results:
+        out = g.sh(f"dpkg -i /mnt/meshd/{deb_b.name} 2>&1", timeout=300).stdout
+    assert_nothing_lost(results)
+    # the daemon runs build B: its version, its sources' hash in the pins
+    assert g.sh("dpkg-query -W -f='${Version}' meshd").stdout == version_b
+    assert prop(g, "Version") == version_b
+    new_pid = g.sh("systemctl show -p MainPID --value meshd").stdout.strip()
+    assert new_pid != main_pid, out                         # restarted, not reloaded
+    assert [e["MESSAGE"] for e in journal(g, f"_PID={new_pid}")
+            if e["MESSAGE"].startswith("data path ")][0].startswith("data path upgraded"), out
+    b = pins(g)
+    assert b["hash"] == int(g.sh(f"python3 -c \"{SHIPPED_HASH}\"").stdout) != a["hash"]
+    # the same links, never detached, now running B's programs; every map kept
+    assert {n: v[0] for n, v in b["links"].items()} == {n: v[0] for n, v in a["links"].items()}
+    assert all(b["links"][n][1] != a["links"][n][1] for n in a["links"]), (a, b)
+    assert b["maps"] == a["maps"]
+    # Envoy untouched; every connection of the load went through it
+    assert envoy_pid(g) == pid
+    assert outbound_connections(g) - before == sum(r["connections"] for r in results)
+    assert prop(g, "State") == "running" and prop(g, "DataPathAdopted") is False
+    assert via_envoy(g)
 
 
 def test_rejected_config_is_in_the_journal_with_its_place(installed):
