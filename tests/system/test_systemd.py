@@ -199,7 +199,7 @@ def test_unit_hardening_is_in_effect(installed):
     for key in ("CapabilityBoundingSet", "NoNewPrivileges", "ProtectSystem", "ProtectHome",
                 "PrivateTmp", "RestrictAddressFamilies", "LockPersonality", "RestrictRealtime",
                 "RestrictSUIDSGID", "LimitMEMLOCK", "ReadWritePaths", "SupplementaryGroups",
-                "PrivateDevices", "ProtectKernelTunables", "RestrictNamespaces",
+                "PrivateDevices", "RestrictNamespaces",
                 "SystemCallFilter",
                 "MemoryDenyWriteExecute", "ProtectProc"):
         assert key in declared, key
