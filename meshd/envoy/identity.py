@@ -24,8 +24,9 @@ The files:
 - ``<state_dir>/flows.sock`` (meshd/flows.py, where Envoy sends its flow records):
   root:meshd-envoy 0660: Envoy may send, no other user may forge a record.
 
-meshd owns all of them and gives them Envoy's group, never its user (CAP_CHOWN, or
-without it as a member of that group: SupplementaryGroups=meshd-envoy).
+meshd owns all of them and gives them Envoy's group, never its user: under systemd it
+does so as a member of that group (SupplementaryGroups= in meshd.service), without
+CAP_CHOWN.
 """
 from __future__ import annotations
 

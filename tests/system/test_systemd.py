@@ -189,7 +189,10 @@ def test_unit_hardening_is_in_effect(installed):
     declared = declared_hardening()
     for key in ("CapabilityBoundingSet", "NoNewPrivileges", "ProtectSystem", "ProtectHome",
                 "PrivateTmp", "RestrictAddressFamilies", "LockPersonality", "RestrictRealtime",
-                "RestrictSUIDSGID", "LimitMEMLOCK", "ReadWritePaths"):
+                "RestrictSUIDSGID", "LimitMEMLOCK", "ReadWritePaths", "SupplementaryGroups",
+                "PrivateDevices", "RestrictNamespaces",
+                "SystemCallFilter",
+                "MemoryDenyWriteExecute", "ProtectProc"):
         assert key in declared, key
     shown = dict(line.split("=", 1) for line in g.sh(
         f"systemctl show meshd -p {','.join(declared)}").stdout.splitlines())
@@ -222,10 +225,13 @@ def test_unit_hardening_is_in_effect(installed):
         while path not in mounts:
             path = path.rsplit("/", 1)[0] or "/"
         return mounts[path]
-    for path in ("/usr", "/etc", "/"):
+    for path in ("/usr", "/etc", "/", "/proc/sys", "/sys"):
         assert "ro" in opts(path), (path, opts(path))
-    for path in ("/sys/fs/bpf", "/run/meshd", "/proc/sys/net"):
+    for path in ("/sys/fs/bpf", "/sys/fs/cgroup", "/run/meshd", "/proc/sys/net"):
         assert "rw" in opts(path), (path, opts(path))
+    # the seccomp filter (SystemCallFilter=, MemoryDenyWriteExecute=, ...) and Envoy's group
+    assert status["Seccomp"].strip() == "2"
+    assert g.sh("getent group meshd-envoy").stdout.split(":")[2] in status["Groups"].split()
 
 
 def test_envoy_runs_unprivileged_in_its_sandbox(installed):
