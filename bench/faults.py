@@ -3,7 +3,7 @@
 appending what it measured, rendered as bench/README.md's fault table and the
 long run's curve.
 
-    sudo .venv/bin/python bench/faults.py              # full form (~10 min)
+    sudo .venv/bin/python bench/faults.py              # full form (~15 min, the long run included)
     sudo .venv/bin/python bench/faults.py --short      # the CI counts (~1.5 min)
     sudo .venv/bin/python bench/faults.py -k envoy     # some faults only (pytest -k)
 

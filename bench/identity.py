@@ -62,7 +62,7 @@ def wrk(m, cgroup, url, conns, duration, lua):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5, help="repetitions per mode (default 5)")
-    ap.add_argument("--duration", type=float, default=5, help="seconds per wrk run (default 5)")
+    ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="results directory")
     args = ap.parse_args()
     if not take_charge("identity.py"):

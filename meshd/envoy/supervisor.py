@@ -25,7 +25,8 @@ STOPPED = "stopped"
 
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 10.0
-BACKOFF_RESET_AFTER = 30.0
+BACKOFF_RESET_AFTER = 30.0        # s of uptime: it ran for a while, not a crash loop
+BACKOFF_RESET_AFTER_READY = 0.25  # s ready: it came up and served; its death is no crash loop
 READY_POLL_MS = 100
 
 
@@ -58,6 +59,7 @@ class PidfdSupervisor:
         self._pid: Optional[int] = None
         self._pidfd: Optional[int] = None
         self._backoff = BACKOFF_INITIAL
+        self._ready_at: Optional[float] = None   # when the watched Envoy answered /ready
         self._active = False
         self._watch_id = 0
         self._ready_id = 0
@@ -145,6 +147,7 @@ class PidfdSupervisor:
         from gi.repository import GLib
         self._pid, self._pidfd = pid, pidfd
         self.started_at = time.monotonic() if since is None else since
+        self._ready_at = None
         self.set_state(STARTING)
         self._watch_id = GLib.io_add_watch(
             pidfd, GLib.PRIORITY_DEFAULT, GLib.IO_IN | GLib.IO_HUP | GLib.IO_ERR, self._on_exit)
@@ -161,7 +164,11 @@ class PidfdSupervisor:
         uptime = time.monotonic() - self.started_at
         log.error("Envoy (%s) %s after %.1fs; see %s", self.label(pid), what, uptime,
                   self.log_hint)
-        if uptime >= BACKOFF_RESET_AFTER:   # it ran for a while: not a crash loop
+        # The backoff guards against a crash loop (an Envoy that cannot start or dies at
+        # once). One that ran a while, or was ready for a moment, was killed or crashed on
+        # its own: start the next at once, so kills in a row cost no growing gap.
+        served = time.monotonic() - self._ready_at if self._ready_at is not None else 0.0
+        if uptime >= BACKOFF_RESET_AFTER or served >= BACKOFF_RESET_AFTER_READY:
             self._backoff = BACKOFF_INITIAL
         self.schedule_restart()
 
@@ -202,6 +209,7 @@ class PidfdSupervisor:
             return False
         if is_ready(self.admin_socket):
             self._ready_id = 0
+            self._ready_at = time.monotonic()
             self.set_state(RUNNING)
             return False
         return True

@@ -264,6 +264,42 @@ def test_restarts_with_backoff_when_envoy_dies(fake):
     assert STARTING in states and RESTARTING in states
 
 
+def restart_delays(caplog) -> list[str]:
+    """The delays of "<restart phrase> in 0.2s" log lines, in order."""
+    return [r.getMessage().rsplit(" in ", 1)[1] for r in caplog.records
+            if r.levelname == "INFO" and " again in " in r.getMessage()]
+
+
+def test_backoff_grows_for_an_envoy_that_never_serves(fake, caplog):
+    """A crash loop: each Envoy dies before answering /ready (the fake never does)."""
+    sup, m, states, GLib = fake
+    caplog.set_level("INFO", logger="meshd.envoy")
+    sup.start()
+    for _ in range(3):
+        spin(GLib, lambda: sup.pid is not None)
+        pid = sup.pid
+        os.kill(pid, signal.SIGKILL)
+        spin(GLib, lambda: sup.pid is None or sup.pid != pid)
+    assert restart_delays(caplog)[:3] == ["0.2s", "0.4s", "0.8s"]
+
+
+def test_an_envoy_that_served_is_restarted_without_delay_growth(fake, caplog, monkeypatch):
+    """Kills in a row of an Envoy that was serving are not a crash loop: each next Envoy
+    starts after the first backoff step, so recovery does not slow down kill by kill."""
+    from meshd.envoy import supervisor
+    sup, m, states, GLib = fake
+    caplog.set_level("INFO", logger="meshd.envoy")
+    monkeypatch.setattr(supervisor, "is_ready", lambda sock: True)
+    monkeypatch.setattr(supervisor, "BACKOFF_RESET_AFTER_READY", 0.0)
+    sup.start()
+    for _ in range(3):
+        spin(GLib, lambda: sup.state == supervisor.RUNNING and sup.pid is not None)
+        pid = sup.pid
+        os.kill(pid, signal.SIGKILL)
+        spin(GLib, lambda: sup.pid is None or sup.pid != pid)
+    assert restart_delays(caplog)[:3] == ["0.2s", "0.2s", "0.2s"]
+
+
 def test_stop_stops_the_unit(fake):
     sup, m, states, GLib = fake
     sup.start()
