@@ -183,10 +183,14 @@ def test_a_pods_containers_share_one_namespace_entry():
     assert p.envoy.containers == (("ns7", "/run/netns/n", p.ids["web"]),)
     assert {str(link.owner): link.netns for link in p.links} == {
         "container:" + "a" * 12: "/run/netns/n", "container:" + "b" * 12: ""}
-    # a lower id joining does not take the namespace's link over
-    w1 = World(containers={**w.containers, "0" * 64: found("0" * 64, "web", cgid=102)})
+    # a lower id joining does not take the namespace's link over, nor after a
+    # restart (no previous plan): the one recorded first keeps it
+    w1 = World(containers={**w.containers, "0" * 64: found("0" * 64, "web", cgid=102,
+                                                              created=1.0)})
     p1 = plan(CONFIG, w1, p.ids, p, now=6.0)
     assert [link.netns for link in p1.links] == ["", "/run/netns/n", ""]
+    assert [link.netns for link in plan(CONFIG, w1, p.ids, now=6.0).links] == [
+        "", "/run/netns/n", ""]
     # a goes: b keeps the index and the namespace's listeners, and links sk_lookup
     p2 = plan(CONFIG, World(containers={"b" * 64: w.containers["b" * 64]}), p.ids, p, now=9.0)
     (b2,) = p2.containers
