@@ -34,6 +34,7 @@ from meshd import __version__ as MESHD_VERSION  # noqa: E402
 from meshd.cgroups import cgroup2_mount  # noqa: E402
 from meshd.envoy.admin import stats as envoy_stats, total  # noqa: E402
 from meshd.envoy.process import find_envoy  # noqa: E402
+from meshd import envoy_config  # noqa: E402
 
 # reap, free_port, kill_cgroup and wait_for are the test suite's own (tests/helpers/common.py)
 sys.path.insert(0, str(REPO / "tests"))
@@ -179,7 +180,7 @@ class MeshdInstance:
         self.bpffs_dir = f"/sys/fs/bpf/{base.prefix}{name}"
         self.cg_root = f"{base.cg_base}/{name}meshd"
         self.envoy_cg = f"{self.cg_root}/envoy"
-        self.admin = os.path.join(self.state_dir, "envoy-admin.sock")
+        self.admin = envoy_config.admin_socket_path(self.state_dir)
         self.workload_extra, self.mesh_extra = workload_extra, mesh_extra
         if http_ports:
             self.mesh_extra = "protocols = { " + ", ".join(

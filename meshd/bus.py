@@ -198,6 +198,7 @@ EnvoyRestarts         u        envoy.restarts               -              -    
 EnvoyAdopted          b        envoy.adopted                -              -              -
 EnvoyAdminSocket      s        envoy.admin_socket           -              -              -
 EnvoyListeners        a{sb}    envoy.listeners              -              -              -
+EnvoyUser             s        envoy.user                   -              -              -
 OutboundPort          q        mesh.outbound_port           -              -              -
 InboundPort           q        mesh.inbound_port            -              -              -
 ExcludeOutboundPorts  aq       mesh.exclude_outbound_ports  -              -              -

@@ -9,13 +9,12 @@ reaches new handshakes without restarting Envoy or touching open connections.
 trust.json holds the trust bundle the same way.
 
 The key exists only in memory and in that file: mode 0640, owner root, group
-Envoy's group (KEY_GROUP, when that group exists; else root's), in a 0750
-directory: readable by meshd and Envoy only.
+Envoy's group (meshd/envoy/identity.py, when that group exists; else root's), in a
+0750 directory of that group: readable by meshd and Envoy only.
 """
 from __future__ import annotations
 
 import base64
-import grp
 import hashlib
 import json
 import logging
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives import hashes
 
 from . import identity, statefiles
 from .ca import HostCA
+from .envoy.identity import envoy_group, make_dir
 from .fsutil import write_if_changed
 
 log = logging.getLogger("meshd")
@@ -35,8 +35,6 @@ log = logging.getLogger("meshd")
 T_SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 TRUST_SECRET = "meshd_trust_bundle"
 TRUST_FILE = "trust.json"
-# The group an unprivileged Envoy runs with (the Envoy user's primary group).
-KEY_GROUP = "meshd-envoy"
 
 
 def identity_dir(state_dir: str) -> str:
@@ -53,13 +51,6 @@ def sds_path(state_dir: str, workload: str) -> str:
 
 def trust_path(state_dir: str) -> str:
     return os.path.join(identity_dir(state_dir), TRUST_FILE)
-
-
-def key_gid() -> int:
-    try:
-        return grp.getgrnam(KEY_GROUP).gr_gid
-    except KeyError:
-        return 0
 
 
 def _b64(data: bytes) -> str:
@@ -124,10 +115,7 @@ class Certificates:
         self.ca, self.error = ca, error
 
     def _ensure_dir(self) -> None:
-        d = identity_dir(self.state_dir)
-        os.makedirs(d, mode=0o750, exist_ok=True)
-        os.chown(d, 0, key_gid())
-        os.chmod(d, 0o750)
+        make_dir(identity_dir(self.state_dir), 0, envoy_group(), 0o750)
 
     def sync(self, workloads: dict[str, int], trust_domain: str, lifetime: int,
              now: float | None = None) -> list[str]:
@@ -137,7 +125,7 @@ class Certificates:
             return []
         now = time.time() if now is None else now
         self._ensure_dir()
-        gid = key_gid()
+        gid = envoy_group()
         self._write(trust_path(self.state_dir), trust_secret(self.ca.bundle_pem), gid)
         issued = []
         for name in sorted(workloads):

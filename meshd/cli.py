@@ -34,6 +34,11 @@ files:
   <state_dir>/status.json     the status (`meshd status` reads it when meshd is not
                               on D-Bus; state_dir: /run/meshd)
   <state_dir>/envoy/          generated Envoy bootstrap, listeners and clusters
+                              (readable by root and the meshd-envoy group only)
+  <state_dir>/envoy-run/      what Envoy (user meshd-envoy) writes: its admin
+                              socket and log
+  <state_dir>/flows.sock      Envoy sends its flow records here (root and the
+                              meshd-envoy group only)
   <state_dir>/observe.sock    recent and live flow records (`meshd observe`)
   <state_dir>/flows.log       the flow log without systemd (else the journal)
   <bpffs_dir>/v1/             pinned maps, programs and links (/sys/fs/bpf/meshd)

@@ -21,6 +21,7 @@ from .config import Config, ConfigError, ConfigInvalid, load_config
 from .datapath import ENVOY_HOOKS, DatapathError
 from .discovery import Discovery
 from .envoy import admin as envoy_admin
+from .envoy import identity as envoy_identity
 from .envoy import systemd_manager, systemd_unit
 from .envoy.child import EnvoySupervisor
 from .envoy.supervisor import RUNNING as ENVOY_RUNNING
@@ -49,6 +50,19 @@ HOOK_POLL_MS = 5
 
 class StartupError(Exception):
     pass
+
+
+def _user_of(pid) -> str:
+    """Who a process runs as (its /proc directory belongs to its effective uid)."""
+    import pwd
+    try:
+        uid = os.stat(f"/proc/{int(pid)}").st_uid
+    except (OSError, TypeError, ValueError):
+        return ""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def workload_envoy_stats(stats: dict[str, int], wid: int) -> WorkloadEnvoy:
@@ -138,6 +152,15 @@ class Daemon:
         # slice; otherwise a child process in <cgroup_root>/envoy.
         slice_name = systemd_unit.slice_for_cgroup_root(mesh.cgroup_root)
         systemd = systemd_manager.connect() if slice_name else None
+        # As a unit, systemd switches Envoy's user; as a child, setpriv does, with ours.
+        self.envoy_identity = ident = envoy_identity.resolve(
+            binary, mesh.state_dir, (mesh.outbound_port, mesh.inbound_port),
+            switch=systemd is not None or envoy_identity.can_switch_user())
+        if ident.is_root:
+            log.warning("Envoy runs as root: %s", ident.why_root)
+        else:
+            log.info("Envoy runs as %s with %s only", ident.user, " ".join(ident.capabilities))
+        envoy_identity.prepare_run_dir(statefiles.path(mesh.state_dir, statefiles.ENVOY_RUN_DIR))
         cgroups.ensure(own_root)
         self.dp.attach(str(ENVOY_OWNER), own_root, ENVOY_HOOKS)
         self.envoy_cgroup = os.path.join(own_root, "envoy")
@@ -171,11 +194,12 @@ class Daemon:
             self.envoy = systemd_unit.SystemdEnvoySupervisor(
                 binary, mesh.state_dir, slice_name, mesh.envoy_log_level, self._on_envoy_state,
                 unit_name=systemd_unit.unit_name_for(mesh.state_dir), netns=mesh.netns,
-                manager=systemd)
+                manager=systemd, identity=ident)
             log.info("Envoy runs as %s in %s", self.envoy.unit_name, slice_name)
         else:
             self.envoy = EnvoySupervisor(binary, mesh.state_dir, self.envoy_cgroup,
-                                         mesh.envoy_log_level, self._on_envoy_state)
+                                         mesh.envoy_log_level, self._on_envoy_state,
+                                         identity=ident)
         self.envoy.start()
         if self.envoy.adopted and not envoy_knows_flows:
             log.warning("Envoy was started by an older meshd: no flow records until it restarts")
@@ -607,8 +631,8 @@ class Daemon:
                 cgroup_root=mesh.cgroup_root),
             envoy=EnvoyStatus(
                 state=self.envoy.state, pid=self.envoy.pid, adopted=self.envoy.adopted,
-                restarts=self.envoy.restarts,
-                admin_socket=envoy_config.admin_socket_path(mesh.state_dir),
+                restarts=self.envoy.restarts, user=_user_of(self.envoy.pid),
+                admin_socket=envoy_config.admin_socket_in_use(mesh.state_dir),
                 listeners=self.dp.envoy_listening() if live else {}),
             datapath=DatapathStatus(
                 pins=self.dp.root, adopted=self.dp.adopted,
@@ -648,7 +672,7 @@ class Daemon:
             return {}
         try:
             self._last_stats = envoy_admin.stats(
-                envoy_config.admin_socket_path(self.config.mesh.state_dir), timeout=0.5)
+                envoy_config.admin_socket_in_use(self.config.mesh.state_dir), timeout=0.5)
         except (OSError, ValueError) as e:
             log.debug("Envoy stats: %s", e)
             self._last_stats = {}

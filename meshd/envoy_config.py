@@ -12,6 +12,7 @@ import json
 import os
 
 from . import envoy_mtls, fsutil, maplayout, statefiles
+from .envoy import identity
 
 # v3 type URLs ----------------------------------------------------------------------------
 _T = "type.googleapis.com/"
@@ -61,6 +62,13 @@ def admin_socket_path(state_dir: str) -> str:
     return statefiles.path(state_dir, statefiles.ENVOY_ADMIN)
 
 
+def admin_socket_in_use(state_dir: str) -> str:
+    """The running Envoy's admin socket: the legacy place for an Envoy started by a
+    meshd from before <state_dir>/envoy-run (adopted across the upgrade)."""
+    new, old = admin_socket_path(state_dir), statefiles.path(state_dir, statefiles.LEGACY_ENVOY_ADMIN)
+    return old if not os.path.exists(new) and os.path.exists(old) else new
+
+
 def flows_socket_path(state_dir: str) -> str:
     return statefiles.path(state_dir, statefiles.FLOWS_SOCKET)
 
@@ -107,7 +115,9 @@ def render_bootstrap(state_dir: str) -> dict:
     cdir = config_dir(state_dir)
     return {
         "node": {"id": "meshd", "cluster": "meshd"},
-        "admin": {"address": {"pipe": {"path": sock, "mode": 0o600}}},
+        # 0666 in a directory only Envoy's user and root's group may enter (0750):
+        # meshd connects as root without CAP_DAC_OVERRIDE (meshd/envoy/identity.py)
+        "admin": {"address": {"pipe": {"path": sock, "mode": 0o666}}},
         "dynamic_resources": {
             "lds_config": _path_source(os.path.join(cdir, LDS), cdir),
             "cds_config": _path_source(os.path.join(cdir, CDS), cdir),
@@ -599,14 +609,17 @@ def write_config(state_dir: str, files: dict[str, dict]) -> list[str]:
     Returns the names of the files that were (re)written.
     """
     cdir = config_dir(state_dir)
-    os.makedirs(cdir, mode=0o755, exist_ok=True)
-    os.chmod(cdir, 0o755)
+    gid = identity.envoy_group()   # Envoy reads them; no one else may
+    identity.make_dir(cdir, 0, gid, 0o750)
+    run = statefiles.path(state_dir, statefiles.ENVOY_RUN_DIR)
+    if not os.path.isdir(run):   # the daemon prepares it first (identity.prepare_run_dir)
+        identity.make_dir(run, 0, gid, 0o770)
     order = [n for n in _WRITE_ORDER if n in files] + sorted(set(files) - set(_WRITE_ORDER))
     changed = []
     for name in order:
         if os.sep in name or name.startswith("."):
             raise ValueError(f"bad config file name: {name!r}")
         path = os.path.join(cdir, name)
-        if fsutil.write_if_changed(path, dumps(files[name])):
+        if fsutil.write_if_changed(path, dumps(files[name]), mode=0o640, gid=gid):
             changed.append(name)
     return changed

@@ -88,7 +88,10 @@ class FlowLog:
         if not records:
             return
         if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")
+            # who talked to whom is root's, as `meshd observe` and the system journal are
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, 0o600)   # a file an older meshd left readable
+            self._file = open(fd, "a", encoding="utf-8")
         self._file.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         self._file.flush()
         if self._file.tell() > FILE_MAX:

@@ -13,6 +13,7 @@ import logging
 import re
 from typing import Callable, Optional
 
+from .envoy.identity import envoy_group
 from .unixlisten import UnixListener
 
 log = logging.getLogger("meshd")
@@ -134,9 +135,10 @@ class FlowReceiver:
         self.received = 0
         self.errors = 0
         self._conns: dict[int, tuple] = {}   # fd -> (socket, unpacker, watch id)
-        # Envoy may run as another user (least privilege): the state directory's
-        # own mode is what guards it.
-        self.listener = UnixListener(path, 0o666, self._on_conn, backlog=64)
+        # Envoy runs as its own user (meshd/envoy/identity.py): its group may send
+        # records, no one else (a forged record would be logged as a real flow).
+        self.listener = UnixListener(path, 0o660, self._on_conn, backlog=64,
+                                     gid=envoy_group())
 
     def _on_conn(self, conn) -> None:
         GLib = self._glib

@@ -161,7 +161,10 @@ class _Collector:
         from prometheus_client.parser import text_string_to_metric_families
         names = {w.id: w.name for w in st.workloads}
         try:
-            code, body = envoy_admin.get(self.admin_socket, "/stats/prometheus?usedonly",
+            # the status names the socket in use (an Envoy adopted from an older meshd
+            # serves its admin API at the old place)
+            code, body = envoy_admin.get(st.envoy.admin_socket or self.admin_socket,
+                                         "/stats/prometheus?usedonly",
                                          timeout=2.0)
             if code != 200:
                 raise envoy_admin.AdminError(f"HTTP {code}")

@@ -46,6 +46,7 @@ class EnvoyStatus:
     restarts: int = 0
     admin_socket: str = ""
     listeners: Dict[str, bool] = field(default_factory=dict)  # slot -> in the SOCKMAP
+    user: str = ""   # the user Envoy's process runs as ("" while there is none)
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,8 @@ def format_text(st: Status, running: bool, source: str) -> str:
         out += [f"    {e}" for e in st.config_errors]
     ev, mesh, dp = st.envoy, st.mesh, st.datapath
     listeners = ", ".join(f"{k} {'up' if v else 'DOWN'}" for k, v in ev.listeners.items())
-    out.append(f"  envoy:     {ev.state} (pid {ev.pid}, restarts {ev.restarts}); "
+    user = f", user {ev.user}" if ev.user else ""
+    out.append(f"  envoy:     {ev.state} (pid {ev.pid}{user}, restarts {ev.restarts}); "
                f"outbound :{mesh.outbound_port}, inbound :{mesh.inbound_port}")
     out.append(f"             listeners: {listeners}")
     down = [k for k, v in ev.listeners.items() if not v]

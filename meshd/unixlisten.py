@@ -10,7 +10,7 @@ from typing import Callable
 
 class UnixListener:
     def __init__(self, path: str, mode: int, on_conn: Callable[[socket.socket], None],
-                 backlog: int = 16):
+                 backlog: int = 16, gid: int = -1):
         from gi.repository import GLib
         self._glib, self.path, self.on_conn = GLib, path, on_conn
         try:
@@ -19,6 +19,8 @@ class UnixListener:
             pass
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         self.sock.bind(path)
+        if gid != -1:   # before the mode lets the group in
+            os.chown(path, -1, gid)
         os.chmod(path, mode)
         self.sock.listen(backlog)
         self._watch = GLib.io_add_watch(self.sock.fileno(), GLib.PRIORITY_DEFAULT,

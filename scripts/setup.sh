@@ -63,6 +63,13 @@ if ! awk '$2 == "/sys/fs/bpf" && $3 == "bpf" {f=1} END {exit !f}' /proc/mounts; 
   mount -t bpf bpf /sys/fs/bpf
 fi
 
+# Envoy's own unprivileged user, as the meshd package's postinst makes it
+# (meshd/envoy/identity.py); without it meshd runs Envoy as root and says why.
+if ! getent passwd meshd-envoy >/dev/null; then
+  log "creating the system user meshd-envoy"
+  adduser --system --group --quiet --no-create-home --home /nonexistent meshd-envoy
+fi
+
 # The venv sees Debian's bcc/gi/pydbus/systemd/pyroute2 (system site packages).
 # Debian's interpreter on purpose: another python3 on PATH would see none of them.
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc, gi, pydbus, systemd, pyroute2' 2>/dev/null; then

@@ -187,6 +187,7 @@ class Mesh:
         self.prefix = prefix
         self.cg = cgroups.in_netns(self.netns)   # its processes run in its namespace
         self.tmp = tempfile.mkdtemp(prefix=f"{prefix}{name}-")  # short: AF_UNIX paths are limited
+        os.chmod(self.tmp, 0o755)   # Envoy runs as meshd-envoy: it must reach the state dir
         self.config_dir = os.path.join(self.tmp, "etc")
         self.state_dir = os.path.join(self.tmp, "run")
         self.bpffs_dir = f"/sys/fs/bpf/{prefix}{name}"
@@ -281,7 +282,8 @@ class Mesh:
 
     def stats(self) -> dict[str, int]:
         from meshd.envoy import stats
-        return stats(os.path.join(self.state_dir, "envoy-admin.sock"))
+        from meshd.envoy_config import admin_socket_path
+        return stats(admin_socket_path(self.state_dir))
 
     def stat(self, name: str) -> int:
         """Summed over the per-workload filter chains (meshd.envoy.total)."""

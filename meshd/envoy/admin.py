@@ -2,7 +2,7 @@
 whether Envoy is ready.
 
 The admin API never listens on a network port; Envoy's bootstrap puts it on
-``{state_dir}/envoy-admin.sock`` (see :mod:`meshd.envoy_config`).
+``{state_dir}/envoy-run/admin.sock`` (see :mod:`meshd.envoy_config`).
 """
 from __future__ import annotations
 

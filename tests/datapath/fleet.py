@@ -258,8 +258,9 @@ class Fleet:
 
 def envoy_admin_text(m: Mesh, path: str) -> str:
     from meshd.envoy import admin
+    from meshd.envoy_config import admin_socket_path
     try:
-        code, body = admin.get(os.path.join(m.state_dir, "envoy-admin.sock"), path)
+        code, body = admin.get(admin_socket_path(m.state_dir), path)
     except OSError:
         return ""
     return body.decode(errors="replace") if code == 200 else ""

@@ -74,7 +74,7 @@ class FakeDaemon:
                      "bpffs_dir": "/sys/fs/bpf/meshd", "state_dir": "/run/meshd",
                      "cgroup_root": "/meshd.slice"},
             "envoy": {"state": "running", "pid": 4242, "adopted": False, "restarts": 1,
-                      "admin_socket": "/run/meshd/envoy-admin.sock",
+                      "admin_socket": "/run/meshd/envoy-run/admin.sock",
                       "listeners": {"ipv4": True, "ipv6": True, "inbound_ipv4": True,
                                     "inbound_ipv6": False}},
             "datapath": {"pins": "/sys/fs/bpf/meshd/v1", "adopted": True,

@@ -195,6 +195,10 @@ def test_maintainer_scripts(unpacked):
     assert "deb-systemd-helper enable 'meshd.service'" in postinst
     assert "daemon-reload" in postinst
     assert "ischroot" in postinst and "meshd check" in postinst
+    # Envoy's user exists before meshd starts (meshd/envoy/identity.py)
+    assert postinst.index("systemd-sysusers") < postinst.index("/usr/bin/meshd check")
+    assert (unpacked / "usr/lib/sysusers.d/meshd.conf").read_text().splitlines()[-1].split()[:2] == [
+        "u", "meshd-envoy"]
     prerm = (ctl / "prerm").read_text()
     # stop the service, then clean up, while /usr/bin/meshd still exists
     assert prerm.index("stop meshd.service") < prerm.index("/usr/bin/meshd cleanup")

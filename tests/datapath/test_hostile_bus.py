@@ -146,3 +146,28 @@ def test_run_without_cgroup2_says_what_to_do(tmp_path, netns):
     assert "Traceback" not in r.stderr
     (line,) = r.stderr.strip().splitlines()
     assert "no cgroup2 hierarchy is mounted here" in line and "mesh.netns" in line
+
+
+@pytest.mark.parametrize("content, line, key, message", [
+    (b"[mesh]\nx = " + b"[" * 5000 + b"]" * 5000 + b"\n", 2, "mesh.x", "nested more than 64"),
+    (b'[workload.wl2]\n\ncgroup = "/\xff"\n', 3, "workload.wl2.cgroup", "not UTF-8: byte 0xff at line 3, column 12"),
+])
+def test_the_daemon_rejects_hostile_files_with_their_place(meshed, content, line, key, message):
+    """A running meshd given such a file keeps its last good config and reports the
+    file, line and key (status and log), without a traceback."""
+    mesh, server = meshed
+    path = os.path.join(mesh.config_dir, "20-bad.toml")
+    with open(path + ".tmp", "wb") as f:
+        f.write(content)
+    os.rename(path + ".tmp", path)
+
+    def rejected():
+        st = mesh.status()
+        return st and [e for e in st["config_errors"] if e["file"] == path]
+    from helpers.common import wait_for
+    (err,) = wait_for(rejected, what="config rejected")
+    assert (err["line"], err["key"]) == (line, key) and message in err["message"], err
+    assert "Traceback" not in mesh.log_text()
+    assert mesh.proc.poll() is None and mesh.status()["state"] == "running"
+    r = mesh.curl(f"http://{server.ip4}:8080/echo")   # the last good config still serves
+    assert r.returncode == 0

@@ -70,8 +70,8 @@ def ctr_listeners(mesh) -> list[str]:
 def envoy_listeners(mesh) -> list[str]:
     """Envoy's own view (the admin API): the listeners it holds now."""
     from meshd.envoy import admin
-    code, raw = admin.get(os.path.join(mesh.state_dir, "envoy-admin.sock"),
-                          "/listeners?format=json")
+    from meshd.envoy_config import admin_socket_path
+    code, raw = admin.get(admin_socket_path(mesh.state_dir), "/listeners?format=json")
     assert code == 200, raw
     return [ls["name"] for ls in json.loads(raw)["listener_statuses"]]
 

@@ -72,7 +72,11 @@ def installed(guest):
         assert g.sh(f"dpkg-query -W -f='${{Status}}' {pkg}").stdout == "install ok installed"
     assert g.sh("systemctl is-enabled meshd").stdout.strip() == "enabled"
     # postinst started it: `meshd check` passed, with the Envoy of meshd-envoy
-    assert g.sh("systemctl is-active meshd").stdout.strip() == "active"
+    active = g.sh("systemctl is-active meshd", check=False).stdout.strip()
+    if active != "active":   # printed whole (an assertion message is cut short)
+        print(g.sh("journalctl --no-pager -o short-monotonic -u meshd -u 'meshd-envoy*' "
+                   "| tail -n 80", check=False).stdout)
+    assert active == "active"
     # meshd finds meshd-envoy's binary by default
     assert g.sh("meshd check").stdout.rstrip().endswith("envoy: /usr/lib/meshd/envoy)")
     return g
@@ -86,7 +90,7 @@ def echo(g, port=8080):
 
 def outbound_connections(g) -> int:
     """Connections Envoy's outbound listener took (the test's ports are undeclared: TCP)."""
-    out = g.sh("curl -sf --unix-socket /run/meshd/envoy-admin.sock http://admin/stats").stdout
+    out = g.sh("curl -sf --unix-socket /run/meshd/envoy-run/admin.sock http://admin/stats").stdout
     stats = {k: int(v) for k, _, v in (l.partition(": ") for l in out.splitlines())
              if v.strip().isdigit()}
     return total(stats, "tcp.outbound_tcp.downstream_cx_total")
@@ -180,8 +184,13 @@ def normalized(value: str) -> set[str]:
 
 
 # Linux capability numbers (linux/capability.h), for /proc/PID/status's CapBnd.
-CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19,
+CAPS = {"CAP_CHOWN": 0, "CAP_DAC_READ_SEARCH": 2, "CAP_KILL": 5, "CAP_SETGID": 6,
+        "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19,
         "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+# systemctl show prints these in another form (syscall lists, addresses): checked
+# through the kernel's view instead (Seccomp, the unit's BPF programs).
+SHOWN_OTHERWISE = {"SystemCallFilter", "SystemCallErrorNumber", "IPAddressDeny",
+                   "RestrictNamespaces"}
 
 
 def test_unit_hardening_is_in_effect(installed):
@@ -195,7 +204,8 @@ def test_unit_hardening_is_in_effect(installed):
         f"systemctl show meshd -p {','.join(declared)}").stdout.splitlines())
     assert set(shown) == set(declared)
     for key, value in declared.items():
-        assert normalized(shown[key]) == normalized(value), (key, shown[key], value)
+        if key not in SHOWN_OTHERWISE:
+            assert normalized(shown[key]) == normalized(value), (key, shown[key], value)
     # ... and the kernel agrees, for the running meshd
     pid = g.sh("systemctl show -p MainPID --value meshd").stdout.strip()
     status = dict(line.split(":\t", 1) for line in g.sh(f"cat /proc/{pid}/status")
@@ -227,15 +237,42 @@ def test_unit_hardening_is_in_effect(installed):
         assert "rw" in opts(path), (path, opts(path))
 
 
-def test_systemd_analyze_security_runs(installed):
-    """Scores are reported, not asserted (-s prints them)."""
+def test_envoy_runs_unprivileged_in_its_sandbox(installed):
+    """meshd-envoy.service: the user the package made, two capabilities, seccomp, and
+    the files only it (and root) may read."""
     g = installed
-    for unit in ("meshd.service", ENVOY_UNIT):
-        r = g.sh(f"systemd-analyze security --no-pager {unit}", check=False)
-        assert r.returncode == 0, r.stdout + r.stderr
-        (line,) = [l for l in r.stdout.splitlines() if "Overall exposure level" in l]
-        assert line.split(f"{unit}:")[1].split()[0].replace(".", "").isdigit(), line
-        print(line)
+    assert g.sh("getent passwd meshd-envoy").stdout.split(":")[6].strip() == "/usr/sbin/nologin"
+    pid = envoy_pid(g)
+    status = dict(line.split(":\t", 1) for line in g.sh(f"cat /proc/{pid}/status")
+                  .stdout.splitlines() if ":\t" in line)
+    uid = g.sh("id -u meshd-envoy").stdout.strip()
+    assert status["Uid"].split() == [uid] * 4
+    for field in ("CapEff", "CapBnd", "CapAmb"):
+        assert int(status[field], 16) == (1 << 12) | (1 << 21), (field, status[field])
+    assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"
+    modes = g.sh("stat -c '%a %U %G' /run/meshd/envoy /run/meshd/envoy/bootstrap.json "
+                 "/run/meshd/envoy-run /run/meshd/envoy-run/admin.sock").stdout.splitlines()
+    assert modes == ["750 root meshd-envoy", "640 root meshd-envoy",
+                     "770 root meshd-envoy", "666 meshd-envoy meshd-envoy"], modes
+    # and it serves: the workload's requests go through it
+    assert via_envoy(g)
+
+
+def security_score(g, unit: str) -> float:
+    r = g.sh(f"systemd-analyze security --no-pager {unit}", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    print(r.stdout)   # every exposure left, as systemd rates it (README "Security")
+    (line,) = [l for l in r.stdout.splitlines() if "Overall exposure level" in l]
+    return float(line.split(f"{unit}:")[1].split()[0])
+
+
+def test_systemd_analyze_security(installed):
+    """The scores are printed (-s shows them). Envoy's unit, unprivileged and
+    sandboxed, rates at or below journald's 4.3 (it had 6.9 as root without a
+    sandbox); meshd's is reported."""
+    g = installed
+    security_score(g, "meshd.service")
+    assert security_score(g, ENVOY_UNIT) <= 4.3
 
 
 def test_watchdog_is_fed_from_the_main_loop(installed):

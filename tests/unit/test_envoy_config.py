@@ -7,6 +7,7 @@ import stat
 import pytest
 
 from meshd import envoy_config as ec
+from meshd.envoy import identity
 from helpers.envoy_validate import static_equivalent
 
 STATE = "/run/meshd"
@@ -48,7 +49,7 @@ def test_file_set(files):
 def test_bootstrap(files):
     b = files["bootstrap.json"]
     assert b["node"] == {"id": "meshd", "cluster": "meshd"}
-    assert b["admin"]["address"] == {"pipe": {"path": "/run/meshd/envoy-admin.sock", "mode": 0o600}}
+    assert b["admin"]["address"] == {"pipe": {"path": "/run/meshd/envoy-run/admin.sock", "mode": 0o666}}
     assert "socket_address" not in json.dumps(b["admin"])
     for key, name in (("lds_config", "lds.json"), ("cds_config", "cds.json")):
         src = b["dynamic_resources"][key]
@@ -204,9 +205,12 @@ def test_write_config(tmp_path):
     changed = ec.write_config(state, files)
     assert sorted(changed) == ["bootstrap.json", "cds.json", "lds.json"]
     d = tmp_path / "envoy"
-    assert stat.S_IMODE(d.stat().st_mode) == 0o755
+    # readable by Envoy's group only (meshd/envoy/identity.py)
+    gid = identity.envoy_group()
+    assert (stat.S_IMODE(d.stat().st_mode), d.stat().st_gid) == (0o750, gid)
     for name, doc in files.items():
         assert json.loads((d / name).read_text()) == doc
+        assert (stat.S_IMODE((d / name).stat().st_mode), (d / name).stat().st_gid) == (0o640, gid)
     assert sorted(os.listdir(d)) == ["bootstrap.json", "cds.json", "lds.json"]  # no temp left
 
     inode = (d / "lds.json").stat().st_ino

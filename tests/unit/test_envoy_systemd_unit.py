@@ -12,7 +12,7 @@ import time
 import pytest
 
 from helpers import fake_envoy
-from meshd.envoy import process, systemd_manager
+from meshd.envoy import identity, process, systemd_manager
 from meshd.envoy import systemd_unit as es
 from meshd.envoy.supervisor import RESTARTING, STARTING, STOPPED
 from meshd.envoy_config import bootstrap_path
@@ -98,11 +98,33 @@ def test_no_property_would_tie_envoy_to_meshds_own_unit():
         assert key not in p
 
 
+USER = identity.EnvoyIdentity("meshd-envoy", 998, 997, ("CAP_NET_ADMIN", "CAP_SYS_ADMIN"))
+
+
 def test_envoy_keeps_only_the_capabilities_it_uses():
-    caps = props()["CapabilityBoundingSet"]
-    assert caps[0] == "t"
-    assert caps[1] == (1 << 10) | (1 << 12) | (1 << 13)  # NET_BIND_SERVICE, NET_ADMIN, NET_RAW
+    p = props(identity=USER)
+    assert p["User"] == ("s", "meshd-envoy")
+    assert p["CapabilityBoundingSet"] == p["AmbientCapabilities"] == ("t", (1 << 12) | (1 << 21))
     assert props()["NoNewPrivileges"] == ("b", True)
+    low = identity.EnvoyIdentity("meshd-envoy", 998, 997, identity.capabilities_for([80]))
+    assert props(identity=low)["CapabilityBoundingSet"][1] == (1 << 10) | (1 << 12) | (1 << 21)
+
+
+def test_envoy_as_root_without_its_user_keeps_the_bounding_set():
+    root = identity.EnvoyIdentity("root", 0, 0, ("CAP_NET_ADMIN", "CAP_SYS_ADMIN"), "no user")
+    p = props(identity=root)
+    assert "User" not in p and p["AmbientCapabilities"] == ("t", 0)
+    assert p["CapabilityBoundingSet"] == ("t", (1 << 12) | (1 << 21))
+
+
+def test_sandbox_writes_only_envoys_run_directory():
+    p = props(identity=USER)
+    assert p["ProtectSystem"] == ("s", "strict")
+    assert p["ReadWritePaths"] == ("as", ["/run/meshd/envoy-run"])
+    assert p["ProtectHome"] == ("s", "yes")
+    assert props(binary="/root/venv/envoy", identity=USER)["ProtectHome"] == ("s", "read-only")
+    assert p["RestrictNamespaces"] == ("t", 0x40000000)   # setns into network namespaces only
+    assert p["SystemCallFilter"] == ("(bas)", (True, ["@system-service"]))
     assert props()["LimitNOFILE"] == props()["LimitNOFILESoft"] == ("t", 524288)
 
 
@@ -125,13 +147,21 @@ SYSTEMD_TYPES = {
     "KillMode": "s", "TimeoutStopUSec": "t", "CollectMode": "s", "StandardOutput": "s",
     "StandardError": "s", "SyslogIdentifier": "s", "LimitNOFILE": "t", "LimitNOFILESoft": "t",
     "NoNewPrivileges": "b", "ProtectSystem": "s", "CapabilityBoundingSet": "t",
-    "NetworkNamespacePath": "s",
+    "NetworkNamespacePath": "s", "User": "s", "AmbientCapabilities": "t", "ReadWritePaths": "as",
+    "ProtectHome": "s", "PrivateTmp": "b", "PrivateDevices": "b", "ProtectKernelTunables": "b",
+    "ProtectKernelModules": "b", "ProtectKernelLogs": "b", "ProtectControlGroups": "b",
+    "ProtectClock": "b", "ProtectHostname": "b", "ProtectProc": "s", "RestrictNamespaces": "t",
+    "RestrictAddressFamilies": "(bas)", "SystemCallArchitectures": "as",
+    "SystemCallFilter": "(bas)", "SystemCallErrorNumber": "i", "RestrictRealtime": "b",
+    "RestrictSUIDSGID": "b", "LockPersonality": "b", "MemoryDenyWriteExecute": "b",
+    "RemoveIPC": "b", "UMask": "u",
 }
 
 
 def test_start_transient_unit_call_carries_each_property_with_systemds_type():
     GLib = pytest.importorskip("gi.repository.GLib")
-    out = es.unit_properties("/e/envoy", "/run/meshd", "info", "meshd.slice", netns="/run/netns/x")
+    out = es.unit_properties("/e/envoy", "/run/meshd", "info", "meshd.slice", netns="/run/netns/x",
+                             identity=USER)
     call = GLib.Variant("(ssa(sv)a(sa(sv)))",
                         ("meshd-envoy.service", "replace", systemd_manager.to_variants(out), []))
     props = call.get_child_value(2)

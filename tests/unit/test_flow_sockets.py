@@ -10,6 +10,7 @@ import msgpack
 import pytest
 
 from meshd import flows, observe
+from meshd.envoy.identity import envoy_group
 
 
 @pytest.fixture
@@ -42,6 +43,9 @@ def test_envoy_batches_reach_a_following_observer(tmp_path, loop):
         obs.publish(recs)
     rx = flows.FlowReceiver(str(tmp_path / "flows.sock"), on_records)
     try:
+        # Envoy's group may send records, no other user (meshd/envoy/identity.py)
+        st = (tmp_path / "flows.sock").stat()
+        assert (st.st_mode & 0o777, st.st_gid) == (0o660, envoy_group())
         follower = observe.stream(str(tmp_path / "observe.sock"), 0, follow=True)
         seen = []
         reader = threading.Thread(target=lambda: seen.extend(

@@ -90,6 +90,7 @@ def test_flow_log_file_sampling_and_rotation(tmp_path, monkeypatch):
     log.write([rec, rec])
     lines = (tmp_path / "flows.log").read_text().splitlines()
     assert [json.loads(x) for x in lines] == [rec, rec] and log.written == 2
+    assert (tmp_path / "flows.log").stat().st_mode & 0o777 == 0o600   # who talked to whom: root's
     monkeypatch.setattr(flowlog, "FILE_MAX", 10)
     log.write([rec])
     assert (tmp_path / "flows.log.1").exists() and not (tmp_path / "flows.log").exists()

@@ -37,7 +37,7 @@ def sample(**kw) -> Status:
                           bpffs_dir="/sys/fs/bpf/meshd", state_dir="/run/meshd",
                           cgroup_root="/meshd.slice"),
         envoy=EnvoyStatus(state="running", pid=4242, adopted=True, restarts=2,
-                          admin_socket="/run/meshd/envoy-admin.sock",
+                          admin_socket="/run/meshd/envoy-run/admin.sock",
                           listeners={"ipv4": True, "ipv6": True, "inbound_ipv4": True,
                                      "inbound_ipv6": False}),
         datapath=DatapathStatus(pins="/sys/fs/bpf/meshd/v1", adopted=True,
@@ -79,7 +79,7 @@ def test_status_json_keeps_its_field_names():
     assert set(d["mesh"]) == {"outbound_port", "inbound_port", "exclude_outbound_ports",
                               "exclude_outbound_cidrs", "bpffs_dir", "state_dir", "cgroup_root"}
     assert set(d["envoy"]) == {"state", "pid", "adopted", "restarts", "admin_socket",
-                               "listeners"}
+                               "listeners", "user"}
     assert set(d["datapath"]) == {"pins", "adopted", "links", "tracked_connections"}
     assert set(d["acceleration"]) == {"mode", "active", "kernel", "reason", "counters"}
     assert set(d["acceleration"]["counters"]) == {
