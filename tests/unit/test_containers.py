@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 
@@ -115,6 +116,19 @@ def test_netns_of_bundle(tmp_path):
     spec["linux"]["namespaces"].pop()                               # --network host
     (tmp_path / "config.json").write_text(json.dumps(spec))
     assert containers.netns_of_bundle(str(tmp_path), 5) is None
+
+
+def test_named_netns_finds_the_bind_mount_of_a_proc_path(tmp_path):
+    """A pod's containers get the infra container's /proc/<pid>/ns/net: the
+    entry of the netns directory with the same device and inode replaces it (a
+    symlink stands in for Podman's bind mount here)."""
+    (tmp_path / "another").write_text("")
+    assert containers.named_netns("/proc/self/ns/net", str(tmp_path)) == "/proc/self/ns/net"
+    (tmp_path / "pod-ns").symlink_to(f"/proc/{os.getpid()}/ns/net")
+    assert containers.named_netns("/proc/self/ns/net", str(tmp_path)) == str(tmp_path / "pod-ns")
+    assert containers.named_netns("/run/netns/x", str(tmp_path)) == "/run/netns/x"   # as given
+    assert containers.named_netns("/proc/self/ns/net", str(tmp_path / "none")) == (
+        "/proc/self/ns/net")                                                   # no such dir
 
 
 def test_records_round_trip_and_junk_is_dropped(tmp_path):
