@@ -125,10 +125,32 @@ def conmon_name(cid: str, pid: int, proc: str = "/proc", depth: int = 5) -> str:
     return ""
 
 
+NETNS_DIR = "/run/netns"   # rootful Podman's (and `ip netns`') bind mounts
+
+
+def named_netns(path: str, netns_dir: str = NETNS_DIR) -> str:
+    """A path to the same namespace that an unprivileged Envoy may open. The
+    containers of a Podman pod are given the infra container's
+    /proc/<pid>/ns/net, which only a process allowed to ptrace <pid> may open;
+    the pod's bind mount in /run/netns (same device and inode) anyone may."""
+    if not path.startswith("/proc/"):
+        return path
+    try:
+        want = os.stat(path)
+        for name in sorted(os.listdir(netns_dir)):
+            st = os.stat(os.path.join(netns_dir, name))
+            if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+                return os.path.join(netns_dir, name)
+    except OSError:
+        pass
+    return path
+
+
 def netns_of_bundle(bundle: str, pid: int) -> str | None:
     """The container's network namespace as a path that outlives the hook:
-    Podman's bind mount named in the bundle's config.json. None: the container
-    has no namespace of its own (--network host)."""
+    Podman's bind mount named in the bundle's config.json (or found in
+    /run/netns for a pod's container: named_netns). None: the container has no
+    namespace of its own (--network host)."""
     path = os.path.join(bundle, "config.json")
     if os.path.getsize(path) > 16 * MAX_STATE_BYTES:
         raise OSError(f"{path} is too large")
@@ -138,7 +160,8 @@ def netns_of_bundle(bundle: str, pid: int) -> str | None:
     for ns in namespaces:
         if isinstance(ns, dict) and ns.get("type") == "network":
             p = ns.get("path")
-            return p if isinstance(p, str) and p.startswith("/") else f"/proc/{pid}/ns/net"
+            return named_netns(p if isinstance(p, str) and p.startswith("/")
+                               else f"/proc/{pid}/ns/net")
     return None
 
 

@@ -198,7 +198,7 @@ def plan(config: Config, world: World, ids: dict[str, int], previous: Plan = EMP
         links.append(Links(Owner.workload(w.name), found.path))
     by_name = {p.name: p for p in workloads}
     ctrs = _containers(config, world, ids, previous, now, failed)
-    namespaces = _namespaces(ctrs, previous)
+    namespaces = _namespaces(ctrs, world, previous)
     links += [Links(Owner("container", c.short_id), c.cgroup_path,
                     netns=c.netns if namespaces.get(c.netns_cookie) is c else "")
               for c in ctrs if c.enrolled]
@@ -284,19 +284,19 @@ def _containers(config: Config, world: World, ids: dict[str, int], previous: Pla
     return tuple(out)
 
 
-def _namespaces(ctrs: tuple[ContainerPlan, ...], previous: Plan) -> dict[int, ContainerPlan]:
+def _namespaces(ctrs: tuple[ContainerPlan, ...], world: World,
+                previous: Plan) -> dict[int, ContainerPlan]:
     """By network namespace cookie, the enrolled container whose path names
     it to Envoy and whose link holds its sk_lookup: a pod's containers share
     one namespace, one listener pair, one sk_lookup link. The holder stays
-    while it lives (else the lowest id takes over)."""
+    while it lives; else the container recorded first (the same choice after
+    a meshd restart, so the adopted links stay as they are)."""
     held = {link.owner.name for link in previous.links if link.netns}
     out: dict[int, ContainerPlan] = {}
-    for c in ctrs:
+    for c in sorted(ctrs, key=lambda c: (c.short_id not in held,
+                                         world.containers[c.id].record.created, c.id)):
         if c.enrolled and c.netns:
-            if c.short_id in held:
-                out[c.netns_cookie] = c
-            else:
-                out.setdefault(c.netns_cookie, c)
+            out.setdefault(c.netns_cookie, c)
     return out
 
 

@@ -50,6 +50,12 @@ def test_pod_containers_share_the_namespaces_listeners(mesh, server, podman, cgr
 
     through_envoy("a")
     through_envoy("b")
+    # a meshd restart adopts the namespace as it was: same links, same listeners
+    links = sorted(ctr_links(mesh))
+    mesh.kill()
+    mesh.start()
+    assert sorted(ctr_links(mesh)) == links and ctr_envoy_listeners(mesh) == listeners
+    through_envoy("a")
     # inbound: a server in b, called from the host (the mesh's namespace), is
     # steered into Envoy's inbound listener in the pod's namespace
     srv = podman.cmd("exec", "-d", f"{podman.prefix}-b", "sh", "-c",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 
@@ -117,6 +118,19 @@ def test_netns_of_bundle(tmp_path):
     assert containers.netns_of_bundle(str(tmp_path), 5) is None
 
 
+def test_named_netns_finds_the_bind_mount_of_a_proc_path(tmp_path):
+    """A pod's containers get the infra container's /proc/<pid>/ns/net: the
+    entry of the netns directory with the same device and inode replaces it (a
+    symlink stands in for Podman's bind mount here)."""
+    (tmp_path / "another").write_text("")
+    assert containers.named_netns("/proc/self/ns/net", str(tmp_path)) == "/proc/self/ns/net"
+    (tmp_path / "pod-ns").symlink_to(f"/proc/{os.getpid()}/ns/net")
+    assert containers.named_netns("/proc/self/ns/net", str(tmp_path)) == str(tmp_path / "pod-ns")
+    assert containers.named_netns("/run/netns/x", str(tmp_path)) == "/run/netns/x"   # as given
+    assert containers.named_netns("/proc/self/ns/net", str(tmp_path / "none")) == (
+        "/proc/self/ns/net")                                                   # no such dir
+
+
 def test_records_round_trip_and_junk_is_dropped(tmp_path):
     rec = Record(CID, "web", "/libpod_parent/libpod-" + CID, "/run/netns/n", 42)
     containers.save(str(tmp_path), rec)
@@ -183,10 +197,14 @@ def test_a_pods_containers_share_one_namespace_entry():
     assert p.envoy.containers == (("ns7", "/run/netns/n", p.ids["web"]),)
     assert {str(link.owner): link.netns for link in p.links} == {
         "container:" + "a" * 12: "/run/netns/n", "container:" + "b" * 12: ""}
-    # a lower id joining does not take the namespace's link over
-    w1 = World(containers={**w.containers, "0" * 64: found("0" * 64, "web", cgid=102)})
+    # a lower id joining does not take the namespace's link over, nor after a
+    # restart (no previous plan): the one recorded first keeps it
+    w1 = World(containers={**w.containers, "0" * 64: found("0" * 64, "web", cgid=102,
+                                                              created=1.0)})
     p1 = plan(CONFIG, w1, p.ids, p, now=6.0)
     assert [link.netns for link in p1.links] == ["", "/run/netns/n", ""]
+    assert [link.netns for link in plan(CONFIG, w1, p.ids, now=6.0).links] == [
+        "", "/run/netns/n", ""]
     # a goes: b keeps the index and the namespace's listeners, and links sk_lookup
     p2 = plan(CONFIG, World(containers={"b" * 64: w.containers["b" * 64]}), p.ids, p, now=9.0)
     (b2,) = p2.containers
