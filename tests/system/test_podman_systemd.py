@@ -13,6 +13,9 @@ import pytest
 from conftest import SERVER
 from helpers.common import wait_for
 from meshd.envoy import total
+from meshd.envoy_config import admin_socket_path
+
+ADMIN = admin_socket_path("/run/meshd")   # the packaged unit's state directory
 
 IMAGE = "localhost/meshd-test/busybox:latest"
 ANNOTATION = "io.meshd.workload"
@@ -61,7 +64,7 @@ def podman(guest):
 
 
 def outbound_connections(g) -> int:
-    out = g.sh("curl -sf --unix-socket /run/meshd/envoy-admin.sock http://admin/stats").stdout
+    out = g.sh(f"curl -sf --unix-socket {ADMIN} http://admin/stats").stdout
     stats = {k: int(v) for k, _, v in (l.partition(": ") for l in out.splitlines())
              if v.strip().isdigit()}
     return total(stats, "tcp.outbound_tcp.downstream_cx_total")
@@ -88,7 +91,7 @@ def leftovers(g) -> dict:
     """What meshd keeps per container: link pins, Envoy listeners, hook records,
     and the containers' scopes systemd made."""
     links = g.sh("ls /sys/fs/bpf/meshd/v1/links").stdout.split()
-    listeners = json.loads(g.sh("curl -sf --unix-socket /run/meshd/envoy-admin.sock "
+    listeners = json.loads(g.sh(f"curl -sf --unix-socket {ADMIN} "
                                 "'http://admin/listeners?format=json'").stdout)
     return {
         "links": [n for n in links if n.startswith("container:")],
