@@ -110,6 +110,43 @@ def test_unannotated_container_goes_direct(podman):
     assert outbound_connections(g) == before
 
 
+def test_annotated_containers_first_connection_goes_through_envoy(podman):
+    g = podman
+    before = outbound_connections(g)
+    # the container's first instruction is this connection: no wait, no retry
+    seen = answered(run(g, "--rm", IMAGE, "sh", "-c", f'"{REQUEST}"', workload="web"))
+    assert seen["client"] == "10.240.1.1"     # as direct: the guest's masquerade on the bridge
+    assert outbound_connections(g) == before + 1
+    entries = [json.loads(line) for line in g.sh(
+        "journalctl -u meshd -o json --no-pager WORKLOAD=web").stdout.splitlines()]
+    enrolled = [e for e in entries if "enrolled into workload web" in e["MESSAGE"]]
+    # under the systemd cgroup manager: the container's scope in machine.slice
+    assert enrolled and enrolled[-1]["CGROUP"].startswith("/machine.slice/libpod-"), enrolled
+
+
+
+def test_meshd_stopped_container_starts_direct_then_is_enrolled(podman):
+    g = podman
+    g.sh("systemctl stop meshd")
+    try:
+        try:
+            before = outbound_connections(g)
+            run(g, "-d", "--name", "mtlate", IMAGE, "sleep", "300", workload="web")
+            answered(g.sh(f"podman exec mtlate sh -c \"{REQUEST}\"", check=False))
+            assert outbound_connections(g) == before              # direct: nobody enrolled it
+        finally:
+            g.sh("systemctl start meshd", timeout=180)
+        wait_for(lambda: [c["enrolled_since"] > 0 for c in status_containers(g)] == [True],
+                 what="the container enrolled by the restarted meshd")
+        (ctr,) = status_containers(g)
+        assert ctr["workload"] == "web" and ctr["cgroup"].startswith("/machine.slice/libpod-"), ctr
+        answered(g.sh(f"podman exec mtlate sh -c \"{REQUEST}\""))
+        assert outbound_connections(g) == before + 1
+    finally:
+        g.sh("podman rm -f -t 0 mtlate", check=False, timeout=120)
+    wait_for(lambda: status_containers(g) == [], what="the container un-enrolled")
+
+
 def test_removed_containers_leave_nothing(podman):
     g = podman
     names = [f"mtc{i}" for i in range(4)]
