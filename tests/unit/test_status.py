@@ -13,8 +13,9 @@ from gi.repository import Gio, GLib
 from meshd import bus
 from meshd.config import ConfigError
 from meshd.maplayout import ACCEL_COUNTERS
-from meshd.status import (AccelerationStatus, DatapathStatus, EnvoyStatus, MeshSettings, Status,
-                          WorkloadEnvoy, WorkloadStatus, format_text, read_file, status_path)
+from meshd.status import (AccelerationStatus, ContainerStatus, DatapathStatus, EnvoyStatus,
+                          MeshSettings, Status, WorkloadEnvoy, WorkloadStatus, format_text,
+                          read_file, status_path)
 
 NAMES = ("redirected", "excluded", "fail_open", "answered", "miss", "peername", "closed",
          "inbound", "inbound_excluded", "inbound_fail_open")
@@ -185,7 +186,15 @@ def _over_the_wire(props, values: dict) -> dict:
 
 
 def test_model_to_bus_and_back_is_lossless():
-    st = sample()
+    # `meshd status` reads the bus first: containers keep how they were selected
+    st = sample(containers=(
+        ContainerStatus(id="9f3c", name="web-1", workload="web",
+                        cgroup="/machine.slice/libpod-9f3c.scope", network="/run/netns/n1",
+                        addresses=("10.88.0.5",), inbound_ports=(8080,),
+                        enrolled_since=1764150001.5, counters=counters(redirected=3),
+                        selected_by="label"),
+        ContainerStatus(id="77aa", name="db", workload="nosuch",
+                        error="workload nosuch is not declared: not meshed")))
     manager = _over_the_wire(bus.MANAGER_PROPERTIES, bus.manager_values(st))
     workloads = [bus.decode(bus.WORKLOAD_PROPERTIES,
                             _over_the_wire(bus.WORKLOAD_PROPERTIES, bus.workload_values(w)))
