@@ -113,7 +113,8 @@ CONFIG_ERRORS = Codec(lambda errs: [(e.file, e.line, e.key, e.message) for e in 
                       lambda v: [dict(file=f, line=n, key=k, message=m) for f, n, k, m in v])
 PROGRAM_IDS = Codec(lambda d: {h: list(ids) for h, ids in d.items()})
 # Podman containers: (id, name, workload, cgroup, network, addresses, inbound
-# ports, enrolled since (µs, 0 = not meshed), why not, counters of its workload).
+# ports, enrolled since (µs, 0 = not meshed), why not, counters of its workload,
+# how it was selected: annotation, name, label or unit).
 _CTR_FIELDS = ("id", "name", "workload", "cgroup", "network", "addresses", "inbound_ports",
                "enrolled_since", "error", "counters", "selected_by")
 CONTAINERS = Codec(
