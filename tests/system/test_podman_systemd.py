@@ -71,8 +71,8 @@ def podman(guest):
     return g
 
 
-def envoy_stats(g) -> dict[str, int]:
-    out = g.sh(f"curl -sf --unix-socket {ADMIN} http://admin/stats").stdout
+def envoy_stats(g, admin: str = ADMIN) -> dict[str, int]:
+    out = g.sh(f"curl -sf --unix-socket {admin} http://admin/stats").stdout
     return {k: int(v) for k, _, v in (l.partition(": ") for l in out.splitlines())
             if v.strip().isdigit()}
 
@@ -259,17 +259,18 @@ def payload_sha256(line: str) -> str:
     return f"{line} | busybox tail -c {256 * 1024} | busybox sha256sum"
 
 
-def tools_image(g) -> str:
+def tools_image(g, podman: str = "podman") -> str:
     """The test image plus /lib and /lib64 (so the guest's Python runs inside, with
     its /usr bound: tests/helpers/echo_server.py as a containerized server) and
     /pause (a pod's infra container: Podman's own pause image needs a registry)."""
-    if g.sh(f"podman image exists {TOOLS}", check=False).returncode != 0:
+    if g.sh(f"{podman} image exists {TOOLS}", check=False).returncode != 0:
         g.sh("mkdir -p /run/mttools/bin /run/mttools/tmp && cp /bin/busybox /run/mttools/bin/ && "
              "for a in sh nc sleep printf echo; do ln -s busybox /run/mttools/bin/$a; done && "
              "ln -s usr/lib /run/mttools/lib && ln -s usr/lib64 /run/mttools/lib64 && "
              "printf '#!/bin/sh\\nexec sleep 100000\\n' > /run/mttools/pause && "
              "chmod 755 /run/mttools/pause && "
-             f"tar -C /run/mttools -c . | podman import - {TOOLS} >/dev/null && rm -r /run/mttools")
+             f"tar -C /run/mttools -c . | {podman} import - {TOOLS} >/dev/null && "
+             "rm -r /run/mttools")
     return TOOLS
 
 
@@ -300,9 +301,9 @@ def workload_ids(g) -> dict[str, int]:
     return {w["name"]: w["id"] for w in status(g)["workloads"]}
 
 
-def chain_connections(g, wid: int, direction: str) -> int:
+def chain_connections(g, wid: int, direction: str, admin: str = ADMIN) -> int:
     """Connections one workload's Envoy chain counted: direction inbound or outbound."""
-    return envoy_stats(g).get(f"tcp.{direction}_tcp_{wid}.downstream_cx_total", 0)
+    return envoy_stats(g, admin).get(f"tcp.{direction}_tcp_{wid}.downstream_cx_total", 0)
 
 
 def ip_of(g, name: str) -> str:
@@ -462,3 +463,126 @@ def test_start_stop_cycles_leak_nothing(podman):
     assert meshd_fds(g) <= fds
     print(f"\n{cycles} start/stop cycles in {took:.0f} s; meshd's open files {fds} before, "
           f"{meshd_fds(g)} after")
+
+
+# Host B: a network namespace in the guest behind a veth, served by a second meshd
+# (the .deb's /usr/bin/meshd as a transient unit) with its own Podman (storage,
+# run root, CNI network on its own subnet, the packaged hook re-pointed at B's
+# config). Addresses: the veth 10.242.0.0/24, B's containers 10.243.0.0/24.
+HOST_B = "mthostb"
+VETH_A, VETH_B = "10.242.0.1", "10.242.0.2"
+B_SUBNET = "10.243.0.0/24"
+B_DIR = f"/run/{HOST_B}"
+B_CONFIG = f"{B_DIR}/etc"
+B_STATE = f"{B_DIR}/run"
+B_BPFFS = f"/sys/fs/bpf/{HOST_B}"
+B_STORE = f"/var/lib/{HOST_B}"
+B_CNI = json.dumps({"cniVersion": "0.4.0", "name": HOST_B, "plugins": [
+    {"type": "bridge", "bridge": f"{HOST_B}0", "isGateway": True, "ipMasq": True,
+     "hairpinMode": True, "ipam": {"type": "host-local", "routes": [{"dst": "0.0.0.0/0"}],
+                                   "ranges": [[{"subnet": B_SUBNET, "gateway": "10.243.0.1"}]]}},
+    {"type": "portmap", "capabilities": {"portMappings": True}},
+    {"type": "firewall"}]})
+B_MESH = f"""\
+[mesh]
+bpffs_dir = "{B_BPFFS}"
+state_dir = "{B_STATE}"
+cgroup_root = "/{HOST_B}.slice"
+netns = "/run/netns/{HOST_B}"
+[workload.web]
+"""
+# nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup tree from runc
+IN_B = f"nsenter --net=/run/netns/{HOST_B}"
+PODMAN_B = (f"CONTAINERS_CONF={B_DIR}/containers.conf {IN_B} podman "
+            f"--root {B_STORE}/root --runroot {B_DIR}/runroot --storage-driver vfs "
+            f"--hooks-dir {B_DIR}/hooks.d")
+
+
+def start_host_b(g) -> None:
+    """B's namespace, veth and route (B's containers reached through B), B's meshd
+    running, B's Podman with its image."""
+    g.sh(f"ip netns add {HOST_B} && ip link add mtva type veth peer name mtvb && "
+         f"ip link set mtvb netns {HOST_B} && ip addr add {VETH_A}/24 dev mtva && "
+         f"ip link set mtva up && ip -n {HOST_B} addr add {VETH_B}/24 dev mtvb && "
+         f"ip -n {HOST_B} link set mtvb up && ip -n {HOST_B} link set lo up && "
+         f"ip route add {B_SUBNET} via {VETH_B} && "
+         f"{IN_B} sysctl -qw net.ipv4.ip_forward=1")
+    g.sh(f"mkdir -p {B_CONFIG} {B_STATE} {B_DIR}/hooks.d {B_DIR}/cni {B_DIR}/tmp {B_STORE} "
+         f"{B_BPFFS} && chmod 755 {B_DIR} {B_STATE} && "
+         f"cat > {B_CONFIG}/00-mesh.toml <<'EOF'\n{B_MESH}EOF\n"
+         f"cat > {B_DIR}/cni/{HOST_B}.conflist <<'EOF'\n{B_CNI}\nEOF\n"
+         f"cat > {B_DIR}/containers.conf <<'EOF'\n{CONTAINERS_CONF}"
+         f'tmp_dir = "{B_DIR}/tmp"\n[network]\nnetwork_config_dir = "{B_DIR}/cni"\n'
+         f'default_network = "{HOST_B}"\nEOF\n'
+         f"sed 's#\"/etc/meshd\"#\"{B_CONFIG}\"#' /usr/share/containers/oci/hooks.d/meshd.json "
+         f"> {B_DIR}/hooks.d/meshd.json && grep -q {B_CONFIG} {B_DIR}/hooks.d/meshd.json")
+    g.sh(f"systemd-run --unit={HOST_B}.service -p NetworkNamespacePath=/run/netns/{HOST_B} "
+         f"/usr/bin/meshd run --config-dir {B_CONFIG}")
+    wait_for(lambda: status_b(g).get("state") == "running", timeout=120, what="host B's meshd")
+    tools_image(g, PODMAN_B)
+
+
+def status_b(g) -> dict:
+    r = g.sh(f"cat {B_STATE}/status.json", check=False)
+    return json.loads(r.stdout) if r.returncode == 0 and r.stdout else {}
+
+
+def stop_host_b(g) -> None:
+    g.sh(f"{PODMAN_B} rm -af -t 0; {PODMAN_B} system reset -f", check=False, timeout=120)
+    g.sh(f"systemctl stop {HOST_B}.service; "
+         f"{IN_B} meshd cleanup --config-dir {B_CONFIG}; "
+         f"systemctl stop {HOST_B}.slice; ip route del {B_SUBNET}; ip link del mtva; "
+         f"ip netns del {HOST_B}; rm -rf {B_BPFFS} {B_STORE} {B_DIR} /var/lib/cni/networks/{HOST_B}",
+         check=False, timeout=120)
+
+
+def test_container_on_host_a_to_container_on_host_b(podman):
+    """A container on host A (the guest, its packaged meshd) to a server container on
+    host B (a second meshd serving its own namespace, its own Podman) through B's
+    container address: A's Envoy counts the outbound leg, B's Envoy the inbound leg,
+    bytes exact, and the server sees the client's address as it does without meshd
+    on A (A's bridge masquerades it to A's veth address)."""
+    g = podman
+    admin_b = admin_socket_path(B_STATE)
+    try:
+        start_host_b(g)
+        g.sh(f"{PODMAN_B} run -d --name mtbsrv -v /usr:/usr:ro -v /mnt/meshd:/helpers:ro "
+             f"--annotation {ANNOTATION}=web {TOOLS} python3 /helpers/echo_server.py "
+             f"--tcp {CTR_TCP} --http {CTR_HTTP} >/dev/null", timeout=120)
+        srv = g.sh(f"{PODMAN_B} inspect -f '{{{{.NetworkSettings.IPAddress}}}}' mtbsrv"
+                   ).stdout.strip()
+        assert srv.startswith("10.243.0."), srv
+        wait_for(lambda: [sorted(c["inbound_ports"]) for c in status_b(g)["containers"]
+                          if c["name"] == "mtbsrv"] == [[CTR_TCP, CTR_HTTP]],
+                 what="B's server enrolled, its ports seen by sockops")
+        run(g, "-d", "--name", "mtadirect", IMAGE, "sleep", "300")
+        run(g, "-d", "--name", "mtacli", IMAGE, "sleep", "300", workload="web")
+        web_a = workload_ids(g)["web"]
+        web_b = {w["name"]: w["id"] for w in status_b(g)["workloads"]}["web"]
+
+        def legs():
+            return (chain_connections(g, web_a, "outbound"),
+                    chain_connections(g, web_b, "inbound", admin_b))
+
+        def hello(ctr: str) -> str:
+            r = g.sh(f"podman exec {ctr} sh -c 'echo ping | nc {srv} {CTR_TCP}'")
+            first, second = r.stdout.split("\n")[:2]
+            assert first.startswith("hello ") and second == "ping", r.stdout
+            return first.removeprefix("hello ")
+
+        out0, in0 = legs()
+        direct = hello("mtadirect")                 # A unmeshed: only B's inbound leg
+        assert direct == VETH_A, direct             # A's masquerade, B's inbound preserving it
+        assert legs() == (out0, in0 + 1)
+        assert hello("mtacli") == direct            # meshed on A: the same address
+        assert legs() == (out0 + 1, in0 + 2)
+        line = payload_sha256(request(srv, CTR_HTTP, "/payload", hold=False))
+        r = g.sh(f"podman exec mtacli sh -c \"{line}\"")
+        assert r.stdout.split()[0] == PAYLOAD_SHA256, r.stdout + r.stderr
+        assert legs() == (out0 + 2, in0 + 3)
+        print(f"\nA's container -> B's container {srv}: the server saw {direct} "
+              "(direct and meshed), both legs counted, 256 KiB exact")
+    finally:
+        g.sh("podman rm -f -t 0 mtadirect mtacli", check=False, timeout=120)
+        stop_host_b(g)
+    nothing_left(g)
