@@ -161,7 +161,7 @@ class PodBench(BenchBase):
         return {"envoy_rss_mb": rss_mb(pids["envoy"]), "meshd_rss_mb": rss_mb(pids["meshd"]),
                 "envoy_fds": len(os.listdir(f"/proc/{pids['envoy']}/fd")),
                 "meshd_fds": len(os.listdir(f"/proc/{pids['meshd']}/fd")),
-                "envoy_listeners": self.mesh.stat("listener_manager.total_listeners_active")}
+                "envoy_listeners": self.mesh.stats().get("listener_manager.total_listeners_active")}
 
     def idle_containers(self, sizes: list[int], settle: float) -> list[dict]:
         """The datapath's containers removed, then idle annotated containers added up to
