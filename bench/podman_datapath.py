@@ -201,9 +201,13 @@ def table(results: list[dict]) -> str:
     lines = ["| measurement | n | " + " | ".join(t for _, t, _ in FIGS) + " |",
              "|---|---:|" + "---:|" * len(FIGS)]
     for k, (title, _) in UNITS.items():
+        if not any(r["key"] == k for r in results):
+            continue     # not measured (--only)
         lines.append(f"| `{k}`: {title} | {n[k]} | " +
                      " | ".join(report._fmt(fmt, med[k][f]) for f, _, fmt in FIGS) + " |")
     for a, b in RATIOS:
+        if not (n[a] and n[b]):
+            continue
         lines.append(f"| **{a} ÷ {b}** | | " + " | ".join(
             report._fmt("{:.2f}", report.ratio(med[a][f], med[b][f])) for f, _, _ in FIGS)
             + " |")
@@ -211,6 +215,8 @@ def table(results: list[dict]) -> str:
 
 
 def footprint_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
     lines = ["| idle annotated containers | Envoy RSS MB | Envoy fds | Envoy listeners "
              "| meshd RSS MB | meshd fds | `podman run -d` s each |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
