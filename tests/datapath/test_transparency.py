@@ -18,10 +18,12 @@ import os
 import random
 import subprocess
 import sys
+import uuid
 
 import pytest
 
-from conftest import REPO, free_port, wait_for
+from conftest import (REPO, Cgroups, Mesh, ServerHost, free_port, host_netns_footprint,
+                      netns_add, netns_del, wait_for)
 from helpers.common import run_in_netns
 from helpers.tcpprobe import MODES, port_of
 
@@ -91,6 +93,32 @@ def topo(mesh, server):
         t.stop()
 
 
+@pytest.fixture(scope="module")
+def shared_topo():
+    """One started Topology (meshd as configured by default) for every test of
+    the `path` form: they only make connections and compare Envoy's counters
+    before and after, so each need not start a meshd of its own (~3 s each, 56
+    of them). Made and checked as the netns, cgroups, mesh and server fixtures
+    make theirs, under a prefix of its own."""
+    prefix = "mt" + uuid.uuid4().hex[:6]
+    before = host_netns_footprint(prefix)
+    ns = netns_add(f"{prefix}h")
+    cg = Cgroups(prefix, ns)
+    mesh = server = t = None
+    try:
+        mesh = Mesh(prefix, cg, netns=ns)
+        server = ServerHost(prefix, ns)
+        server.start()
+        t = Topology(mesh, server)
+        yield t.start()
+    finally:
+        for done in (t and t.stop, server and server.stop, mesh and mesh.teardown, cg.cleanup):
+            if done:
+                done()
+        netns_del(ns)
+    assert host_netns_footprint(prefix) == before, "the host's network namespace changed"
+
+
 class Path:
     """One direction and family: how to reach a mode's server direct and meshed."""
 
@@ -131,9 +159,8 @@ PATHS = [("egress", 4), ("egress", 6), ("ingress", 4), ("ingress", 6)]
 
 
 @pytest.fixture(params=PATHS, ids=[f"{d}-ipv{f}" for d, f in PATHS])
-def path(request, topo):
-    topo.start()
-    return Path(topo, *request.param)
+def path(request, shared_topo):
+    return Path(shared_topo, *request.param)
 
 
 def same(direct: dict, meshed: dict, *fields):
