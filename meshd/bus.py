@@ -113,13 +113,14 @@ CONFIG_ERRORS = Codec(lambda errs: [(e.file, e.line, e.key, e.message) for e in 
                       lambda v: [dict(file=f, line=n, key=k, message=m) for f, n, k, m in v])
 PROGRAM_IDS = Codec(lambda d: {h: list(ids) for h, ids in d.items()})
 # Podman containers: (id, name, workload, cgroup, network, addresses, inbound
-# ports, enrolled since (µs, 0 = not meshed), why not, counters of its workload).
+# ports, enrolled since (µs, 0 = not meshed), why not, counters of its workload,
+# how it was selected: annotation, name, label or unit).
 _CTR_FIELDS = ("id", "name", "workload", "cgroup", "network", "addresses", "inbound_ports",
-               "enrolled_since", "error", "counters")
+               "enrolled_since", "error", "counters", "selected_by")
 CONTAINERS = Codec(
     lambda cs: [(c.id, c.name, c.workload, c.cgroup, c.network, list(c.addresses),
                  list(c.inbound_ports), _usec_to_bus(c.enrolled_since), c.error,
-                 dict(c.counters)) for c in cs],
+                 dict(c.counters), c.selected_by) for c in cs],
     lambda v: [dict(zip(_CTR_FIELDS, row), enrolled_since=row[7] / 1e6) for row in v])
 # A workload's State: "enrolled" or why not; decodes to the model's error.
 WORKLOAD_STATE = Codec(str, lambda v: "" if v == "enrolled" else v)
@@ -218,7 +219,7 @@ AccelerationReason    s        acceleration.reason          -              -    
 AccelerationCounters  a{st}    acceleration.counters        -              -              -
 Counters              a{st}    -                            -              host_counters  -
 UnattributedCounters  a{st}    counters                     -              -              -
-Containers  a(sssssasaqtsa{st})    containers                   CONTAINERS     -              -
+Containers  a(sssssasaqtsa{st}s)   containers                   CONTAINERS     -              -
 # identity and catalog (docs/identity.md)
 TrustDomain           s        identity.trust_domain        -              -              -
 IdentityError         s        identity.error               -              -              -

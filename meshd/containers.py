@@ -18,7 +18,7 @@ import os
 import re
 import socket
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from . import statefiles
 from .fsutil import atomic_write
@@ -182,7 +182,7 @@ def remove(state_dir: str, cid: str) -> None:
         pass
 
 
-def load_all(state_dir: str) -> dict[str, Record]:
+def load_all(state_dir: str, netns_dir: str = NETNS_DIR) -> dict[str, Record]:
     """Every container record; unreadable ones are skipped (and removed)."""
     d = statefiles.path(state_dir, statefiles.CONTAINERS_DIR)
     out = {}
@@ -199,7 +199,9 @@ def load_all(state_dir: str) -> dict[str, Record]:
                 doc = json.load(f)
             rec = Record(**{k: doc[k] for k in Record.__dataclass_fields__ if k in doc})
             if ID_RE.fullmatch(rec.id) and f"{rec.id}.json" == n:
-                out[rec.id] = rec
+                # a record an older hook wrote may name a pod's /proc/<pid>/ns/net,
+                # which an unprivileged Envoy cannot open: its /run/netns twin
+                out[rec.id] = replace(rec, netns=named_netns(rec.netns, netns_dir))
                 continue
         except (OSError, ValueError, TypeError):
             pass

@@ -147,6 +147,34 @@ def test_meshd_stopped_container_starts_direct_then_is_enrolled(podman):
     wait_for(lambda: status_containers(g) == [], what="the container un-enrolled")
 
 
+def test_container_run_by_a_unit_is_selected_by_unit(podman):
+    """A container run by a unit `podman generate systemd --new` wrote (conmon in the
+    unit's cgroup, the container in its own scope), selected by `unit =` with no
+    annotation: enrolled by discovery, its connections then go through Envoy."""
+    g = podman
+    unit = "container-mtunit.service"
+    g.sh(f"printf '[workload.svc]\\nunit = \"{unit}\"\\n' > /etc/meshd/20-unit.toml")
+    try:
+        g.sh(f"podman create --name mtunit {IMAGE} sleep 300 >/dev/null && "
+             f"podman generate systemd --new --name mtunit > /etc/systemd/system/{unit} && "
+             f"podman rm mtunit >/dev/null && systemctl daemon-reload && systemctl start {unit}",
+             timeout=120)
+
+        def mine():
+            return [c for c in status_containers(g) if c["name"] == "mtunit"]
+        wait_for(lambda: [(c["workload"], c["selected_by"], c["enrolled_since"] > 0)
+                          for c in mine()] == [("svc", "unit", True)],
+                 what="the unit's container enrolled by discovery")
+        assert mine()[0]["cgroup"].startswith("/machine.slice/libpod-"), mine()
+        before = outbound_connections(g)
+        answered(g.sh(f"podman exec mtunit sh -c \"{REQUEST}\""))
+        assert outbound_connections(g) == before + 1
+    finally:
+        g.sh(f"systemctl stop {unit}; rm -f /etc/systemd/system/{unit} /etc/meshd/20-unit.toml; "
+             "systemctl daemon-reload", check=False, timeout=120)
+    wait_for(lambda: not mine(), what="the unit's container un-enrolled")
+
+
 def test_removed_containers_leave_nothing(podman):
     g = podman
     names = [f"mtc{i}" for i in range(4)]

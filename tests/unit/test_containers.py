@@ -144,6 +144,19 @@ def test_records_round_trip_and_junk_is_dropped(tmp_path):
     assert containers.load_all(str(tmp_path)) == {}
 
 
+def test_an_older_records_proc_path_is_read_as_its_netns_twin(tmp_path):
+    """Records written before the hook looked for a pod's bind mount name the
+    infra container's /proc/<pid>/ns/net: loading reads it as the /run/netns
+    entry (a symlink stands in for the bind mount), so an unprivileged Envoy
+    can still open it after an upgrade."""
+    netns_dir = tmp_path / "netns"
+    netns_dir.mkdir()
+    (netns_dir / "pod-ns").symlink_to(f"/proc/{os.getpid()}/ns/net")
+    containers.save(str(tmp_path), Record(CID, "web", "/x", f"/proc/{os.getpid()}/ns/net", 42))
+    (rec,) = containers.load_all(str(tmp_path), str(netns_dir)).values()
+    assert rec.netns == str(netns_dir / "pod-ns")
+
+
 # -- the plan -----------------------------------------------------------------------
 CONFIG = parse_files({"a.toml": "[workload.web]\n[workload.api]\nunit = 'api.service'\n"})
 

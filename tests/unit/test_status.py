@@ -13,8 +13,8 @@ from gi.repository import Gio, GLib
 from meshd import bus
 from meshd.config import ConfigError
 from meshd.maplayout import ACCEL_COUNTERS
-from meshd.status import (AccelerationStatus, DatapathStatus, EnvoyStatus, MeshSettings, Status,
-                          WorkloadEnvoy, WorkloadStatus, format_text, read_file, status_path)
+from meshd.status import (AccelerationStatus, ContainerStatus, DatapathStatus, EnvoyStatus,
+                          MeshSettings, Status, WorkloadEnvoy, WorkloadStatus, format_text, read_file, status_path)
 
 NAMES = ("redirected", "excluded", "fail_open", "answered", "miss", "peername", "closed",
          "inbound", "inbound_excluded", "inbound_fail_open")
@@ -59,6 +59,17 @@ def sample(**kw) -> Status:
             WorkloadStatus(name="my-app.service", id=2,
                            error="waiting for unit my-app.service to start",
                            counters=counters()),
+        ),
+        containers=(
+            ContainerStatus(id="9f3c" * 16, name="web-1", workload="web",
+                            cgroup="/machine.slice/libpod-" + "9f3c" * 16 + ".scope",
+                            network="/run/netns/netns-1", addresses=("10.88.0.5",),
+                            inbound_ports=(8080,), enrolled_since=1764150001.0,
+                            counters=counters(redirected=3)),
+            ContainerStatus(id="ab12" * 16, name="svc", workload="web",
+                            cgroup="/machine.slice/libpod-" + "ab12" * 16 + ".scope",
+                            network="/run/netns/netns-2", enrolled_since=1764150002.5,
+                            counters=counters(), selected_by="unit"),
         ))
     return dataclasses.replace(st, **kw)
 
@@ -160,7 +171,7 @@ def test_text_of_a_healthy_quiet_mesh_shows_no_alarm():
     st = sample(config_errors=(), counters=counters(), envoy=up,
                 acceleration=AccelerationStatus(reason="acceleration = false"),
                 workloads=(WorkloadStatus(name="web", id=1, cgroup="/w", enrolled_since=1.0,
-                                          counters=counters()),))
+                                          counters=counters()),), containers=())
     text = format_text(st, True, "status file /run/meshd/status.json")
     assert "source:    status file /run/meshd/status.json" in text
     assert "  accel:     inactive (mode off; acceleration = false)" in text.splitlines()
