@@ -6,16 +6,24 @@ directories). The tests run in order on one booted guest.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import random
+import re
+import time
 
 import pytest
 
 from conftest import SERVER
 from helpers.common import wait_for
+from meshd import bpfsys
 from meshd.envoy import total
 from meshd.envoy_config import admin_socket_path
 
 ADMIN = admin_socket_path("/run/meshd")   # the packaged unit's state directory
+FULL = os.environ.get("MESHD_TEST_FULL") == "1"
 
 IMAGE = "localhost/meshd-test/busybox:latest"
 ANNOTATION = "io.meshd.workload"
@@ -63,11 +71,14 @@ def podman(guest):
     return g
 
 
-def outbound_connections(g) -> int:
+def envoy_stats(g) -> dict[str, int]:
     out = g.sh(f"curl -sf --unix-socket {ADMIN} http://admin/stats").stdout
-    stats = {k: int(v) for k, _, v in (l.partition(": ") for l in out.splitlines())
-             if v.strip().isdigit()}
-    return total(stats, "tcp.outbound_tcp.downstream_cx_total")
+    return {k: int(v) for k, _, v in (l.partition(": ") for l in out.splitlines())
+            if v.strip().isdigit()}
+
+
+def outbound_connections(g) -> int:
+    return total(envoy_stats(g), "tcp.outbound_tcp.downstream_cx_total")
 
 
 def run(g, *args: str, workload: str | None = None, check=True, timeout=120):
@@ -88,8 +99,8 @@ def status_containers(g) -> list[dict]:
 
 
 def leftovers(g) -> dict:
-    """What meshd keeps per container: link pins, Envoy listeners, hook records,
-    and the containers' scopes systemd made."""
+    """What meshd keeps per container: link pins, Envoy listeners, hook records, the
+    container maps' entries, and the containers' scopes (and pods' slices) systemd made."""
     links = g.sh("ls /sys/fs/bpf/meshd/v1/links").stdout.split()
     listeners = json.loads(g.sh(f"curl -sf --unix-socket {ADMIN} "
                                 "'http://admin/listeners?format=json'").stdout)
@@ -98,9 +109,36 @@ def leftovers(g) -> dict:
         "listeners": [ls["name"] for ls in listeners["listener_statuses"]
                       if ls["name"].startswith("meshd_ctr_")],
         "records": g.sh("ls -A /run/meshd/containers", check=False).stdout.split(),
-        "scopes": g.sh("ls /sys/fs/cgroup/machine.slice 2>/dev/null | grep libpod",
+        "map entries": [f"{n}: {k}" for n, k in map_entries(g).items() if k],
+        "scopes": g.sh("find /sys/fs/cgroup/machine.slice -name '*libpod*' 2>/dev/null",
                        check=False).stdout.split(),
     }
+
+
+CONTAINER_MAPS = ("container_netns", "container_addr4", "ctr_inbound_ports", "netns_listeners")
+
+
+def map_entries(g) -> dict[str, int]:
+    """How many entries each container map holds, read through the guest's pins from
+    the host (its bpffs directory is the host's g.bpffs; the guest has no bpftool)."""
+    out = {}
+    for name in CONTAINER_MAPS:
+        fd = bpfsys.obj_get(f"{g.bpffs}/meshd/v1/maps/{name}")
+        try:
+            out[name] = len(bpfsys.map_keys(fd, bpfsys.map_info(fd).key_size))
+        finally:
+            os.close(fd)
+    return out
+
+
+def nothing_left(g, timeout: float = 30) -> None:
+    wait_for(lambda: status_containers(g) == [], timeout=timeout,
+             what="every container un-enrolled")
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not any(leftovers(g).values()), timeout=timeout,
+                 what="nothing left of the containers")
+    left = leftovers(g)
+    assert not any(left.values()), left
 
 
 def test_unannotated_container_goes_direct(podman):
@@ -175,15 +213,252 @@ def test_container_run_by_a_unit_is_selected_by_unit(podman):
     wait_for(lambda: not mine(), what="the unit's container un-enrolled")
 
 
-def test_removed_containers_leave_nothing(podman):
+def test_concurrent_starts_all_enrolled_then_nothing_left(podman):
     g = podman
-    names = [f"mtc{i}" for i in range(4)]
-    g.sh(" & ".join(f"podman run -d --name {n} --annotation {ANNOTATION}=web {IMAGE} sleep 300 "
-                    ">/dev/null" for n in names) + " & wait", timeout=180)
-    wait_for(lambda: sum(c["enrolled_since"] > 0 for c in status_containers(g)) == 4,
-             what="4 containers enrolled")
-    assert len(leftovers(g)["links"]) > 0
-    g.sh(f"podman rm -f -t 0 {' '.join(names)}", timeout=120)
-    wait_for(lambda: status_containers(g) == [], what="every container un-enrolled")
-    wait_for(lambda: leftovers(g) == {"links": [], "listeners": [], "records": [], "scopes": []},
-             what="nothing left of the containers")
+    n = 50 if FULL else 8
+    names = [f"mtc{i}" for i in range(n)]
+    try:
+        t0 = time.monotonic()
+        g.sh(" & ".join(f"podman run -d --name {c} --annotation {ANNOTATION}=web {IMAGE} "
+                        "sleep 600 >/dev/null" for c in names) + " & wait", timeout=600)
+        print(f"\n{n} concurrent annotated podman run -d: all returned after "
+              f"{time.monotonic() - t0:.1f} s")
+        # the hook returned for each: every one is enrolled, with its listener pair
+        left = leftovers(g)
+        assert (len(left["links"]), len(left["listeners"])) == (8 * n, 2 * n), left
+        assert map_entries(g)["container_netns"] == n
+        wait_for(lambda: len(status_containers(g)) == n, what="the status (written every second)")
+        st = status_containers(g)
+        assert all(c["enrolled_since"] for c in st), st
+        assert len({c["addresses"][0] for c in st}) == n
+        before = outbound_connections(g)
+        for c in (names[0], names[-1]):
+            answered(g.sh(f"podman exec {c} sh -c \"{REQUEST}\"", check=False))
+        assert outbound_connections(g) == before + 2
+    finally:
+        g.sh(f"podman rm -f -t 0 {' '.join(names)}", check=False, timeout=600)
+    nothing_left(g, timeout=60)
+
+
+# -- more of the datapath tier's scenarios, here under systemd's cgroup manager --------
+
+PAYLOAD_SHA256 = hashlib.sha256(random.Random(20261126).randbytes(256 * 1024)).hexdigest()
+TOOLS = "localhost/meshd-test/tools:latest"
+CTR_TCP, CTR_HTTP = 7000, 7080      # a containerized echo_server.py's ports
+
+
+def request(host: str, port: int, path: str, hold: bool) -> str:
+    """A busybox shell line: GET path; `hold` keeps stdin open a second (a port
+    declared HTTP: Envoy ends a request at a half-close)."""
+    req = f"printf 'GET {path} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n'"
+    return f"{{ {req}; sleep 1; }} | nc {host} {port}" if hold else f"{req} | nc {host} {port}"
+
+
+def payload_sha256(line: str) -> str:
+    """The sha256 of the last 256 KiB a line prints (echo_server's /payload body)."""
+    return f"{line} | busybox tail -c {256 * 1024} | busybox sha256sum"
+
+
+def tools_image(g) -> str:
+    """The test image plus /lib and /lib64 (so the guest's Python runs inside, with
+    its /usr bound: tests/helpers/echo_server.py as a containerized server) and
+    /pause (a pod's infra container: Podman's own pause image needs a registry)."""
+    if g.sh(f"podman image exists {TOOLS}", check=False).returncode != 0:
+        g.sh("mkdir -p /run/mttools/bin /run/mttools/tmp && cp /bin/busybox /run/mttools/bin/ && "
+             "for a in sh nc sleep printf echo; do ln -s busybox /run/mttools/bin/$a; done && "
+             "ln -s usr/lib /run/mttools/lib && ln -s usr/lib64 /run/mttools/lib64 && "
+             "printf '#!/bin/sh\\nexec sleep 100000\\n' > /run/mttools/pause && "
+             "chmod 755 /run/mttools/pause && "
+             f"tar -C /run/mttools -c . | podman import - {TOOLS} >/dev/null && rm -r /run/mttools")
+    return TOOLS
+
+
+def status(g) -> dict:
+    return json.loads(g.sh("meshd status --json").stdout)
+
+
+@contextlib.contextmanager
+def meshd_config(g, text: str, name: str = "20-mt.toml"):
+    """/etc/meshd/<name> holding `text` while the block runs. Written by rename (one
+    inotify event, one reload); each change waits for meshd's status to list the
+    files in force, and fails if the change was rejected."""
+    def applied(present: bool):
+        st = status(g)
+        assert not st["config_errors"], st["config_errors"]
+        return any(f.endswith(f"/{name}") for f in st["config_files"]) == present
+    g.sh(f"cat > /etc/meshd/.{name}.new <<'EOF'\n{text}EOF\n"
+         f"mv /etc/meshd/.{name}.new /etc/meshd/{name}")
+    try:
+        wait_for(lambda: applied(True), what=f"meshd's reload with {name}")
+        yield
+    finally:
+        g.sh(f"rm -f /etc/meshd/{name}")
+        wait_for(lambda: applied(False), what=f"meshd's reload without {name}")
+
+
+def workload_ids(g) -> dict[str, int]:
+    return {w["name"]: w["id"] for w in status(g)["workloads"]}
+
+
+def chain_connections(g, wid: int, direction: str) -> int:
+    """Connections one workload's Envoy chain counted: direction inbound or outbound."""
+    return envoy_stats(g).get(f"tcp.{direction}_tcp_{wid}.downstream_cx_total", 0)
+
+
+def ip_of(g, name: str) -> str:
+    return g.sh(f"podman inspect -f '{{{{.NetworkSettings.IPAddress}}}}' {name}").stdout.strip()
+
+
+def test_annotated_containers_request_carries_envoys_headers(podman):
+    """The server host's port 2222 declared "http": Envoy's HTTP handling serves the
+    container's request (its headers reach the server), bytes exact."""
+    g = podman
+    rq = "http.outbound_http.downstream_rq_total"
+    with meshd_config(g, '[mesh]\nprotocols = { 2222 = "http" }\n'):
+        before = total(envoy_stats(g), rq)
+        line = request(SERVER, 2222, "/echo", hold=True)
+        seen = answered(run(g, "--rm", IMAGE, "sh", "-c", f'"{line}"', workload="web"))
+        assert seen["headers"].get("x-forwarded-proto") == "http", seen   # Envoy's HTTP handling
+        assert seen["client"] == "10.240.1.1"
+        assert total(envoy_stats(g), rq) == before + 1
+        line = payload_sha256(request(SERVER, 2222, "/payload", hold=True))
+        r = run(g, "--rm", IMAGE, "sh", "-c", f'"{line}"', workload="web")
+        assert r.stdout.split()[0] == PAYLOAD_SHA256, r.stdout + r.stderr
+        assert total(envoy_stats(g), rq) == before + 2
+    nothing_left(g)
+
+
+def test_host_and_container_to_container_through_both_legs(podman):
+    """A server in an annotated container (the guest's Python, echo_server.py) on the
+    bridge, reached from an enrolled host unit and from another annotated container:
+    each connection counted by the client's outbound chain and the server's inbound
+    chain (inside the server's namespace), bytes exact, and the server sees the
+    client's own address (the bridge's for the host, as direct)."""
+    g = podman
+    img = tools_image(g)
+    config = '[workload.client]\n[workload.hostcli]\nunit = "mthostcli.service"\n'
+    g.sh("systemd-run --unit=mthostcli.service sleep infinity")
+    try:
+        with meshd_config(g, config):
+            wait_for(lambda: [w["enrolled_since"] > 0 for w in status(g)["workloads"]
+                              if w["name"] == "hostcli"] == [True], what="the host unit enrolled")
+            run(g, "-d", "--name", "mtsrv", "-v", "/usr:/usr:ro", "-v", "/mnt/meshd:/helpers:ro",
+                img, "python3", "/helpers/echo_server.py", "--tcp", str(CTR_TCP),
+                "--http", str(CTR_HTTP), workload="web")
+            run(g, "-d", "--name", "mtcli", img, "sleep", "300", workload="client")
+            srv, cli = ip_of(g, "mtsrv"), ip_of(g, "mtcli")
+            wait_for(lambda: [sorted(c["inbound_ports"]) for c in status_containers(g)
+                              if c["name"] == "mtsrv"] == [[CTR_TCP, CTR_HTTP]],
+                     what="the server's ports seen by sockops")
+            ids = workload_ids(g)
+
+            def legs():
+                return (chain_connections(g, ids["hostcli"], "outbound"),
+                        chain_connections(g, ids["client"], "outbound"),
+                        chain_connections(g, ids["web"], "inbound"))
+            h0, c0, in0 = legs()
+            # host -> container
+            r = g.in_unit("mthostcli.service", f"echo ping | busybox nc {srv} {CTR_TCP}")
+            assert r.stdout.split("\n")[:2] == ["hello 10.88.0.1", "ping"], r.stdout
+            assert legs() == (h0 + 1, c0, in0 + 1)
+            r = g.in_unit("mthostcli.service",
+                          f"curl -sf http://{srv}:{CTR_HTTP}/payload | sha256sum")
+            assert r.stdout.split()[0] == PAYLOAD_SHA256
+            assert legs() == (h0 + 2, c0, in0 + 2)
+            # container -> container
+            r = g.sh(f"podman exec mtcli sh -c 'echo ping | nc {srv} {CTR_TCP}'")
+            assert r.stdout.split("\n")[:2] == [f"hello {cli}", "ping"], r.stdout
+            assert legs() == (h0 + 2, c0 + 1, in0 + 3)
+            line = payload_sha256(request(srv, CTR_HTTP, "/payload", hold=False))
+            r = g.sh(f"podman exec mtcli sh -c \"{line}\"")
+            assert r.stdout.split()[0] == PAYLOAD_SHA256, r.stdout
+            assert legs() == (h0 + 2, c0 + 2, in0 + 4)
+            g.sh("podman rm -f -t 0 mtsrv mtcli", timeout=120)
+            nothing_left(g)
+    finally:
+        g.sh("podman rm -f -t 0 mtsrv mtcli; systemctl stop mthostcli.service", check=False,
+             timeout=120)
+
+
+def test_label_selected_container_is_enrolled_within_a_second(podman):
+    g = podman
+    label = "io.meshd.test/app"
+    with meshd_config(g, f'[workload.lbl]\ncontainer_labels = {{ "{label}" = "mtlbl" }}\n'):
+        try:
+            run(g, "-d", "--name", "mtother", "--label", f"{label}=other", IMAGE, "sleep", "300")
+            run(g, "-d", "--name", "mtlbl", "--label", f"{label}=mtlbl", IMAGE, "sleep", "300")
+            returned = time.time()
+            wait_for(lambda: [c["enrolled_since"] > 0 for c in status_containers(g)] == [True],
+                     what="the label-selected container enrolled")
+            (c,) = status_containers(g)                 # the other label is not selected
+            took = c["enrolled_since"] - returned
+            print(f"\nlabel-selected container enrolled {took:.2f} s after `podman run -d` "
+                  "returned (systemd cgroup manager)")
+            assert took <= 1.0                          # the issue's "within a second"
+            assert (c["name"], c["workload"], c["selected_by"]) == ("mtlbl", "lbl", "label"), c
+            assert c["cgroup"].startswith("/machine.slice/libpod-"), c
+            # `meshd status` reads it from D-Bus here (the guest has a system bus)
+            assert "selected by label" in g.sh("meshd status").stdout
+            before = outbound_connections(g)
+            answered(g.sh(f"podman exec mtlbl sh -c \"{REQUEST}\"", check=False))
+            assert outbound_connections(g) == before + 1
+            answered(g.sh(f"podman exec mtother sh -c \"{REQUEST}\"", check=False))   # direct
+            assert outbound_connections(g) == before + 1
+        finally:
+            g.sh("podman rm -f -t 0 mtlbl mtother", check=False, timeout=120)
+        nothing_left(g)
+
+
+def test_pod_containers_share_one_listener_pair_then_nothing_left(podman):
+    """Two annotated containers of one pod (machine.slice/machine-libpod_pod_<pod>.slice/):
+    one namespace, so one listener pair and one sk_lookup link; both through Envoy."""
+    g = podman
+    img = tools_image(g)
+    try:
+        g.sh(f"podman pod create --name mtpod --infra-image {img} --infra-command /pause "
+             "--infra-name mtpod-infra >/dev/null", timeout=120)
+        for name in ("mtpa", "mtpb"):
+            run(g, "-d", "--pod", "mtpod", "--name", name, img, "sleep", "300", workload="web")
+        wait_for(lambda: len(status_containers(g)) == 2, what="both in the status")
+        st = status_containers(g)
+        assert [(c["workload"], c["error"], c["enrolled_since"] > 0) for c in st] == [
+            ("web", "", True)] * 2, st
+        assert st[0]["addresses"] == st[1]["addresses"] and st[0]["network"] == st[1]["network"]
+        slices = {re.fullmatch(r"(/machine\.slice/machine-libpod_pod_[0-9a-f]{64}\.slice)"
+                               r"/libpod-[0-9a-f]{64}\.scope", c["cgroup"]) for c in st}
+        assert None not in slices and len({m[1] for m in slices}) == 1, st
+        left = leftovers(g)
+        assert (len(left["links"]), len(left["listeners"])) == (7 + 8, 2), left
+        assert map_entries(g)["container_netns"] == 1
+        for name in ("mtpa", "mtpb"):
+            before = outbound_connections(g)
+            answered(g.sh(f"podman exec {name} sh -c \"{REQUEST}\"", check=False))
+            assert outbound_connections(g) == before + 1, f"{name} did not go through Envoy"
+    finally:
+        g.sh("podman pod rm -f -t 0 mtpod", check=False, timeout=120)
+    nothing_left(g)
+
+
+def meshd_fds(g) -> int:
+    return int(g.sh("ls /proc/$(systemctl show -p MainPID --value meshd)/fd | wc -l").stdout)
+
+
+def test_start_stop_cycles_leak_nothing(podman):
+    g = podman
+    cycles = 200 if FULL else 10
+    # one cycle first: whatever meshd opens once is open before counting
+    run(g, "--rm", IMAGE, "true", workload="web")
+    nothing_left(g)
+    fds = meshd_fds(g)
+    cursor = g.sh("journalctl -u meshd -n 0 --show-cursor --no-pager").stdout.split("cursor: ")[1]
+    t0 = time.monotonic()
+    g.sh(f"for i in $(seq {cycles}); do podman run --rm --annotation {ANNOTATION}=web {IMAGE} "
+         "true || exit 1; done", timeout=60 + 5 * cycles)
+    took = time.monotonic() - t0
+    enrolled = g.sh(f"journalctl -u meshd --after-cursor='{cursor.strip()}' -o cat --no-pager "
+                    "| grep -c 'enrolled into workload web'", check=False).stdout
+    assert int(enrolled) == cycles          # the hook enrolled every one before it ran
+    nothing_left(g)
+    assert meshd_fds(g) <= fds
+    print(f"\n{cycles} start/stop cycles in {took:.0f} s; meshd's open files {fds} before, "
+          f"{meshd_fds(g)} after")
