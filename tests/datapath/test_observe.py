@@ -46,14 +46,22 @@ class Prometheus:
              f"--web.listen-address=127.0.0.1:{self.port}"],
             stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=preexec(netns=mesh.netns))
 
+    def wait_ready(self) -> None:
+        """Until /-/ready answers 200: Prometheus listens before its storage is open,
+        and answers every query with 503 "Service Unavailable" until then."""
+        url = f"http://127.0.0.1:{self.port}/-/ready"
+        wait_for(lambda: self.mesh.ns_run("curl", "-sf", "--max-time", "5", url,
+                                          check=False).returncode == 0,
+                 timeout=30, what="Prometheus ready")
+
     def query(self, q: str, time: float | None = None) -> dict:
-        """Instant query (now, or at `time`) -> {labels tuple: value}."""
+        """Instant query (now, or at `time`) -> {labels tuple: value}. Once ready
+        (wait_ready), Prometheus answers every query: an error is a failure."""
         url = f"http://127.0.0.1:{self.port}/api/v1/query?query=" + urllib.parse.quote(q)
         if time is not None:
             url += f"&time={time:.3f}"
-        r = self.mesh.ns_run("curl", "-sS", "--max-time", "5", url, check=False)
-        if r.returncode:
-            return {}
+        r = self.mesh.ns_run("curl", "-sS", "--max-time", "10", url, check=False)
+        assert r.returncode == 0, f"{q}: {r.stderr}"
         doc = json.loads(r.stdout)
         assert doc["status"] == "success", doc
         return {tuple(sorted(x["metric"].items())): float(x["value"][1])
@@ -94,6 +102,7 @@ def test_prometheus_scrapes_per_workload_requests_and_forgets_removed(two_worklo
     total = 'sum by (workload) (meshd_workload_requests_total{direction="outbound"})'
     prom = Prometheus(mesh, metrics)
     try:
+        prom.wait_ready()
         # Before the traffic: Prometheus holds both workloads at zero.
         wait_for(lambda: prom.by(total) == {"wl": 0.0, "wl2": 0.0}, timeout=30,
                  what="a scrape with both workloads at zero")

@@ -87,11 +87,14 @@ while True:
             s.close()
 """
 
+# New connections, one request each, one JSON line per request, until stdin closes.
 REQUEST_LOOP = r"""
-import http.client, json, sys, time
-host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-end = time.time() + seconds
-while time.time() < end:
+import http.client, json, sys, threading, time
+host, port = sys.argv[1], int(sys.argv[2])
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+end = time.time() + 120          # a bound, should the test never close stdin
+while not stop.is_set() and time.time() < end:
     rec = {"t0": time.time()}
     try:
         c = http.client.HTTPConnection(host, port, timeout=5)
@@ -185,8 +188,8 @@ def test_another_build_is_installed_under_traffic_losing_nothing(meshed, monkeyp
         assert first == {"connected": 20, "failed": 0, "ok": 20, "peer": 20}, first
         wait_for(lambda: mesh.status()["datapath"]["tracked_connections"] >= 20,
                  what="the held connections in cookie_dst")
-        loop = mesh.popen_in(sys.executable, "-c", REQUEST_LOOP, server.ip4, HTTP_PORT, "12",
-                             stdout=subprocess.PIPE, text=True)
+        loop = mesh.popen_in(sys.executable, "-c", REQUEST_LOOP, server.ip4, HTTP_PORT,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         # build 2: other sources, same maps; build 3: also other map sizes
         builds = [(another_build(mesh, "2"), {}), (another_build(mesh, "3"),
                                                    {"max_connections": 4096})]

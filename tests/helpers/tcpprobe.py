@@ -50,7 +50,11 @@ def handle(mode: str, c: socket.socket) -> None:
         elif mode == "echo":
             while d := c.recv(65536):
                 c.sendall(d)
-        elif mode == "rst":
+        elif mode == "rst":         # resets with the request unread
+            # Not before it arrived: a reset right on accept can reach a direct client
+            # that has not returned from connect() yet, and then fails connect() itself
+            # (ECONNRESET), which no client behind a proxy can see.
+            c.recv(1, socket.MSG_PEEK)
             return _reset(c)
         elif mode == "rstread":
             c.recv(65536)

@@ -73,18 +73,6 @@ def rootfs() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def debs(tmp_path_factory) -> list[Path]:
-    """meshd's and meshd-envoy's .debs, as scripts/build-deb.sh builds them."""
-    out = tmp_path_factory.mktemp("deb")
-    r = subprocess.run([str(REPO / "scripts" / "build-deb.sh"), str(out)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    paths = [Path(p) for p in r.stdout.split()]
-    assert [p.name.split("_")[0] for p in paths] == ["meshd", "meshd-envoy"], paths
-    return paths
-
-
 # Build B of the upgrade test: the same tree, a newer version, BPF sources whose
 # text (so the build hash meshd compares with the pins) differs harmlessly.
 UPGRADE_VERSION_SUFFIX = "+mtupgrade"
