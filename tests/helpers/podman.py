@@ -11,6 +11,7 @@ config directory.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -20,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers.common import netns_path
+from helpers.common import cgroup2_root, netns_path
+from meshd.cgroups import remove_tree
 
 IMAGE = "localhost/meshd-test/busybox:latest"
 ANNOTATION = "io.meshd.workload"
@@ -156,22 +158,32 @@ class Podman:
         if self.pods:
             self.cmd("pod", "rm", "-f", "-t", "0", "--ignore", *self.pods, timeout=120)
         remove_v1_cgroups(f"/{self.prefix}")
+        # the cgroup2 parent too: a Podman named after the test's prefix plus a
+        # suffix (a second host's) has it outside the test's own cgroup tree
+        root = os.path.join(cgroup2_root(), self.prefix)
+        for parent in ("ctr", "pod"):
+            _rmdir_retrying(lambda: remove_tree(os.path.join(root, parent)))
+        with contextlib.suppress(OSError):
+            os.rmdir(root)   # only if nothing else is there (the test's own cgroups)
+
+
+def _rmdir_retrying(remove) -> None:
+    for _ in range(50):   # a conmon may still be exiting (EBUSY) for a moment
+        try:
+            remove()
+            return
+        except OSError:
+            time.sleep(0.1)
 
 
 def remove_v1_cgroups(rel: str) -> None:
     """On a hybrid host Podman's cgroupfs manager also makes a container's cgroup
     parents in every v1 controller hierarchy (/sys/fs/cgroup/<controller>/...):
     remove the test's own (empty once its containers are gone), deepest first."""
-    from meshd.cgroups import remove_tree
     for hierarchy in glob.glob("/sys/fs/cgroup/*/"):
         if hierarchy.rstrip("/").endswith("/unified"):
             continue
-        for _ in range(50):   # a conmon may still be exiting (EBUSY) for a moment
-            try:
-                remove_tree(os.path.join(hierarchy, rel.lstrip("/")))
-                break
-            except OSError:
-                time.sleep(0.1)
+        _rmdir_retrying(lambda: remove_tree(os.path.join(hierarchy, rel.lstrip("/"))))
 
 
 class RootlessPodman:
