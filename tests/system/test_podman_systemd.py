@@ -94,8 +94,12 @@ def answered(r) -> dict:
     return json.loads(body)
 
 
+def status(g) -> dict:
+    return json.loads(g.sh("meshd status --json").stdout)
+
+
 def status_containers(g) -> list[dict]:
-    return json.loads(g.sh("meshd status --json").stdout).get("containers", [])
+    return status(g).get("containers", [])
 
 
 def leftovers(g) -> dict:
@@ -191,25 +195,25 @@ def test_container_run_by_a_unit_is_selected_by_unit(podman):
     annotation: enrolled by discovery, its connections then go through Envoy."""
     g = podman
     unit = "container-mtunit.service"
-    g.sh(f"printf '[workload.svc]\\nunit = \"{unit}\"\\n' > /etc/meshd/20-unit.toml")
-    try:
-        g.sh(f"podman create --name mtunit {IMAGE} sleep 300 >/dev/null && "
-             f"podman generate systemd --new --name mtunit > /etc/systemd/system/{unit} && "
-             f"podman rm mtunit >/dev/null && systemctl daemon-reload && systemctl start {unit}",
-             timeout=120)
 
-        def mine():
-            return [c for c in status_containers(g) if c["name"] == "mtunit"]
-        wait_for(lambda: [(c["workload"], c["selected_by"], c["enrolled_since"] > 0)
-                          for c in mine()] == [("svc", "unit", True)],
-                 what="the unit's container enrolled by discovery")
-        assert mine()[0]["cgroup"].startswith("/machine.slice/libpod-"), mine()
-        before = outbound_connections(g)
-        answered(g.sh(f"podman exec mtunit sh -c \"{REQUEST}\""))
-        assert outbound_connections(g) == before + 1
-    finally:
-        g.sh(f"systemctl stop {unit}; rm -f /etc/systemd/system/{unit} /etc/meshd/20-unit.toml; "
-             "systemctl daemon-reload", check=False, timeout=120)
+    def mine():
+        return [c for c in status_containers(g) if c["name"] == "mtunit"]
+    with meshd_config(g, f'[workload.svc]\nunit = "{unit}"\n', name="20-unit.toml"):
+        try:
+            g.sh(f"podman create --name mtunit {IMAGE} sleep 300 >/dev/null && "
+                 f"podman generate systemd --new --name mtunit > /etc/systemd/system/{unit} && "
+                 f"podman rm mtunit >/dev/null && systemctl daemon-reload && "
+                 f"systemctl start {unit}", timeout=120)
+            wait_for(lambda: [(c["workload"], c["selected_by"], c["enrolled_since"] > 0)
+                              for c in mine()] == [("svc", "unit", True)],
+                     what="the unit's container enrolled by discovery")
+            assert mine()[0]["cgroup"].startswith("/machine.slice/libpod-"), mine()
+            before = outbound_connections(g)
+            answered(g.sh(f"podman exec mtunit sh -c \"{REQUEST}\""))
+            assert outbound_connections(g) == before + 1
+        finally:
+            g.sh(f"systemctl stop {unit}; rm -f /etc/systemd/system/{unit}; "
+                 "systemctl daemon-reload", check=False, timeout=120)
     wait_for(lambda: not mine(), what="the unit's container un-enrolled")
 
 
@@ -274,10 +278,6 @@ def tools_image(g, podman: str = "podman") -> str:
     return TOOLS
 
 
-def status(g) -> dict:
-    return json.loads(g.sh("meshd status --json").stdout)
-
-
 @contextlib.contextmanager
 def meshd_config(g, text: str, name: str = "20-mt.toml"):
     """/etc/meshd/<name> holding `text` while the block runs. Written by rename (one
@@ -306,8 +306,8 @@ def chain_connections(g, wid: int, direction: str, admin: str = ADMIN) -> int:
     return envoy_stats(g, admin).get(f"tcp.{direction}_tcp_{wid}.downstream_cx_total", 0)
 
 
-def ip_of(g, name: str) -> str:
-    return g.sh(f"podman inspect -f '{{{{.NetworkSettings.IPAddress}}}}' {name}").stdout.strip()
+def ip_of(g, name: str, podman: str = "podman") -> str:
+    return g.sh(f"{podman} inspect -f '{{{{.NetworkSettings.IPAddress}}}}' {name}").stdout.strip()
 
 
 def test_annotated_containers_request_carries_envoys_headers(podman):
@@ -549,8 +549,7 @@ def test_container_on_host_a_to_container_on_host_b(podman):
         g.sh(f"{PODMAN_B} run -d --name mtbsrv -v /usr:/usr:ro -v /mnt/meshd:/helpers:ro "
              f"--annotation {ANNOTATION}=web {TOOLS} python3 /helpers/echo_server.py "
              f"--tcp {CTR_TCP} --http {CTR_HTTP} >/dev/null", timeout=120)
-        srv = g.sh(f"{PODMAN_B} inspect -f '{{{{.NetworkSettings.IPAddress}}}}' mtbsrv"
-                   ).stdout.strip()
+        srv = ip_of(g, "mtbsrv", PODMAN_B)
         assert srv.startswith("10.243.0."), srv
         wait_for(lambda: [sorted(c["inbound_ports"]) for c in status_b(g)["containers"]
                           if c["name"] == "mtbsrv"] == [[CTR_TCP, CTR_HTTP]],
